@@ -1,0 +1,482 @@
+"""Tests for the DTR reference implementation: CPU only, tiny configs, every test checks values.
+
+Run: python -m pytest -q test_dtr.py
+"""
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dtr
+import dtr as M  # the model section's tests use M.<name>
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+torch.set_num_threads(1)  # tiny models: one thread is fastest and never oversubscribes
+
+
+def tiny_dit(**kw):
+    """A 4-block DiT on 8x8 inputs with 10 classes; random (not zero) adaLN so blocks are not the identity."""
+    torch.manual_seed(0)
+    model = dtr.DiT_models["DiT-T/2"](input_size=8, num_classes=10, **kw)
+    randomize(model)
+    return model
+
+
+def randomize(model, scale=0.05, seed=1):
+    """Overwrite every trainable parameter with small Gaussian values (zero-initialised layers included)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return model
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Routing masks
+# --------------------------------------------------------------------------------------------------------------------
+
+def reference_dtr(T, C, alpha, beta):
+    """Independent pure-Python DTR masks: row t active on [off_t, off_t + int(beta*C)), off_t = round((t/(T-1))^a (C-n))."""
+    n = int(beta * C)
+    out = torch.zeros(T, C)
+    for t in range(T):
+        frac = t / (T - 1) if T > 1 else 0.0
+        off = round(frac**alpha * (C - n))  # Python's round is half-to-even, like numpy's
+        out[t, off:off + n] = 1
+    return out
+
+
+@pytest.mark.parametrize("T,C,alpha,beta", [(1000, 1152, 4.0, 0.8), (1000, 384, 4.0, 0.8), (250, 64, 2.0, 0.6),
+                                            (10, 7, 1.0, 0.5), (1000, 768, 0.5, 0.8), (2, 5, 4.0, 0.2)])
+def test_dtr_masks_match_formula(T, C, alpha, beta):
+    m = dtr.dtr_masks(T, C, alpha, beta)
+    assert m.shape == (T, C) and m.dtype == torch.float32
+    assert torch.equal(m, reference_dtr(T, C, alpha, beta))
+    n = int(beta * C)
+    assert m[0, :n].all() and not m[0, n:].any()  # row 0 starts at channel 0
+    assert m[-1, C - n:].all() and not m[-1, :C - n].any()  # row T-1 ends at channel C
+
+
+def test_dtr_masks_edge_cases():
+    assert torch.equal(dtr.dtr_masks(100, 33, 4.0, 1.0), torch.ones(100, 33))  # beta = 1: no routing
+    # alpha = 1: the window start moves linearly, (C - n) * t / (T - 1)
+    m = dtr.dtr_masks(11, 20, alpha=1.0, beta=0.5)
+    starts = m.argmax(dim=1)
+    assert starts.tolist() == [round(10 * t / 10) for t in range(11)] == list(range(11))
+    # alpha = 4: the window barely moves in the first half of the timesteps (task weights favour large t)
+    starts = dtr.dtr_masks(1000, 1152, 4.0, 0.8).argmax(dim=1)
+    assert starts[499] == round((499 / 999) ** 4 * 231) == 14 and starts[999] == 231
+    assert (starts.diff() >= 0).all()  # monotone slide
+
+
+@pytest.mark.parametrize("kind", dtr.ROUTINGS)
+def test_every_row_has_the_right_number_of_ones(kind):
+    T, C, beta = 1000, 96, 0.8
+    m = dtr.routing_masks(kind, T, C, beta=beta, seed=3)
+    assert set(m.unique().tolist()) <= {0.0, 1.0}
+    expected = {"dtr": int(beta * C), "random": int(beta * C), "cdtr": int(beta * C),
+                "ercdt": C // 2 + (C - C // 2) // 8, "none": C}[kind]
+    assert (m.sum(dim=1) == expected).all()
+
+
+def test_random_masks_reproducible_and_independent():
+    a, b, c = dtr.random_masks(50, 64, 0.8, seed=0), dtr.random_masks(50, 64, 0.8, seed=0), dtr.random_masks(50, 64, 0.8, seed=1)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert len({tuple(row.tolist()) for row in a}) == 50  # every task draws its own channels
+    # expected overlap of two random rows is n^2 / C (App. B), far from the DTR neighbours' n
+    overlap = (a[:-1] * a[1:]).sum(dim=1).mean().item()
+    assert abs(overlap - 51 * 51 / 64) < 2.0
+
+
+def test_cluster_masks():
+    T, C, K = 1000, 64, 8
+    cd = dtr.routing_masks("cdtr", T, C)
+    table = dtr.dtr_masks(K, C)
+    for k, (lo, hi) in enumerate(dtr.timestep_clusters(K, T)):
+        assert (cd[lo:hi] == table[k]).all()  # every t of a cluster shares its cluster's DTR row
+    er = dtr.routing_masks("ercdt", T, C)
+    assert er[:, : C // 2].all()  # half the channels serve every task
+    own = [er[lo, C // 2:] for lo, _ in dtr.timestep_clusters(K, T)]
+    assert torch.equal(torch.stack(own).sum(0), torch.ones(C - C // 2))  # the rest is split among clusters
+    assert torch.equal(er[124], er[0]) and not torch.equal(er[125], er[124])  # cluster edges at T/K
+
+
+def test_routing_masks_reject_bad_arguments():
+    with pytest.raises(ValueError, match="unknown routing kind"):
+        dtr.routing_masks("DTR!", 10, 10)
+    for beta in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="beta"):
+            dtr.routing_masks("dtr", 10, 10, beta=beta)
+    with pytest.raises(ValueError, match="alpha"):
+        dtr.routing_masks("dtr", 10, 10, alpha=0.0)
+    with pytest.raises(ValueError, match="beta"):
+        dtr.DiT_models["DiT-T/2"](input_size=8, beta=2.0)
+
+
+def test_task_router_tables():
+    r = dtr.TaskRouter([32, 32, 64, 32], "dtr", num_tasks=100)
+    assert len(list(r.buffers())) == 2 and r.state_dict() == {}  # one table per width, never saved
+    t = torch.tensor([0, 99, 50])
+    masks = r(t)
+    assert [m.shape for m in masks] == [(3, 32), (3, 32), (3, 64), (3, 32)]
+    assert torch.equal(masks[2], dtr.dtr_masks(100, 64)[t])
+    rr = dtr.TaskRouter([32, 32], "random", num_tasks=100, seed=5)
+    m0, m1 = rr(t)
+    assert len(list(rr.buffers())) == 2 and not torch.equal(m0, m1)  # R-TR: every block draws its own
+    assert torch.equal(rr(t)[1], dtr.TaskRouter([32, 32], "random", num_tasks=100, seed=5)(t)[1])
+    assert dtr.TaskRouter([32], "none")(t) == [None]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# DiT with DTR
+# --------------------------------------------------------------------------------------------------------------------
+
+def dit_param_count(depth, D, p, heads, input_size=32, c_in=4, classes=1000, learn_sigma=True):
+    """Parameters of a DiT from its architecture description (independent of the module code)."""
+    c_out = 2 * c_in if learn_sigma else c_in
+    embed = (p * p * c_in * D + D) + (256 * D + D + D * D + D) + (classes + 1) * D + (input_size // p) ** 2 * D
+    block = (3 * D * D + 3 * D) + (D * D + D) + (4 * D * D + 4 * D) + (4 * D * D + D) + (6 * D * D + 6 * D)
+    final = (D * p * p * c_out + p * p * c_out) + (2 * D * D + 2 * D)
+    return embed + depth * block + final
+
+
+@pytest.mark.parametrize("name,arch,paper_millions,exact", [
+    ("DiT-S/2", (12, 384, 2, 6), 33, 32_963_360), ("DiT-B/2", (12, 768, 2, 12), 130, 130_512_416),
+    ("DiT-L/2", (24, 1024, 2, 16), 458, 458_102_816), ("DiT-XL/2", (28, 1152, 2, 16), 675, 675_129_632)])
+def test_dit_parameter_counts(name, arch, paper_millions, exact):
+    with torch.device("meta"):
+        model = dtr.DiT_models[name](input_size=32, routing="none")
+    n = sum(p.numel() for p in model.parameters())
+    assert n == dit_param_count(*arch) == exact
+    assert abs(n / 1e6 - paper_millions) < 1  # the paper rounds: 33M, 130M, 458M, 675M
+
+
+def test_dit_registry_and_state_dict_layout():
+    assert [k for k in dtr.DiT_models if k != "DiT-T/2"] == [f"DiT-{s}/{p}" for s in ("XL", "L", "B", "S") for p in (2, 4, 8)]
+    sd = tiny_dit(routing="dtr").state_dict()
+    shapes = {k: tuple(v.shape) for k, v in sd.items()}
+    D = 128
+    assert shapes["x_embedder.proj.weight"] == (D, 4, 2, 2) and shapes["pos_embed"] == (1, 16, D)
+    assert shapes["y_embedder.embedding_table.weight"] == (11, D)  # 10 classes + the null class
+    assert shapes["blocks.3.attn.qkv.weight"] == (3 * D, D) and shapes["blocks.0.mlp.fc2.weight"] == (D, 4 * D)
+    assert shapes["blocks.0.adaLN_modulation.1.weight"] == (6 * D, D)
+    assert shapes["final_layer.linear.weight"] == (2 * 2 * 8, D)
+    assert len(sd) == 8 + 4 * 10 + 4 and not any("router" in k or "mask" in k for k in sd)
+    assert not sd["pos_embed"].requires_grad
+
+
+def test_dit_init_is_adaln_zero():
+    torch.manual_seed(0)
+    model = dtr.DiT_models["DiT-T/2"](input_size=8, num_classes=10)
+    x = torch.randn(2, 4, 8, 8)
+    assert torch.equal(model(x, torch.tensor([3, 700]), torch.tensor([1, 2])), torch.zeros(2, 8, 8, 8))
+    for block in model.blocks:  # each block starts as the identity, routed or not
+        assert not block.adaLN_modulation[-1].weight.any()
+    pe = model.pos_embed[0]  # token (row i, col j) = i*4 + j; first half of dims encodes j, second half i
+    omega = 1.0 / 10000 ** (torch.arange(32, dtype=torch.float64) / 32)
+    i, j = 2, 3
+    expected = torch.cat([torch.sin(j * omega), torch.cos(j * omega), torch.sin(i * omega), torch.cos(i * omega)]).float()
+    assert torch.allclose(pe[i * 4 + j], expected, atol=1e-6)
+
+
+def hand_dit_block(block, z, c):
+    """DiTBlock(z) written out from its weights: adaLN-Zero attention then MLP (Eq. 5)."""
+    mod = F.linear(F.silu(c), block.adaLN_modulation[1].weight, block.adaLN_modulation[1].bias)
+    s1, g1, a1, s2, g2, a2 = mod.chunk(6, dim=1)
+    heads, (n, T, D) = block.attn.num_heads, z.shape
+
+    def ln(v):
+        return (v - v.mean(-1, keepdim=True)) / torch.sqrt(v.var(-1, unbiased=False, keepdim=True) + 1e-6)
+
+    h = ln(z) * (1 + g1[:, None]) + s1[:, None]
+    q, k, v = F.linear(h, block.attn.qkv.weight, block.attn.qkv.bias).reshape(n, T, 3, heads, D // heads).unbind(2)
+    att = torch.softmax(torch.einsum("nthd,nshd->nhts", q, k) / math.sqrt(D // heads), dim=-1)
+    o = torch.einsum("nhts,nshd->nthd", att, v).reshape(n, T, D)
+    z = z + a1[:, None] * F.linear(o, block.attn.proj.weight, block.attn.proj.bias)
+    h = ln(z) * (1 + g2[:, None]) + s2[:, None]
+    h = F.linear(F.gelu(F.linear(h, block.mlp.fc1.weight, block.mlp.fc1.bias), approximate="tanh"), block.mlp.fc2.weight, block.mlp.fc2.bias)
+    return z + a2[:, None] * h
+
+
+def test_routed_dit_block_is_eq8():
+    block = randomize(dtr.DiTBlock(64, 4), scale=0.1)
+    z, c = torch.randn(3, 16, 64), torch.randn(3, 64)
+    m = dtr.dtr_masks(1000, 64)[torch.tensor([0, 500, 999])]  # (N, C)
+    with torch.no_grad():
+        routed = block(z, c, m)
+        expected = (1 - m[:, None]) * z + hand_dit_block(block, m[:, None] * z, c)  # Eq. (8)
+        assert torch.allclose(routed, expected, atol=1e-5)
+        # Eq. (7): z + Attn(m z) + MLP(m z + Attn(m z)), with the block's own pieces and no routing
+        assert torch.allclose(routed, z - m[:, None] * z + block(m[:, None] * z, c), atol=1e-6)
+        # an inactive channel only travels the identity path: perturbing it moves the output by exactly that much
+        c_off = int((m[0] == 0).nonzero()[0])
+        dz = torch.zeros_like(z)
+        dz[0, :, c_off] = 1.0
+        assert torch.allclose(block(z + dz, c, m)[0] - routed[0], dz[0], atol=1e-5)
+
+
+def test_routing_none_equals_beta_one():
+    none, full = tiny_dit(routing="none"), tiny_dit(routing="dtr", beta=1.0)
+    x, t, y = torch.randn(4, 4, 8, 8), torch.tensor([0, 1, 500, 999]), torch.tensor([0, 1, 2, 9])
+    with torch.no_grad():
+        assert torch.equal(none(x, t, y), full(x, t, y))
+        assert not torch.allclose(none(x, t, y), tiny_dit(routing="dtr")(x, t, y), atol=1e-4)
+
+
+def test_masks_select_by_timestep_per_sample():
+    model = tiny_dit(routing="dtr").eval()
+    x, y = torch.randn(2, 4, 8, 8), torch.tensor([1, 2])
+    with torch.no_grad():
+        batched = model(x, torch.tensor([10, 990]), y)
+        assert torch.allclose(batched[1:], model(x[1:], torch.tensor([990]), y[1:]), atol=1e-6)
+        assert torch.allclose(batched[:1], model(x[:1], torch.tensor([10]), y[:1]), atol=1e-6)
+
+
+def test_output_shapes_and_learned_sigma():
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([1, 2])
+    assert tiny_dit()(x, t, torch.tensor([0, 1])).shape == (2, 8, 8, 8)
+    assert tiny_dit(learn_sigma=False)(x, t, torch.tensor([0, 1])).shape == (2, 4, 8, 8)
+
+
+def test_cfg():
+    model = tiny_dit().eval()
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([5, 5, 5, 5])
+    xx, y = torch.cat([x, x]), torch.tensor([3, 7, 10, 10])  # null class = num_classes = 10
+    with torch.no_grad():
+        cond, uncond = model(x, t[:2], y[:2]), model(x, t[:2], y[2:])
+        assert torch.allclose(model.forward_with_cfg(xx, t, y, 1.0)[:2], cond, atol=1e-6)
+        g = model.forward_with_cfg(xx, t, y, 4.0)
+        assert torch.allclose(g[:2, :4], uncond[:, :4] + 4.0 * (cond[:, :4] - uncond[:, :4]), atol=1e-5)  # all 4 channels
+        assert torch.allclose(g[:2, 4:], cond[:, 4:], atol=1e-6) and torch.equal(g[:2, :4], g[2:, :4])  # sigma unguided
+        dit3 = model.forward_with_cfg(xx, t, y, 4.0, guided_channels=3)  # facebookresearch/DiT's behaviour
+        assert torch.allclose(dit3[:2, 3], cond[:, 3], atol=1e-6) and torch.equal(dit3[:2, :3], g[:2, :3])
+
+
+def test_label_dropout_uses_num_classes_as_null():
+    emb = dtr.LabelEmbedder(10, 8, dropout_prob=1.0)
+    out = emb(torch.tensor([0, 5, 9]), train=True)
+    assert torch.equal(out, emb.embedding_table.weight[10].expand(3, 8))
+    assert torch.equal(emb(torch.tensor([5]), train=False), emb.embedding_table.weight[5:6])
+    torch.manual_seed(0)
+    uncond = dtr.DiT_models["DiT-T/2"](input_size=8, num_classes=1)  # unconditional: one class, no dropout row
+    assert uncond.y_embedder.embedding_table.weight.shape[0] == 1 and uncond.y_embedder.dropout_prob == 0
+    randomize(uncond)
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([3, 4])
+    assert torch.equal(uncond(x, t), uncond(x, t, torch.zeros(2, dtype=torch.long)))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Gaussian diffusion
+# --------------------------------------------------------------------------------------------------------------------
+
+def test_beta_schedules():
+    lin = dtr.get_named_beta_schedule("linear", 1000)
+    assert lin[0] == pytest.approx(1e-4) and lin[-1] == pytest.approx(0.02) and lin.dtype == np.float64
+    assert dtr.get_named_beta_schedule("linear", 500)[-1] == pytest.approx(0.04)  # scaled to T
+    cos = dtr.get_named_beta_schedule("cosine", 1000)
+    f = lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
+    abar = np.cumprod(1 - cos)
+    assert abar[499] == pytest.approx(f(0.5) / f(0), rel=1e-9)  # closed form while betas are unclipped
+    assert cos.max() == 0.999 and cos[-1] == 0.999
+    with pytest.raises(ValueError, match="unknown noise schedule"):
+        dtr.get_named_beta_schedule("sigmoid", 10)
+
+
+def test_q_sample_and_posterior_closed_forms():
+    d = dtr.create_diffusion("", noise_schedule="cosine")
+    betas = dtr.get_named_beta_schedule("cosine", 1000)
+    abar = np.cumprod(1 - betas)
+    x0, eps, t = torch.randn(3, 3, 4, 4), torch.randn(3, 3, 4, 4), torch.tensor([0, 10, 900])
+    xt = d.q_sample(x0, t, eps)
+    for i, ti in enumerate(t.tolist()):
+        assert torch.allclose(xt[i], math.sqrt(abar[ti]) * x0[i] + math.sqrt(1 - abar[ti]) * eps[i], atol=1e-5)
+    mean, var, logvar = d.q_posterior_mean_variance(x0, xt, t)
+    for i, ti in enumerate(t.tolist()):
+        ap = abar[ti - 1] if ti > 0 else 1.0
+        c1 = math.sqrt(ap) * betas[ti] / (1 - abar[ti])
+        c2 = math.sqrt(1 - betas[ti]) * (1 - ap) / (1 - abar[ti])
+        assert torch.allclose(mean[i], c1 * x0[i] + c2 * xt[i], atol=1e-5)
+        assert var[i].item() == pytest.approx(betas[ti] * (1 - ap) / (1 - abar[ti]), rel=1e-5, abs=1e-12)
+    assert logvar[0].item() == pytest.approx(math.log(betas[1] * (1 - abar[0]) / (1 - abar[1])), rel=1e-6)  # clipped at t=0
+    assert torch.allclose(d.predict_xstart_from_eps(xt, t, eps), x0, atol=1e-4)
+
+
+class Oracle(torch.nn.Module):
+    """Predicts the true noise of a known x_0 and the variance code v (learned range: -1 = posterior variance)."""
+
+    def __init__(self, diffusion, x0, v=-1.0):
+        super().__init__()
+        self.d, self.x0, self.v = diffusion, x0, v
+
+    def forward(self, x, t, y=None):
+        abar = torch.from_numpy(np.cumprod(1 - dtr.get_named_beta_schedule("linear", 1000)))[t].float().view(-1, 1, 1, 1)
+        eps = (x - abar.sqrt() * self.x0) / (1 - abar).sqrt()
+        return torch.cat([eps, torch.full_like(x, self.v)], dim=1)
+
+
+def test_training_losses_vanish_for_an_oracle():
+    d = dtr.create_diffusion("")
+    x0 = torch.rand(4, 3, 4, 4) * 2 - 1
+    t = torch.tensor([0, 1, 400, 999])
+    out = d.training_losses(Oracle(d, x0), x0, t)
+    assert set(out) == {"loss", "mse", "vb"} and all(v.shape == (4,) for v in out.values())
+    assert out["mse"].max() < 1e-6
+    assert out["vb"][1:].abs().max() < 1e-4  # KL(q || p) = 0 when p is the true posterior
+    assert out["vb"][0] > 0  # at t = 0 the term is the discretised decoder NLL in bits/dim
+    worse = d.training_losses(Oracle(d, x0, v=0.5), x0, t)
+    assert worse["vb"][1] > 0.01 and torch.allclose(worse["mse"], out["mse"])  # a wrong variance costs bits (t=1: beta vs beta~ differ most)
+
+
+def test_loss_weights_match_closed_forms():
+    t = torch.tensor([0, 50, 300, 999])
+    abar = np.cumprod(1 - dtr.get_named_beta_schedule("cosine", 1000))
+    snr = torch.tensor(abar / (1 - abar))[t].float()
+    kw = dict(noise_schedule="cosine")
+    assert torch.allclose(dtr.create_diffusion("", **kw, loss_weight="min-snr").mse_weight(t), snr.clamp(max=5) / snr)
+    assert torch.allclose(dtr.create_diffusion("", **kw, loss_weight="min-snr", min_snr_gamma=1.0, predict_xstart=True).mse_weight(t), snr.clamp(max=1))
+    assert torch.allclose(dtr.create_diffusion("", **kw, loss_weight="p2", p2_gamma=0.5, p2_k=2.0).mse_weight(t), 1 / (2 + snr) ** 0.5)
+    # the weight multiplies each sample's MSE (not the VB term), one scalar per sample
+    torch.manual_seed(0)
+    net = torch.nn.Conv2d(3, 6, 3, padding=1)
+    model = lambda x, tt: net(x)
+    x0, noise = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
+    plain = dtr.create_diffusion("", **kw).training_losses(model, x0, t, noise=noise)
+    p2 = dtr.create_diffusion("", **kw, loss_weight="p2").training_losses(model, x0, t, noise=noise)
+    assert torch.allclose(p2["mse"], plain["mse"] / (1 + snr), rtol=1e-5) and torch.allclose(p2["vb"], plain["vb"])
+    with pytest.raises(ValueError, match="unknown loss weight"):
+        dtr.create_diffusion("", loss_weight="uw")
+
+
+def test_respacing_keeps_original_timesteps():
+    kept = dtr.space_timesteps(1000, "250")
+    assert len(kept) == 250 and min(kept) == 0 and max(kept) == 999
+    assert sorted(kept)[:4] == [0, 4, 8, 12]  # stride 999/249
+    assert dtr.space_timesteps(1000, "ddim50") == set(range(0, 1000, 20))
+    assert dtr.space_timesteps(100, "10,5") == {0, 5, 11, 16, 22, 27, 33, 38, 44, 49} | {50, 62, 74, 87, 99}
+    base, d = dtr.create_diffusion(""), dtr.create_diffusion("250")
+    assert d.num_timesteps == 250 and torch.equal(d.timestep_map, torch.tensor(sorted(kept)))
+    assert torch.allclose(d.alphas_cumprod, base.alphas_cumprod[d.timestep_map], rtol=1e-12)  # same noise levels
+    seen = []
+
+    def model(x, t, y=None):
+        seen.append(t.tolist())
+        return torch.zeros(x.shape[0], 2 * x.shape[1], *x.shape[2:])
+
+    d.p_sample_loop(model, (2, 1, 2, 2), device="cpu")
+    assert seen[0] == [999, 999] and seen[-1] == [0, 0] and len(seen) == 250
+    assert [s[0] for s in seen] == sorted(kept, reverse=True)
+    with pytest.raises(ValueError, match="cannot divide"):
+        dtr.space_timesteps(10, "20")
+
+
+def test_sampling_is_per_sample_reproducible():
+    model = tiny_dit().eval()
+    d = dtr.create_diffusion("5")
+    gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]
+    kw = dict(model_kwargs=dict(y=torch.tensor([1, 2, 3])), device="cpu")
+    a = d.p_sample_loop(model, (3, 4, 8, 8), generators=gens([7, 8, 9]), **kw)
+    b = d.p_sample_loop(model, (1, 4, 8, 8), generators=gens([9]), model_kwargs=dict(y=torch.tensor([3])), device="cpu")
+    assert torch.allclose(a[2:], b, rtol=1e-4, atol=1e-4)  # sample 9 does not depend on its batch
+    x_T = torch.randn(3, 4, 8, 8)
+    c1 = d.p_sample_loop(model, x_T.shape, noise=x_T, sampler="ddim", **kw)
+    c2 = d.p_sample_loop(model, x_T.shape, noise=x_T, sampler="ddim", **kw)
+    assert torch.equal(c1, c2)  # DDIM with eta = 0 is a deterministic map of x_T
+    with pytest.raises(ValueError, match="unknown sampler"):
+        d.p_sample_loop(model, x_T.shape, sampler="euler", **kw)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# ANT-UW pieces
+# --------------------------------------------------------------------------------------------------------------------
+
+def test_timestep_clusters_and_stratified_sampling():
+    assert dtr.timestep_clusters(8, 1000) == [(125 * k, 125 * (k + 1)) for k in range(8)]
+    assert dtr.timestep_clusters(3, 10) == [(0, 3), (3, 6), (6, 10)]
+    t = dtr.sample_timesteps(64, 1000, num_clusters=8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(dtr.cluster_index(t, 8, 1000), torch.arange(8).repeat_interleave(8))
+    with pytest.raises(ValueError, match="not divisible"):
+        dtr.sample_timesteps(12, 1000, num_clusters=8)
+    u = dtr.sample_timesteps(10000, 1000, generator=torch.Generator().manual_seed(0))
+    assert u.min() >= 0 and u.max() <= 999 and abs(u.float().mean().item() - 499.5) < 10
+
+
+def test_uncertainty_weighting():
+    t = torch.tensor([0, 124, 125, 999, 500, 501])
+    loss = torch.tensor([1.0, 3.0, 4.0, 8.0, 2.0, 6.0])
+    s = torch.tensor([0.0, 0.5, 0, 0, -1.0, 0, 0, 2.0], requires_grad=True)
+    # clusters seen: 0 -> mean 2, 1 -> 4, 4 -> mean 4, 7 -> 8; L_k = mean / K
+    expected = sum(0.5 * (math.exp(-s[k].item()) * m / 8 + s[k].item()) for k, m in [(0, 2.0), (1, 4.0), (4, 4.0), (7, 8.0)])
+    got = dtr.uncertainty_weighted_loss(loss, t, s, 1000)
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+    perm = torch.randperm(6)
+    assert dtr.uncertainty_weighted_loss(loss[perm], t[perm], s, 1000).item() == pytest.approx(expected, rel=1e-6)
+    got.backward()
+    assert s.grad[2] == 0 and s.grad[0].item() == pytest.approx(0.5 * (1 - 2.0 / 8))  # d/ds 0.5(e^-s L + s) at s=0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# End to end and command line
+# --------------------------------------------------------------------------------------------------------------------
+
+def test_a_few_training_steps_lower_the_loss():
+    torch.manual_seed(0)
+    model = dtr.DiT_models["DiT-T/2"](input_size=8, num_classes=4, routing="dtr")
+    d = dtr.create_diffusion("", noise_schedule="cosine")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x0, y = torch.randn(8, 4, 8, 8).clamp(-1, 1), torch.arange(8) % 4
+    t, noise = torch.randint(0, 1000, (8,)), torch.randn(8, 4, 8, 8)
+    losses = []
+    for _ in range(30):
+        loss = d.training_losses(model, x0, t, dict(y=y), noise)["loss"].mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, os.path.join(HERE, "dtr.py"), *args], capture_output=True, text=True, timeout=300)
+
+
+def test_masks_cli_draws_the_table(tmp_path):
+    from PIL import Image
+    read_image = lambda p: torch.from_numpy(np.array(Image.open(p))).permute(2, 0, 1)
+    out = tmp_path / "m.png"
+    r = run_cli("masks", "--kind", "dtr", "--channels", "40", "--tasks", "30", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    img = read_image(str(out))  # (3, T, C)
+    assert img.shape == (3, 30, 40)
+    active = (img[0] > 128).float()  # yellow is bright in red, purple is not
+    assert torch.equal(active, dtr.dtr_masks(30, 40))
+    r = run_cli("masks", "--kind", "dtr", "--beta", "0", "--out", str(out))
+    assert r.returncode != 0 and "beta" in r.stderr and img.shape == read_image(str(out)).shape  # old file intact
+
+
+def test_bench_cli_reports_three_kinds():
+    r = run_cli("bench", "--model", "DiT-T/2", "--image-size", "8", "--batch-size", "2", "--steps", "2", "--warmup", "0")
+    assert r.returncode == 0, r.stderr
+    rows = {line.split()[0]: line for line in r.stdout.splitlines()[1:]}
+    assert set(rows) == {"none", "random", "dtr"}
+    assert all(float(rows[k].split()[1]) > 0 for k in rows) and "% vs none" in rows["dtr"]
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path):
+    path = tmp_path / "f.txt"
+    path.write_text("old")
+
+    def fail(tmp):
+        open(tmp, "w").write("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        dtr.atomic_write(path, fail)
+    assert path.read_text() == "old" and os.listdir(tmp_path) == ["f.txt"]
+    dtr.atomic_write(path, lambda tmp: open(tmp, "w").write("new"))
+    assert path.read_text() == "new"
