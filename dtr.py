@@ -2,7 +2,7 @@
 
 Each diffusion timestep t is a task. A fixed binary mask m_t selects the channels that enter every residual
 block, z' = z + Block(m_t * z) (Eq. 3), so neighbouring timesteps share channels and distant ones do not.
-Reading order follows the paper: routing masks -> routed DiT -> routed ADM (UNet) -> Gaussian diffusion.
+Reading order follows the paper: routing masks -> routed DiT -> routed ADM (UNet) -> Gaussian diffusion -> ANT-UW.
 
     python dtr.py masks --kind dtr --channels 1152 --out masks.png       # paper Fig. 2
     python dtr.py bench --model DiT-S/2 --image-size 32 --batch-size 8   # DTR's cost (paper Tab. 7)
@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 ROUTINGS = ("dtr", "random", "cdtr", "ercdt", "none")
 
@@ -155,6 +156,14 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(timestep_embedding(t, self.frequency_embedding_size))
 
 
+def drop_labels(labels, null_class, prob, force_drop_ids=None):
+    """Replace labels (N,) by the null class with probability prob, or where force_drop_ids (N,) is True (CFG training)."""
+    if force_drop_ids is None and prob == 0:
+        return labels
+    drop = torch.rand(labels.shape[0], device=labels.device) < prob if force_drop_ids is None else force_drop_ids
+    return torch.where(drop, null_class, labels)
+
+
 class LabelEmbedder(nn.Module):
     """Labels (N,) -> vectors (N, D); during training drops labels to the null class `num_classes` for CFG."""
 
@@ -163,11 +172,8 @@ class LabelEmbedder(nn.Module):
         self.embedding_table = nn.Embedding(num_classes + (dropout_prob > 0), hidden_size)  # + null-class row
         self.num_classes, self.dropout_prob = num_classes, dropout_prob
 
-    def forward(self, labels, train):
-        if train and self.dropout_prob > 0:
-            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
-            labels = torch.where(drop, self.num_classes, labels)
-        return self.embedding_table(labels)
+    def forward(self, labels, train, force_drop_ids=None):
+        return self.embedding_table(drop_labels(labels, self.num_classes, self.dropout_prob if train else 0.0, force_drop_ids))
 
 
 class PatchEmbed(nn.Module):
@@ -331,12 +337,12 @@ class DiT(GuidedModel):
         x = x.reshape(x.shape[0], h, h, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, h * p)
 
-    def forward(self, x, t, y=None):
+    def forward(self, x, t, y=None, force_drop_ids=None):
         """x (N, C, H, W), integer timesteps t (N,), labels y (N,) (None: unconditional) -> (N, C_out, H, W)."""
         y = torch.zeros_like(t, dtype=torch.long) if y is None else y
         masks = self.router(t, x.dtype)  # looked up once, handed to each block
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
-        c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (N, D)
+        c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)  # (N, D)
         for block, mask in zip(self.blocks, masks):
             x = block(x, c, mask)
         return self.unpatchify(self.final_layer(x, c))
@@ -352,6 +358,247 @@ DiT_models = {
     **{f"DiT-B/{p}": _dit(12, 768, p, 12) for p in (2, 4, 8)},
     **{f"DiT-S/{p}": _dit(12, 384, p, 6) for p in (2, 4, 8)},
     "DiT-T/2": _dit(4, 128, 2, 4),  # tiny: tests and the CPU demo
+}
+
+
+#################################################################################
+#        ADM (UNet) with Denoising Task Routing (App. A.1, Pseudo Code 2)       #
+#################################################################################
+
+def zero_module(module):
+    """Zero a module's parameters, so that the residual branch it ends starts at 0 (ADM's init); returns it."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+def route(h, mask):
+    """m_t * h for activations h (N, C, ...) and a routing mask (N, C); h itself when routing is off."""
+    return h if mask is None else h * mask.to(h.dtype).view(*mask.shape, *[1] * (h.ndim - 2))
+
+
+def resample(x, how):
+    """Parameter-free 2x nearest upsampling ("up"), 2x2 average pooling ("down") or identity (None)."""
+    if how == "up":
+        return F.interpolate(x, scale_factor=2, mode="nearest")
+    return F.avg_pool2d(x, kernel_size=2) if how == "down" else x
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm over 32 groups, computed in float32 and cast back (stable under autocast)."""
+
+    def __init__(self, channels):
+        super().__init__(32, channels)
+
+    def forward(self, x):
+        return super().forward(x.float()).to(x.dtype)
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 convolution: (N, C, H, W) -> (N, C, H/2, W/2)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    """Nearest 2x upsampling then a 3x3 convolution: (N, C, H, W) -> (N, C, 2H, 2W)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(resample(x, "up"))
+
+
+class ResBlock(nn.Module):
+    """ADM residual block, routed: z' = skip(z) + Block(m_t * SiLU(GN(z))) (Eq. 3, Pseudo Code 2)."""
+
+    def __init__(self, channels, emb_channels, dropout, out_channels=None, use_scale_shift_norm=False,
+                 updown=None):  # "up" / "down": resample both paths 2x (resblock_updown), None: keep the size
+        super().__init__()
+        out_channels = out_channels or channels
+        self.channels, self.updown, self.use_scale_shift_norm = channels, updown, use_scale_shift_norm
+        self.in_layers = nn.Sequential(GroupNorm32(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels * (1 + use_scale_shift_norm)))
+        self.out_layers = nn.Sequential(GroupNorm32(out_channels), nn.SiLU(), nn.Dropout(dropout),
+                                        zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)))
+        self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+
+    def forward(self, x, emb, mask=None):
+        """x (N, C, H, W), embedding emb (N, E), routing mask (N, C) or None -> (N, C_out, H', W')."""
+        # The mask follows GroupNorm (App. A.1), so GN's statistics still see every channel of z: an inactive channel
+        # can shift the normalisation of active channels in its group, but never enters the conv itself.
+        h = route(self.in_layers[1](self.in_layers[0](x)), mask)  # m_t * SiLU(GN(z))
+        h = self.in_layers[2](resample(h, self.updown))  # (N, C_out, H', W')
+        e = self.emb_layers(emb).to(h.dtype)[:, :, None, None]
+        if self.use_scale_shift_norm:  # AdaGN: GN(h) * (1 + scale) + shift
+            scale, shift = e.chunk(2, dim=1)
+            h = self.out_layers[1:](self.out_layers[0](h) * (1 + scale) + shift)
+        else:
+            h = self.out_layers(h + e)
+        return self.skip_connection(resample(x, self.updown)) + h  # the skip path sees the unmasked z
+
+
+class AttentionBlock(nn.Module):
+    """Spatial self-attention block, routed: z' = z + proj(attn(qkv(m_t * GN(z)))) (Eq. 3)."""
+
+    def __init__(self, channels, num_heads=1, num_head_channels=-1, use_new_attention_order=False):
+        super().__init__()
+        self.channels, self.new_order = channels, use_new_attention_order
+        self.num_heads = num_heads if num_head_channels == -1 else channels // num_head_channels
+        if channels % self.num_heads or (num_head_channels != -1 and channels % num_head_channels):
+            raise ValueError(f"{channels} channels cannot be split into heads ({num_heads=}, {num_head_channels=})")
+        self.norm = GroupNorm32(channels)
+        self.qkv = nn.Conv1d(channels, 3 * channels, 1)
+        self.proj_out = zero_module(nn.Conv1d(channels, channels, 1))
+
+    def forward(self, x, emb=None, mask=None):
+        """x (N, C, H, W), routing mask (N, C) or None -> (N, C, H, W); emb is unused."""
+        n, c, *spatial = x.shape
+        z = x.reshape(n, c, -1)  # (N, C, L)
+        qkv = self.qkv(route(self.norm(z), mask))  # (N, 3C, L)
+        heads, d = self.num_heads, c // self.num_heads
+        if self.new_order:  # [q | k | v], each cut into heads
+            q, k, v = qkv.reshape(n, 3, heads, d, -1).unbind(1)  # (N, heads, d, L) each
+        else:  # legacy order: cut into heads, each [q | k | v]
+            q, k, v = qkv.reshape(n, heads, 3, d, -1).unbind(2)
+        h = F.scaled_dot_product_attention(q.mT, k.mT, v.mT)  # softmax(q k^T / sqrt(d)) v: (N, heads, L, d)
+        h = self.proj_out(h.mT.reshape(n, c, -1))
+        return (z + h).reshape(n, c, *spatial)
+
+
+class ADM(GuidedModel):
+    """ADM UNet with task routing; parameters (and state_dict) identical to guided-diffusion's UNetModel."""
+
+    def __init__(
+        self,
+        image_size,
+        in_channels,
+        model_channels,
+        out_channels,
+        num_res_blocks,
+        attention_resolutions,  # downsample rates ds = image_size / resolution, as guided-diffusion's UNetModel
+        dropout=0.0,
+        channel_mult=(1, 2, 4, 8),
+        num_classes=None,  # None: unconditional
+        num_heads=1,
+        num_head_channels=-1,  # if set, overrides num_heads with channels / num_head_channels
+        num_heads_upsample=-1,  # heads of the output blocks' attention; -1: num_heads
+        use_scale_shift_norm=False,
+        resblock_updown=False,
+        use_new_attention_order=False,
+        use_checkpoint=False,  # gradient checkpointing of every routed block
+        class_dropout_prob=0.0,  # > 0 adds a null-class row (index num_classes) for classifier-free guidance
+        routing="dtr",
+        alpha=4.0,
+        beta=0.8,
+        num_tasks=1000,  # = diffusion steps T
+        routing_seed=0,  # only R-TR masks are random
+    ):
+        super().__init__()
+        self.image_size, self.in_channels, self.out_channels = image_size, in_channels, out_channels
+        self.model_channels, self.num_classes, self.class_dropout_prob = model_channels, num_classes, class_dropout_prob
+        self.use_checkpoint = use_checkpoint
+        heads_up = num_heads if num_heads_upsample == -1 else num_heads_upsample
+        emb = 4 * model_channels
+        self.time_embed = nn.Sequential(nn.Linear(model_channels, emb), nn.SiLU(), nn.Linear(emb, emb))
+        if num_classes is not None:
+            self.label_emb = nn.Embedding(num_classes + (class_dropout_prob > 0), emb)
+
+        res = lambda cin, cout, updown=None: ResBlock(cin, emb, dropout, cout, use_scale_shift_norm, updown)
+        attn = lambda c, heads: AttentionBlock(c, heads, num_head_channels, use_new_attention_order)
+        ch = int(channel_mult[0] * model_channels)
+        self.input_blocks = nn.ModuleList([nn.Sequential(nn.Conv2d(in_channels, ch, 3, padding=1))])
+        skips, ds = [ch], 1  # channels of every input block's output; current downsample rate
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                layers, ch = [res(ch, int(mult * model_channels))], int(mult * model_channels)
+                layers += [attn(ch, num_heads)] if ds in attention_resolutions else []
+                self.input_blocks.append(nn.Sequential(*layers))
+                skips.append(ch)
+            if level < len(channel_mult) - 1:
+                self.input_blocks.append(nn.Sequential(res(ch, ch, "down") if resblock_updown else Downsample(ch)))
+                skips.append(ch)
+                ds *= 2
+        self.middle_block = nn.Sequential(res(ch, ch), attn(ch, num_heads), res(ch, ch))
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            for i in range(num_res_blocks + 1):
+                layers, ch = [res(ch + skips.pop(), int(mult * model_channels))], int(mult * model_channels)
+                layers += [attn(ch, heads_up)] if ds in attention_resolutions else []
+                if level and i == num_res_blocks:
+                    layers.append(res(ch, ch, "up") if resblock_updown else Upsample(ch))
+                    ds //= 2
+                self.output_blocks.append(nn.Sequential(*layers))
+        self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), zero_module(nn.Conv2d(ch, out_channels, 3, padding=1)))
+        # One mask per routed block, of its input width (what its GroupNorm normalizes), in forward order.
+        widths = [m.channels for m in self.modules() if isinstance(m, (ResBlock, AttentionBlock))]
+        self.router = TaskRouter(widths, routing, num_tasks, alpha, beta, routing_seed)
+
+    def labels(self, y, n, force_drop_ids=None):
+        """Labels (N,) to embed: y, with training-time drops to the null class; y=None is all-null."""
+        if y is None:
+            if self.class_dropout_prob == 0:
+                raise ValueError("a class-conditional ADM needs labels y (it has no null class without label dropout)")
+            return torch.full((n,), self.num_classes, dtype=torch.long, device=self.label_emb.weight.device)
+        return drop_labels(y, self.num_classes, self.class_dropout_prob if self.training else 0.0, force_drop_ids)
+
+    def run(self, blocks, h, emb, masks):
+        """Apply one UNet stage; every ResBlock / AttentionBlock takes the next mask from the iterator `masks`."""
+        for layer in blocks:
+            if not isinstance(layer, (ResBlock, AttentionBlock)):
+                h = layer(h)
+            elif self.use_checkpoint and torch.is_grad_enabled():
+                h = checkpoint(layer, h, emb, next(masks), use_reentrant=False)
+            else:
+                h = layer(h, emb, next(masks))
+        return h
+
+    def forward(self, x, t, y=None, force_drop_ids=None):
+        """x (N, C, H, W), integer timesteps t (N,), labels y (N,) (ignored if unconditional) -> (N, C_out, H, W)."""
+        masks = iter(self.router(t, x.dtype))  # looked up once, handed to the blocks in order
+        emb = self.time_embed(timestep_embedding(t, self.model_channels))  # (N, 4 * model_channels)
+        if self.num_classes is not None:
+            emb = emb + self.label_emb(self.labels(y, x.shape[0], force_drop_ids))
+        hs, h = [], x
+        for blocks in self.input_blocks:
+            h = self.run(blocks, h, emb, masks)
+            hs.append(h)
+        h = self.run(self.middle_block, h, emb, masks)
+        for blocks in self.output_blocks:
+            h = self.run(blocks, torch.cat([h, hs.pop()], dim=1), emb, masks)  # U-Net skip: channel concat
+        return self.out(h)
+
+
+def _adm(default_classes, **cfg):
+    """Registry entry: DiT_models' keywords (input_size, in_channels, num_classes, learn_sigma, ...) -> ADM."""
+    def make(input_size=64, in_channels=3, num_classes=default_classes, learn_sigma=True, **kw):
+        num_classes = None if num_classes in (None, 1) else num_classes  # 1 class = unconditional, as for DiT
+        return ADM(image_size=input_size, in_channels=in_channels, out_channels=in_channels * (1 + learn_sigma),
+                   num_classes=num_classes, **{**cfg, **kw})
+    return make
+
+
+ADM_models = {
+    # guided-diffusion's ImageNet 64x64 model (Dhariwal & Nichol, Tab. 15): attention at 32, 16, 8 (ds 2, 4, 8)
+    "ADM-64": _adm(1000, model_channels=192, num_res_blocks=3, channel_mult=(1, 2, 3, 4), attention_resolutions=(2, 4, 8),
+                   num_head_channels=64, dropout=0.1, use_scale_shift_norm=True, resblock_updown=True,
+                   use_new_attention_order=True),
+    # The DTR paper states no FFHQ 64x64 ADM setting (and released no ADM code). We take the default of P2 weighting's
+    # code (Choi et al., 2022), the guided-diffusion fork DTR cites for its loss-weighting runs: a "lightweight ADM" for
+    # unconditional FFHQ with 128 channels, 1 res block, attention at 16x16 (ds 4 here), 64-channel heads,
+    # resblock_updown, AdaGN and no dropout; at 64x64 with guided-diffusion's channel_mult (1, 2, 3, 4) for that size.
+    "ADM-FFHQ-64": _adm(None, model_channels=128, num_res_blocks=1, channel_mult=(1, 2, 3, 4), attention_resolutions=(4,),
+                        num_head_channels=64, dropout=0.0, use_scale_shift_norm=True, resblock_updown=True),
+    # tiny: tests and the CPU demo (attention at ds 2, i.e. 16x16 for 32x32 inputs)
+    "ADM-T": _adm(None, model_channels=32, num_res_blocks=1, channel_mult=(1, 2), attention_resolutions=(2,),
+                  num_head_channels=32, use_scale_shift_norm=True, resblock_updown=True, use_new_attention_order=True),
 }
 
 
@@ -597,14 +844,17 @@ def create_diffusion(timestep_respacing, noise_schedule="linear", learn_sigma=Tr
 #################################################################################
 
 def sample_timesteps(batch_size, num_timesteps, num_clusters=None, device=None, generator=None):
-    """Timesteps (N,): uniform, or stratified with N/K from each of K uniform clusters (in cluster order)."""
+    """Timesteps (N,): uniform, or stratified so that sample i falls in cluster i mod K (uniform within it)."""
     if num_clusters is None:
         return torch.randint(0, num_timesteps, (batch_size,), device=device, generator=generator)
     if batch_size % num_clusters:
         raise ValueError(f"batch size {batch_size} is not divisible by the number of timestep clusters {num_clusters}")
-    per = batch_size // num_clusters
-    return torch.cat([torch.randint(lo, hi, (per,), device=device, generator=generator)
-                      for lo, hi in timestep_clusters(num_clusters, num_timesteps)])
+    # Interleaved (the official code concatenates cluster blocks), so every K consecutive samples -- e.g. each
+    # rank's share of a global batch -- hold one timestep per cluster.
+    lo, hi = torch.tensor(timestep_clusters(num_clusters, num_timesteps), device=device).T
+    k = torch.arange(batch_size, device=device) % num_clusters
+    u = torch.rand(batch_size, device=device, generator=generator, dtype=torch.float64)
+    return lo[k] + (u * (hi - lo)[k]).long()
 
 
 def uncertainty_weighted_loss(loss, t, log_vars, num_timesteps):
@@ -624,7 +874,7 @@ def uncertainty_weighted_loss(loss, t, log_vars, num_timesteps):
 
 def create_model(name, **kwargs):
     """A model from the registries by name, e.g. create_model('DiT-S/2', input_size=32, routing='dtr')."""
-    registry = {**DiT_models}
+    registry = {**DiT_models, **ADM_models}
     if name not in registry:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(registry)}")
     return registry[name](**kwargs)
@@ -667,7 +917,7 @@ def bench_main(args):
     ref = models["none"]
     x = torch.randn(args.batch_size, ref.in_channels, args.image_size, args.image_size, device=device)
     t = torch.randint(0, 1000, (args.batch_size,), device=device)
-    y = torch.randint(0, ref.num_classes, (args.batch_size,), device=device)
+    y = torch.randint(0, ref.num_classes or 1, (args.batch_size,), device=device)  # ignored by unconditional ADMs
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def step(model):
@@ -708,7 +958,7 @@ if __name__ == "__main__":
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="masks.png")
     p = sub.add_parser("bench", help="time forward+backward with routing none / random / dtr")
-    p.add_argument("--model", choices=list(DiT_models), default="DiT-S/2")
+    p.add_argument("--model", choices=[*DiT_models, *ADM_models], default="DiT-S/2")
     p.add_argument("--image-size", type=int, default=32, help="the network's input side (latent side for DiT)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--steps", type=int, default=20)
