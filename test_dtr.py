@@ -2,6 +2,8 @@
 
 Run: python -m pytest -q test_dtr.py
 """
+import argparse
+import json
 import math
 import os
 import subprocess
@@ -11,8 +13,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from scipy import linalg
 
 import dtr
+import fid
 import dtr as M  # the ADM tests use M.<name>
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -708,6 +713,393 @@ def test_uncertainty_weighting():
     assert dtr.uncertainty_weighted_loss(loss[perm], t[perm], s, 1000).item() == pytest.approx(expected, rel=1e-6)
     got.backward()
     assert s.grad[2] == 0 and s.grad[0].item() == pytest.approx(0.5 * (1 - 2.0 / 8))  # d/ds 0.5(e^-s L + s) at s=0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# fid.py: Inception metrics with ADM-evaluator parity
+# --------------------------------------------------------------------------------------------------------------------
+
+def _randomize(inception, seed=0):
+    """He-normal convs and non-trivial BatchNorm statistics, so random-weight features are not degenerate."""
+    g = torch.Generator().manual_seed(seed)
+    for m in inception.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.weight.data = torch.randn(m.weight.shape, generator=g) * (2 / m.weight[0].numel()) ** 0.5
+        elif isinstance(m, torch.nn.BatchNorm2d):
+            n = m.num_features
+            m.weight.data, m.bias.data = 0.5 + torch.rand(n, generator=g), 0.2 * torch.randn(n, generator=g)
+            m.running_mean.data = 0.2 * torch.randn(n, generator=g)
+            m.running_var.data = 0.5 + torch.rand(n, generator=g)
+        elif isinstance(m, torch.nn.Linear):
+            m.weight.data = 0.05 * torch.randn(m.weight.shape, generator=g)
+            m.bias.data = torch.randn(m.bias.shape, generator=g)
+    return inception.eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def inception():
+    return _randomize(fid.InceptionV3())
+
+
+@pytest.fixture(scope="module")
+def direct(inception):
+    """Three test images and the network's outputs on them in one batch, with Mixed_6d.branch1x1's output."""
+    images, captured = _images(3), {}
+    hook = inception.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, o: captured.setdefault("b", o))
+    with torch.no_grad():
+        out = inception(fid.preprocess(torch.from_numpy(images), "adm"))
+    hook.remove()
+    return images, out, captured["b"]
+
+
+@pytest.fixture(scope="module")
+def weights_file(inception, tmp_path_factory):
+    path = tmp_path_factory.mktemp("weights") / "random_inception.pth"
+    torch.save(inception.state_dict(), path)
+    return str(path)
+
+
+def _images(n, h=32, w=40, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+
+
+# -----------------------------------------------------------------------------
+# Network
+# -----------------------------------------------------------------------------
+
+def _expected_convs():
+    """(name, cin, cout, kh, kw) of every conv, written out from the InceptionV3 architecture (Szegedy et al.)."""
+    convs = [("Conv2d_1a_3x3", 3, 32, 3, 3), ("Conv2d_2a_3x3", 32, 32, 3, 3), ("Conv2d_2b_3x3", 32, 64, 3, 3),
+             ("Conv2d_3b_1x1", 64, 80, 1, 1), ("Conv2d_4a_3x3", 80, 192, 3, 3)]
+    for b, cin, pool in [("Mixed_5b", 192, 32), ("Mixed_5c", 256, 64), ("Mixed_5d", 288, 64)]:
+        convs += [(f"{b}.branch1x1", cin, 64, 1, 1), (f"{b}.branch5x5_1", cin, 48, 1, 1),
+                  (f"{b}.branch5x5_2", 48, 64, 5, 5), (f"{b}.branch3x3dbl_1", cin, 64, 1, 1),
+                  (f"{b}.branch3x3dbl_2", 64, 96, 3, 3), (f"{b}.branch3x3dbl_3", 96, 96, 3, 3),
+                  (f"{b}.branch_pool", cin, pool, 1, 1)]
+    convs += [("Mixed_6a.branch3x3", 288, 384, 3, 3), ("Mixed_6a.branch3x3dbl_1", 288, 64, 1, 1),
+              ("Mixed_6a.branch3x3dbl_2", 64, 96, 3, 3), ("Mixed_6a.branch3x3dbl_3", 96, 96, 3, 3)]
+    for b, c in [("Mixed_6b", 128), ("Mixed_6c", 160), ("Mixed_6d", 160), ("Mixed_6e", 192)]:
+        convs += [(f"{b}.branch1x1", 768, 192, 1, 1), (f"{b}.branch7x7_1", 768, c, 1, 1),
+                  (f"{b}.branch7x7_2", c, c, 1, 7), (f"{b}.branch7x7_3", c, 192, 7, 1),
+                  (f"{b}.branch7x7dbl_1", 768, c, 1, 1), (f"{b}.branch7x7dbl_2", c, c, 7, 1),
+                  (f"{b}.branch7x7dbl_3", c, c, 1, 7), (f"{b}.branch7x7dbl_4", c, c, 7, 1),
+                  (f"{b}.branch7x7dbl_5", c, 192, 1, 7), (f"{b}.branch_pool", 768, 192, 1, 1)]
+    convs += [("Mixed_7a.branch3x3_1", 768, 192, 1, 1), ("Mixed_7a.branch3x3_2", 192, 320, 3, 3),
+              ("Mixed_7a.branch7x7x3_1", 768, 192, 1, 1), ("Mixed_7a.branch7x7x3_2", 192, 192, 1, 7),
+              ("Mixed_7a.branch7x7x3_3", 192, 192, 7, 1), ("Mixed_7a.branch7x7x3_4", 192, 192, 3, 3)]
+    for b, cin in [("Mixed_7b", 1280), ("Mixed_7c", 2048)]:
+        convs += [(f"{b}.branch1x1", cin, 320, 1, 1), (f"{b}.branch3x3_1", cin, 384, 1, 1),
+                  (f"{b}.branch3x3_2a", 384, 384, 1, 3), (f"{b}.branch3x3_2b", 384, 384, 3, 1),
+                  (f"{b}.branch3x3dbl_1", cin, 448, 1, 1), (f"{b}.branch3x3dbl_2", 448, 384, 3, 3),
+                  (f"{b}.branch3x3dbl_3a", 384, 384, 1, 3), (f"{b}.branch3x3dbl_3b", 384, 384, 3, 1),
+                  (f"{b}.branch_pool", cin, 192, 1, 1)]
+    return convs
+
+
+def test_fid_state_dict_matches_pytorch_fid_layout():
+    state = fid.InceptionV3().state_dict()
+    expected = {"fc.weight": (1008, 2048), "fc.bias": (1008,)}
+    for name, cin, cout, kh, kw in _expected_convs():
+        expected[f"{name}.conv.weight"] = (cout, cin, kh, kw)
+        for k in ("weight", "bias", "running_mean", "running_var"):
+            expected[f"{name}.bn.{k}"] = (cout,)
+        expected[f"{name}.bn.num_batches_tracked"] = ()
+    assert {k: tuple(v.shape) for k, v in state.items()} == expected
+    assert len(_expected_convs()) == 94 and len(state) == 94 * 6 + 2 == 566
+    # pinned; pytorch-fid's FID Inception (which loads the weights file strictly) has the same numbers
+    assert state["Mixed_6d.branch7x7_2.conv.weight"].shape == (160, 160, 1, 7)
+    assert state["Mixed_7c.branch3x3dbl_3b.conv.weight"].shape == (384, 384, 3, 1)
+    assert sum(p.numel() for p in fid.InceptionV3().parameters()) == 23_850_960
+
+
+def test_fid_specific_blocks():
+    net = fid.InceptionV3()
+    assert all(m.eps == 1e-3 for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert net.Mixed_7c.max_pool and not net.Mixed_7b.max_pool
+    x = torch.ones(1, 1, 4, 4)  # TF's average pool ignores the zero padding: corners stay 1, not 4/9
+    assert torch.equal(fid._avg_pool(x), x)
+    assert F.avg_pool2d(x, 3, 1, 1)[0, 0, 0, 0].item() == pytest.approx(4 / 9)
+
+
+def test_fid_forward_outputs_spatial_order_and_bias_free_logits(inception, direct):
+    _, out, b = direct  # b: (3, 192, 17, 17), TF's mixed_6/conv in NCHW
+    assert out["pool"].shape == (3, 2048) and out["spatial"].shape == (3, 2023) and out["logits"].shape == (3, 1008)
+    assert b.shape == (3, 192, 17, 17) and b.min() >= 0 and b.std() > 0
+    for n, h, w, c in [(0, 0, 0, 0), (0, 0, 1, 0), (1, 0, 0, 6), (2, 16, 3, 2), (0, 5, 16, 4)]:
+        assert out["spatial"][n, (h * 17 + w) * 7 + c] == b[n, c, h, w]  # flattened in H, W, C order
+    assert torch.allclose(out["logits"], out["pool"] @ inception.fc.weight.T)
+    assert not torch.allclose(out["logits"], inception.fc(out["pool"]), atol=1e-3)  # the bias is not used
+
+
+# -----------------------------------------------------------------------------
+# Preprocessing
+# -----------------------------------------------------------------------------
+
+def test_fid_tf1_resize_hand_computed():
+    x = torch.tensor([[0.0, 3.0], [6.0, 9.0]])[None, None]
+    # src = dst * 2/3 = 0, 2/3, 4/3 -> rows (0, 0, 1), next (1, 1, 1 clamped), weights (0, 2/3, 1/3)
+    expected = torch.tensor([[0.0, 2.0, 3.0], [4.0, 6.0, 7.0], [6.0, 8.0, 9.0]])
+    assert torch.allclose(fid.tf1_resize_bilinear(x, (3, 3))[0, 0], expected, atol=1e-5)
+    assert not torch.allclose(F.interpolate(x, (3, 3), mode="bilinear", align_corners=False)[0, 0], expected)
+    row = torch.arange(4.0).reshape(1, 1, 1, 4)  # downscale 4 -> 2: src = 0, 2 (no antialiasing)
+    assert fid.tf1_resize_bilinear(row, (1, 2)).flatten().tolist() == [0.0, 2.0]
+
+
+def test_fid_tf1_resize_identity_and_preprocess_ranges():
+    img = torch.from_numpy(_images(1, 299, 299))
+    x = img.permute(0, 3, 1, 2).float()
+    assert torch.equal(fid.tf1_resize_bilinear(x, (299, 299)), x)
+    stripes = torch.stack([torch.full((299, 299), v, dtype=torch.uint8) for v in (0, 128, 255)], -1)[None]
+    adm, pt = fid.preprocess(stripes, "adm"), fid.preprocess(stripes, "pytorch-fid")
+    assert adm.shape == (1, 3, 299, 299) and adm[0, :, 0, 0].tolist() == [-1.0, 0.0, 127 / 128]
+    assert torch.allclose(pt[0, :, 0, 0], torch.tensor([-1.0, 2 * 128 / 255 - 1, 1.0]), atol=1e-6)
+
+
+# -----------------------------------------------------------------------------
+# Features, inputs and the CLI
+# -----------------------------------------------------------------------------
+
+def test_fid_compute_features_batching_and_sources(inception, direct, tmp_path):
+    images, out, _ = direct
+    np.savez(tmp_path / "stored.npz", arr_0=images)
+    np.savez_compressed(tmp_path / "compressed.npz", arr_0=images)
+    os.mkdir(tmp_path / "folder")
+    for i, im in enumerate(images):
+        Image.fromarray(im).save(tmp_path / "folder" / f"{i:03d}.png")
+    stored, _ = fid.load_source(str(tmp_path / "stored.npz"))
+    assert isinstance(stored, np.memmap)
+    for src in ("stored.npz", "compressed.npz", "folder"):
+        loaded, given = fid.load_source(str(tmp_path / src), num_workers=2)
+        assert given == {} and np.array_equal(loaded[0:3], images)
+    feats = fid.compute_features(stored, inception, batch_size=2)  # batches of 2 + 1
+    for k, d in fid.FEATURE_DIMS.items():
+        assert feats[k].shape == (3, d) and feats[k].dtype == np.float32
+        assert np.allclose(feats[k], out[k].numpy(), rtol=1e-4, atol=1e-4)
+
+
+def _write_npz(path, **arrays):
+    np.savez(path, **arrays)
+    return str(path)
+
+
+def test_fid_reference_batch_statistics_win_over_features(tmp_path):
+    rng = np.random.default_rng(0)
+    stats = {"mu": rng.normal(size=4), "sigma": np.eye(4), "mu_s": rng.normal(size=3), "sigma_s": 2 * np.eye(3)}
+    path = _write_npz(tmp_path / "ref_batch.npz", arr_0=_images(2), **stats)  # ADM reference batch layout
+    images, given = fid.load_source(path)
+    assert np.array_equal(images, _images(2)) and sorted(given) == sorted(stats)
+    feats = {k: rng.normal(size=(6, 4)).astype(np.float32) for k in ("pool", "spatial", "logits")}
+    out = fid.statistics(feats, given)
+    assert all(np.array_equal(out[k], stats[k]) for k in stats)  # as ADM: the stored mu/sigma are used
+    assert out["pool"] is feats["pool"] and out["logits"] is feats["logits"]  # the images still give P/R, IS
+    mu, sigma = fid.feature_statistics(feats["pool"])
+    assert np.allclose(fid.statistics(feats)["mu"], mu) and np.allclose(fid.statistics(feats)["sigma"], sigma)
+
+
+@pytest.mark.parametrize("arrays, message", [
+    (dict(arr_0=np.zeros((4, 8, 8, 3), np.float32)), "must be uint8"),
+    (dict(arr_0=np.zeros((4, 3, 8, 8), np.uint8)), "NCHW"),
+    (dict(arr_0=np.zeros((1, 8, 8, 3), np.uint8)), "at least 2 images"),
+    (dict(arr_1=np.zeros((4, 8, 8, 3), np.uint8)), "missing arr_0"),
+    (dict(arr_0=np.zeros((4, 8, 8, 3), np.uint8), mu=np.zeros(3)), "needs all of mu"),
+])
+def test_fid_bad_npz(tmp_path, arrays, message):
+    with pytest.raises(fid.InputError, match=message):
+        fid.load_source(_write_npz(tmp_path / "bad.npz", **arrays))
+
+
+def test_fid_bad_files_and_folders(tmp_path):
+    (tmp_path / "garbage.npz").write_bytes(b"not a zip file")
+    with pytest.raises(fid.InputError, match="cannot read"):
+        fid.load_source(str(tmp_path / "garbage.npz"))
+    with pytest.raises(fid.InputError, match="no such file"):
+        fid.load_source(str(tmp_path / "missing.npz"))
+    (tmp_path / "images.txt").write_text("x")
+    with pytest.raises(fid.InputError, match="expected an .npz"):
+        fid.load_source(str(tmp_path / "images.txt"))
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    Image.fromarray(_images(1, 8, 8)[0]).save(mixed / "a.png")
+    Image.fromarray(_images(1, 8, 9)[0]).save(mixed / "b.png")
+    with pytest.raises(fid.InputError, match="differ in size"):
+        fid.load_source(str(mixed))
+    (mixed / "b.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(fid.InputError, match="cannot read image"):
+        fid.load_source(str(mixed))
+    Image.fromarray(_images(1, 8, 8)[0]).save(mixed / "b.png")
+    (mixed / "c.png").write_bytes((mixed / "a.png").read_bytes()[:60])  # valid header, truncated data
+    folder = fid.ImageFolder(str(mixed), num_workers=1)
+    with pytest.raises(fid.InputError, match="c.png"):
+        folder[0:3]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(fid.InputError, match="at least 2 images, got 0"):
+        fid.load_source(str(tmp_path / "empty"))
+
+
+def test_fid_weights_errors(tmp_path, monkeypatch):
+    with pytest.raises(fid.InputError, match="cannot read Inception weights"):
+        fid.load_inception(str(tmp_path / "nope.pth"))
+    torch.save({"fc.weight": torch.zeros(1)}, tmp_path / "wrong.pth")
+    with pytest.raises(fid.InputError, match="not the FID Inception state dict"):
+        fid.load_inception(str(tmp_path / "wrong.pth"))
+
+    def offline(*args, **kwargs):
+        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(fid.InputError, match="--inception-weights") as e:
+        fid.load_inception(None)
+    assert fid.FID_WEIGHTS_URL in str(e.value) and "\n" not in str(e.value)
+
+
+def _cli_args(*paths, **kw):
+    args = dict(paths=list(paths), save_stats=False, json=None, inception_weights=None, protocol="adm",
+                batch_size=3, device="cpu", num_workers=2)
+    return argparse.Namespace(**{**args, **kw})
+
+
+def test_fid_cli_identical_sets_and_saved_stats(weights_file, tmp_path, capsys):
+    ref = _write_npz(tmp_path / "ref.npz", arr_0=_images(4, seed=1))
+    fid.main(_cli_args(ref, str(tmp_path / "ref_stats.npz"), save_stats=True, inception_weights=weights_file))
+    with np.load(tmp_path / "ref_stats.npz") as z:
+        assert sorted(z.files) == sorted(["mu", "sigma", "mu_s", "sigma_s", "pool", "logits"])
+        assert z["pool"].shape == (4, 2048) and z["sigma_s"].shape == (2023, 2023)
+    fid.main(_cli_args(str(tmp_path / "ref_stats.npz"), ref, json=str(tmp_path / "out.json"),
+                       inception_weights=weights_file))
+    out = capsys.readouterr().out
+    assert [line.split(":")[0] for line in out.splitlines()[-6:]] == [
+        "Inception Score", "Inception Score std", "FID", "sFID", "Precision", "Recall"]
+    res = json.loads((tmp_path / "out.json").read_text())
+    assert abs(res["fid"]) < 1e-3 and abs(res["sfid"]) < 1e-3  # identical sets
+    assert res["precision"] == 1.0 and res["recall"] == 1.0
+    assert res["inception_score"] >= 1.0 and res["inception_score_std"] == 0.0  # one split
+    assert res["num_ref"] == res["num_samples"] == 4 and not list(tmp_path.glob("*.tmp"))
+
+
+def test_fid_cli_bad_input_is_one_line(tmp_path):
+    bad = _write_npz(tmp_path / "bad.npz", arr_0=np.zeros((4, 8, 8, 3), np.float64))
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "fid.py"), bad, bad], capture_output=True, text=True)
+    assert proc.returncode == 1
+    message = f"fid.py: error: {bad}: arr_0 must be uint8 images in [0, 255], got float64"
+    assert proc.stderr.strip().splitlines() == [message]
+
+
+# -----------------------------------------------------------------------------
+# Metrics on synthetic features
+# -----------------------------------------------------------------------------
+
+def _scipy_fid(mu1, s1, mu2, s2):
+    covmean = linalg.sqrtm(s1 @ s2).real
+    return (mu1 - mu2) @ (mu1 - mu2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)
+
+
+def test_fid_frechet_distance_closed_forms_and_scipy():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 32)) @ rng.normal(size=(32, 32))
+    mu, sigma = fid.feature_statistics(x)
+    assert np.allclose(sigma, np.cov(x, rowvar=False, ddof=1)) and np.allclose(mu, x.mean(0))
+    assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-9 * np.trace(sigma)
+    shift = rng.normal(size=32)
+    assert fid.frechet_distance(mu, sigma, mu + shift, sigma) == pytest.approx(shift @ shift, rel=1e-9)
+    d, a, b = 16, 1.5, 0.5  # N(0, a^2 I) vs N(shift, b^2 I): |shift|^2 + d (a - b)^2
+    assert fid.frechet_distance(np.zeros(d), a * a * np.eye(d), shift[:d], b * b * np.eye(d)) == \
+        pytest.approx(shift[:d] @ shift[:d] + d * (a - b) ** 2, rel=1e-12)
+    y = rng.normal(size=(300, 32)) * 2 + 1
+    mu2, sigma2 = fid.feature_statistics(y)
+    assert fid.frechet_distance(mu, sigma, mu2, sigma2) == pytest.approx(_scipy_fid(mu, sigma, mu2, sigma2), rel=1e-6)
+
+
+def test_fid_frechet_distance_singular_covariance():
+    rng = np.random.default_rng(1)
+    mu1, s1 = fid.feature_statistics(rng.normal(size=(10, 24)))
+    mu2, s2 = fid.feature_statistics(rng.normal(size=(50, 24)))
+    with pytest.raises(np.linalg.LinAlgError):
+        np.linalg.cholesky(s1)  # rank 9: the eigen-decomposition path
+    ev = linalg.eigvals(s1 @ s2)
+    expected = (mu1 - mu2) @ (mu1 - mu2) + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.abs(ev.real)).sum()
+    assert fid.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        fid.frechet_distance(mu1, s1, mu2[:3], s2[:3, :3])
+
+
+def test_fid_inception_score():
+    assert fid.inception_score(np.zeros((20, 10))) == pytest.approx((1.0, 0.0))
+    one_hot = np.tile(1000 * np.eye(7), (3, 1))  # each of 7 classes equally often, fully confident
+    assert fid.inception_score(one_hot)[0] == pytest.approx(7.0)
+    # splits of 5 in order, last partial: distinct classes (5), one class (1), two classes (2)
+    labels = [0, 1, 2, 3, 4] + [3] * 5 + [5, 6]
+    mean, std = fid.inception_score(1000 * np.eye(7)[labels], split_size=5)
+    assert mean == pytest.approx(8 / 3) and std == pytest.approx(np.std([5, 1, 2]))
+
+
+def _line(xs):
+    return np.array([[x, 0.0] for x in xs], np.float32)  # points on a line, embedded in 2-D
+
+
+@pytest.mark.parametrize("adm_fp16", [True, False])
+def test_fid_precision_recall_constructed(adm_fp16):
+    ref, smp = _line([0, 1, 2, 3, 10]), _line([-6, -5, -4, -3, 30, 31, 32, 33])
+    # k=3 counting the point itself: r^2 = 4th smallest of its squared distances (incl. 0)
+    assert fid._knn_radii(torch.tensor(ref), 3, 10000, adm_fp16).tolist() == [9, 4, 4, 9, 81]
+    # precision: only -3 lies in a reference ball (|-3 - 0|^2 = 9 <= 9, on the boundary);
+    # recall: only 0 lies in a sample ball (|0 - (-3)|^2 = 9 <= r^2(-3) = 9)
+    assert fid.precision_recall(ref, smp, device="cpu", adm_fp16=adm_fp16) == (1 / 8, 1 / 5)
+    assert fid.precision_recall(ref, smp, device="cpu", block_size=3, adm_fp16=adm_fp16) == (1 / 8, 1 / 5)
+
+
+def _brute_force_pr(ref, smp, k=3):
+    def d(a, b):
+        return ((a[:, None].astype(np.float64) - b[None]) ** 2).sum(-1)
+
+    r_ref, r_smp = np.sort(d(ref, ref), 1)[:, k], np.sort(d(smp, smp), 1)[:, k]
+    return (d(smp, ref) <= r_ref[None]).any(1).mean(), (d(ref, smp) <= r_smp[None]).any(1).mean()
+
+
+def test_fid_precision_recall_blocks_and_fp16_fallback():
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(60, 8)).astype(np.float32)
+    smp = (rng.normal(size=(50, 8)) * 1.3 + 0.3).astype(np.float32)
+    exact = fid.precision_recall(ref, smp, device="cpu", adm_fp16=False)
+    assert exact == pytest.approx(_brute_force_pr(ref, smp), abs=1e-7) and 0 < exact[0] < 1 and 0 < exact[1] < 1
+    assert fid.precision_recall(ref, smp, device="cpu", block_size=7, adm_fp16=False) == exact
+    assert fid.precision_recall(ref, smp, device="cpu", block_size=7) == fid.precision_recall(ref, smp, device="cpu")
+    big = torch.tensor(ref) * 1000  # squared norms overflow float16: ADM falls back to float32
+    assert torch.equal(fid._sq_distances(big, big), fid._sq_distances(big, big, adm_fp16=False))
+    small = fid._sq_distances(torch.tensor(ref), torch.tensor(smp))
+    assert torch.equal(small, small.half().float()) and small.min() >= 0  # float16 values
+    with pytest.raises(fid.InputError, match="more than 3"):
+        fid.precision_recall(ref[:3], smp, device="cpu")
+
+
+# -----------------------------------------------------------------------------
+# torch.distributed: contiguous shards, gathered in input order on every rank
+# -----------------------------------------------------------------------------
+
+class _IndexNet(torch.nn.Module):
+    """Stand-in network whose features are the mean input value of each image."""
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        v = x.mean((1, 2, 3))[:, None]
+        return {k: v.expand(-1, d) for k, d in fid.FEATURE_DIMS.items()}
+
+
+def _gather_worker(rank, world, rendezvous):
+    torch.distributed.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world)
+    try:
+        images = np.arange(5, dtype=np.uint8)[:, None, None, None].repeat(8, 1).repeat(8, 2).repeat(3, 3)
+        feats = fid.compute_features(images, _IndexNet(), batch_size=2)  # shards of 3 and 2 images
+        expected = (np.arange(5) - 128) / 128
+        for k, d in fid.FEATURE_DIMS.items():
+            assert feats[k].shape == (5, d) and np.allclose(feats[k][:, 0], expected), (rank, k, feats[k][:, 0])
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_fid_compute_features_distributed_gather(tmp_path):
+    torch.multiprocessing.spawn(_gather_worker, args=(2, f"file://{tmp_path}/rendezvous"), nprocs=2)
 
 
 # --------------------------------------------------------------------------------------------------------------------
