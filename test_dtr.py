@@ -1103,6 +1103,198 @@ def test_fid_compute_features_distributed_gather(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# train.py
+# --------------------------------------------------------------------------------------------------------------------
+
+import train  # noqa: E402
+
+TINY_TRAIN = ["--image-size", "8", "--global-batch-size", "8", "--demo-images-per-class", "4", "--grid-steps", "2",
+              "--log-every", "2"]
+
+
+def run_train(tmp_path, *extra, name="r"):
+    """Train in this process; returns (experiment dir, its newest checkpoint)."""
+    args = train.parser().parse_args([*TINY_TRAIN, "--results-dir", str(tmp_path / name), *extra])
+    exp = train.main(args)
+    return exp, torch.load(train.latest_checkpoint(str(tmp_path / name)), weights_only=False)
+
+
+def torchrun(*args, nproc=2):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           os.path.join(HERE, "train.py"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+
+
+def test_train_demo_defaults_and_outputs(tmp_path):
+    args = train.resolve_preset(train.parser().parse_args([]))
+    assert (args.model, args.image_size, args.global_batch_size, args.lr, args.ema_decay) == ("DiT-T/2", 16, 64, 1e-3, 0.999)
+    paper = train.resolve_preset(train.parser().parse_args(["--data", "x"]))
+    assert (paper.lr, paper.global_batch_size, paper.ema_decay, paper.weight_decay, paper.class_dropout_prob,
+            paper.noise_schedule, paper.num_timesteps, paper.learn_sigma, paper.flip_prob) == \
+        (1e-4, 256, 0.9999, 0.0, 0.1, "cosine", 1000, True, 0.5)
+    exp, ckpt = run_train(tmp_path, "--steps", "3", "--ckpt-every", "2")
+    assert sorted(os.listdir(os.path.join(exp, "checkpoints"))) == ["0000002.pt", "0000003.pt"]
+    assert ckpt["step"] == 3 and ckpt["args"]["num_classes"] == 6 and set(ckpt) >= {"model", "ema", "opt", "rng", "data"}
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
+    model = train.build_model(argparse.Namespace(**ckpt["args"]))
+    model.load_state_dict(ckpt["ema"], strict=True)  # loadable as a plain DiT state dict
+    log = open(os.path.join(exp, "log.txt")).read()
+    assert "steps/s" in log and "t quarters" in log and json.load(open(os.path.join(exp, "args.json")))["lr"] == 1e-3
+    grid = np.array(Image.open(os.path.join(exp, "samples_0000003.png")))
+    assert grid.shape == (6 * 9 + 1, 8 * 9 + 1, 3)  # one row per class, 8 columns, 1-pixel padding
+
+
+def test_train_shapes_data_is_deterministic_and_classed():
+    a, la = train.make_shapes(3, 16, seed=0)
+    b, lb = train.make_shapes(3, 16, seed=0)
+    assert torch.equal(a, b) and torch.equal(la, lb) and a.dtype == torch.uint8 and a.shape == (18, 3, 16, 16)
+    # each class is drawn in its own colour: the brightest channel of the shape pixels
+    for k, rgb in enumerate(train.SHAPE_COLORS):
+        img = a[la == k][0].float()
+        fg = (img - img[:, :1, :1]).abs().sum(0) > 60
+        assert (img[:, fg].mean(1) - torch.tensor(rgb)).abs().max() < 60
+
+
+def test_train_ema_update_formula():
+    model, ema = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    before = [p.detach().clone() for p in ema.parameters()]
+    train.update_ema(ema, model, 0.9)
+    for e, b, p in zip(ema.parameters(), before, model.parameters()):
+        assert torch.allclose(e, 0.9 * b + 0.1 * p)
+
+
+def test_train_resume_is_bit_exact(tmp_path):
+    _, full = run_train(tmp_path, "--steps", "4", "--ckpt-every", "2", name="full")
+    half = os.path.join(str(tmp_path / "full"), "000-DiT-T-2-dtr", "checkpoints", "0000002.pt")
+    os.makedirs(tmp_path / "re" / "000-x" / "checkpoints")
+    resume_from = str(tmp_path / "re" / "000-x" / "checkpoints" / "0000002.pt")
+    open(resume_from, "wb").write(open(half, "rb").read())
+    _, resumed = run_train(tmp_path, "--steps", "4", "--ckpt-every", "2", "--resume", resume_from, name="re")
+    assert resumed["step"] == 4
+    for key in ("model", "ema"):
+        assert all(torch.equal(full[key][k], resumed[key][k]) for k in full[key])
+    assert torch.equal(full["opt"]["state"][0]["exp_avg_sq"], resumed["opt"]["state"][0]["exp_avg_sq"])
+    with pytest.raises(SystemExit, match="routing is 'dtr' there but 'random' now"):
+        run_train(tmp_path, "--steps", "5", "--routing", "random", "--resume", resume_from, name="re")
+
+
+def test_train_two_processes_match_one(tmp_path):
+    args = [*TINY_TRAIN, "--steps", "3", "--ckpt-every", "3", "--loss-weight", "ant-uw", "--global-batch-size", "16"]
+    r = torchrun(*args, "--results-dir", str(tmp_path / "two"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    one = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *args, "--results-dir", str(tmp_path / "one")],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert one.returncode == 0, one.stderr[-2000:]
+    a = torch.load(train.latest_checkpoint(str(tmp_path / "one")), weights_only=False)
+    b = torch.load(train.latest_checkpoint(str(tmp_path / "two")), weights_only=False)
+    assert len(b["rng"]) == 2 and b["uw"].abs().sum() > 0  # every rank's RNG saved; ANT-UW log-variances trained
+    assert torch.allclose(a["uw"], b["uw"], atol=1e-6)
+    for k in a["model"]:  # same global batch, same per-sample draws: equal up to the order of float sums
+        assert torch.allclose(a["model"][k], b["model"][k], atol=1e-5), k
+    per_rank_bad = torchrun(*TINY_TRAIN, "--loss-weight", "ant-uw", "--steps", "1", "--results-dir", str(tmp_path / "bad"))
+    assert per_rank_bad.returncode != 0 and "per-rank batch 4 is not divisible by the 8 ANT-UW" in per_rank_bad.stderr
+
+
+def test_train_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    exp, _ = run_train(tmp_path, "--steps", "2", "--ckpt-every", "2")
+    path = os.path.join(exp, "checkpoints", "0000002.pt")
+    good = open(path, "rb").read()
+
+    def crash(obj, f, *a, **k):
+        open(f, "wb").write(b"partial")
+        raise KeyboardInterrupt  # killed mid-save
+
+    monkeypatch.setattr(torch, "save", crash)
+    args = train.parser().parse_args([*TINY_TRAIN, "--steps", "2"])
+    model = train.build_model(argparse.Namespace(**{**vars(train.resolve_preset(args)), "num_classes": 6}))
+    opt = torch.optim.AdamW(model.parameters())
+    with pytest.raises(KeyboardInterrupt):
+        train.save_checkpoint(args, exp, 2, model, model, opt, None, 1, torch.device("cpu"), 0)
+    assert open(path, "rb").read() == good and os.listdir(os.path.dirname(path)) == ["0000002.pt"]
+
+
+def test_train_nan_loss_stops_and_keeps_last_good(tmp_path):
+    with pytest.raises(SystemExit, match=r"loss is (nan|inf) at step \d+; stopped"):
+        run_train(tmp_path, "--steps", "20", "--ckpt-every", "1", "--lr", "1e30", "--fixed-sigma")
+    ckpts = sorted(glob_ckpts(tmp_path))
+    last = torch.load(ckpts[-1], weights_only=False)
+    assert all(torch.isfinite(v).all() for v in last["model"].values())
+
+
+def glob_ckpts(tmp_path):
+    import glob
+    return glob.glob(str(tmp_path / "r" / "*" / "checkpoints" / "*.pt"))
+
+
+def write_images(folder, n, size=(12, 10)):
+    os.makedirs(folder, exist_ok=True)
+    for i in range(n):
+        Image.fromarray(np.full((size[1], size[0], 3), 25 * i % 256, np.uint8)).save(os.path.join(folder, f"{i}.png"))
+
+
+def test_train_image_folder_and_npz(tmp_path):
+    write_images(tmp_path / "imgs" / "cats", 5)
+    write_images(tmp_path / "imgs" / "dogs", 5)
+    _, ckpt = run_train(tmp_path, "--data", str(tmp_path / "imgs"), "--steps", "1", "--ckpt-every", "1", "--model",
+                        "DiT-T/2", "--num-workers", "0", "--steps", "1", "--log-every", "1")
+    assert ckpt["args"]["num_classes"] == 2
+    data, classes = train.load_data(argparse.Namespace(data=str(tmp_path / "imgs"), image_size=8, unconditional=True))
+    assert classes == 1 and data[7][1] == 0 and data[0][0].shape == (3, 8, 8)
+    images = np.random.default_rng(0).integers(0, 256, (9, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "d.npz", images, np.arange(9) % 3)
+    data, classes = train.load_data(argparse.Namespace(data=str(tmp_path / "d.npz"), image_size=8, unconditional=False))
+    assert classes == 3 and torch.equal(data[4][0], torch.from_numpy(images[4]).permute(2, 0, 1)) and data[4][1] == 1
+
+
+def test_train_center_crop_like_adm():
+    from PIL import Image as I
+    img = I.fromarray(np.arange(64 * 40 * 3, dtype=np.uint8).reshape(40, 64, 3) % 251)
+    out = train.center_crop(img, 8)  # 40 -> 20 -> 10 (box), then bicubic to 8 on the short side, center crop
+    small = img.resize((32, 20), I.BOX).resize((16, 10), I.BOX).resize((13, 8), I.BICUBIC)
+    assert torch.equal(out, torch.from_numpy(np.asarray(small)[:, 2:10].copy()).permute(2, 0, 1))
+
+
+@pytest.mark.parametrize("case,message", [
+    ("empty", "no images found"), ("corrupt", "cannot read image"), ("npz_dtype", "arr_0 must be non-empty uint8"),
+    ("size", "not divisible by 2"), ("missing", "does not exist"), ("small", "fewer than one global batch")])
+def test_train_bad_input_one_line(tmp_path, case, message):
+    data = str(tmp_path / "data")
+    extra = ["--data", data, "--num-workers", "0", "--model", "DiT-T/2"]
+    if case == "empty":
+        os.makedirs(os.path.join(data, "a"))
+    elif case == "corrupt":
+        write_images(os.path.join(data, "a"), 8)
+        open(os.path.join(data, "a", "3.png"), "wb").write(b"not a png")
+    elif case == "npz_dtype":
+        data += ".npz"
+        np.savez(data, np.zeros((4, 8, 8, 3), np.float32))
+        extra[1] = data
+    elif case == "size":
+        extra = ["--image-size", "9"]
+    elif case == "small":
+        extra = ["--demo-images-per-class", "1"]
+    r = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *TINY_TRAIN, "--steps", "1",
+                        "--results-dir", str(tmp_path / "res"), *extra], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and message in r.stderr
+    lines = [line for line in r.stderr.replace("\r", "\n").splitlines() if "error" in line]
+    assert len(lines) == 1 and lines[0].startswith("train.py: error:"), r.stderr  # one line (besides the bar)
+
+
+def test_train_latent_mode_with_a_tiny_vae(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4, latent_channels=4,
+                                  down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    vae.save_pretrained(tmp_path / "vae")
+    _, ckpt = run_train(tmp_path, "--vae", "ema", "--vae-path", str(tmp_path / "vae"), "--image-size", "32",
+                        "--steps", "1", "--ckpt-every", "1")
+    assert ckpt["model"]["x_embedder.proj.weight"].shape[1] == 4 and ckpt["model"]["pos_embed"].shape[1] == 4  # 4x4 latents
+    with pytest.raises(SystemExit, match="cannot load the VAE"):
+        train.load_vae("ema", str(tmp_path / "nowhere"))
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # End to end and command line
 # --------------------------------------------------------------------------------------------------------------------
 

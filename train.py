@@ -1,0 +1,602 @@
+"""Train a diffusion model with Denoising Task Routing, on one process or many (torchrun, DDP).
+
+    python train.py                                   # CPU demo: tiny DTR model on built-in coloured shapes
+    torchrun --nnodes=1 --nproc_per_node=8 train.py --data /path/to/imagenet/train --model DiT-L/2 \\
+        --image-size 256 --vae ema --routing dtr --loss-weight ant-uw
+
+With --data the defaults are the paper's (App. C): AdamW 1e-4, no weight decay, global batch 256, flips, T=1000,
+cosine schedule, learned sigma, EMA 0.9999, label dropout 0.1. Without --data the demo preset (DEMO below)
+fills every flag that was not given.
+"""
+import argparse
+import glob
+import json
+import math
+import os
+import sys
+import time
+from copy import deepcopy
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import dtr
+
+VAE_SCALE = 0.18215  # Stable Diffusion's latent scale
+VAE_FACTOR = 8  # the VAE's spatial downsampling
+MODELS = {**dtr.DiT_models, **dtr.ADM_models}
+
+PAPER = dict(model="DiT-L/2", image_size=256, global_batch_size=256, lr=1e-4, ema_decay=0.9999, steps=400_000,
+             log_every=100, ckpt_every=50_000, sample_every=0, num_workers=4)
+DEMO = dict(model="DiT-T/2", image_size=16, global_batch_size=64, lr=1e-3, ema_decay=0.999, steps=3000,
+            log_every=100, ckpt_every=1000, sample_every=0, num_workers=0)
+# Arguments that define the model and the diffusion: a resumed run must agree on them.
+MODEL_ARGS = ("model", "image_size", "vae", "num_classes", "learn_sigma", "class_dropout_prob", "routing", "alpha",
+              "beta", "routing_seed", "num_timesteps", "noise_schedule")
+
+
+def fail(msg):
+    """Stop with one line on stderr and a non-zero exit."""
+    raise SystemExit(f"train.py: error: {msg}")
+
+
+#################################################################################
+#                        Model, diffusion and VAE from arguments                #
+#################################################################################
+
+def latent_size(args):
+    """Side of the network's input: the image side, or the VAE latent side."""
+    return args.image_size // VAE_FACTOR if args.vae else args.image_size
+
+
+def build_model(args):
+    """The model that `args` (a training run's arguments) describe."""
+    return dtr.create_model(
+        args.model, input_size=latent_size(args), in_channels=4 if args.vae else 3, num_classes=args.num_classes,
+        learn_sigma=args.learn_sigma, class_dropout_prob=args.class_dropout_prob if args.num_classes > 1 else 0.0,
+        routing=args.routing, alpha=args.alpha, beta=args.beta, num_tasks=args.num_timesteps,
+        routing_seed=args.routing_seed)
+
+
+def build_diffusion(args, respacing=""):
+    """The diffusion `args` describe, respaced to `respacing` ('' = all T steps, for training)."""
+    weight = args.loss_weight if args.loss_weight in ("min-snr", "p2") else "constant"  # ANT-UW weighs clusters later
+    return dtr.create_diffusion(respacing, noise_schedule=args.noise_schedule, learn_sigma=args.learn_sigma,
+                                diffusion_steps=args.num_timesteps, loss_weight=weight,
+                                min_snr_gamma=args.min_snr_gamma, p2_gamma=args.p2_gamma, p2_k=args.p2_k)
+
+
+def size_multiple(model):
+    """What the network's input side must be a multiple of: DiT's patch size, or the UNet's total downsampling."""
+    if isinstance(model, dtr.DiT):
+        return model.patch_size
+    return 2 ** sum(isinstance(m, dtr.Downsample) or isinstance(m, dtr.ResBlock) and m.updown == "down"
+                    for m in model.modules())
+
+
+def load_vae(kind, path=None, device="cpu"):
+    """Stable Diffusion's AutoencoderKL (sd-vae-ft-ema / -mse), from a local path or the hub; diffusers is optional."""
+    try:
+        from diffusers.models import AutoencoderKL
+    except ImportError:
+        fail("--vae needs the optional package diffusers: pip install diffusers")
+    if path is not None and not os.path.isdir(path):
+        fail(f"cannot load the VAE from {path!r}: not a directory (an AutoencoderKL saved with save_pretrained)")
+    source = path or f"stabilityai/sd-vae-ft-{kind}"
+    try:
+        return AutoencoderKL.from_pretrained(source).to(device).eval().requires_grad_(False)
+    except Exception as e:  # offline, missing or broken files
+        fail(f"cannot load the VAE from {source!r} ({type(e).__name__}); pass --vae-path DIR with a local copy")
+
+
+
+#################################################################################
+#                                      Data                                     #
+#################################################################################
+
+SHAPES = ("red circle", "green square", "blue triangle", "yellow ring", "magenta cross", "cyan diamond")
+SHAPE_COLORS = ((220, 40, 40), (40, 200, 60), (50, 80, 230), (230, 210, 40), (210, 50, 200), (40, 200, 210))
+
+
+def make_shapes(num_per_class, image_size, seed=0):
+    """Built-in demo data: uint8 images (N, 3, S, S) of one coloured shape per class, and labels (N,)."""
+    g = torch.Generator().manual_seed(seed)
+    n = num_per_class * len(SHAPES)
+    labels = torch.arange(len(SHAPES)).repeat_interleave(num_per_class)
+    grid = (torch.arange(image_size) + 0.5) / image_size
+    center = 0.35 + 0.3 * torch.rand(n, 2, 1, 1, generator=g)  # (N, 2, 1, 1): x, y
+    r = (0.2 + 0.1 * torch.rand(n, 1, 1, generator=g))  # (N, 1, 1)
+    dx, dy = grid[None, None, :] - center[:, 0], grid[None, :, None] - center[:, 1]  # (N, S, S)
+    dist = (dx**2 + dy**2).sqrt()
+    inside = torch.stack([
+        dist <= r,  # circle
+        torch.maximum(dx.abs(), dy.abs()) <= 0.85 * r,  # square
+        (dy <= 0.7 * r) & (dx.abs() <= 0.6 * (dy + r)),  # triangle, apex up
+        (dist <= r) & (dist >= 0.55 * r),  # ring
+        ((dx.abs() <= 0.3 * r) & (dy.abs() <= r)) | ((dy.abs() <= 0.3 * r) & (dx.abs() <= r)),  # cross
+        dx.abs() + dy.abs() <= r,  # diamond
+    ])[labels, torch.arange(n)]  # (N, S, S)
+    color = torch.tensor(SHAPE_COLORS, dtype=torch.float32)[labels] + 20 * torch.randn(n, 3, generator=g)
+    background = 20 + 40 * torch.rand(n, 1, generator=g)
+    img = torch.where(inside[:, None], color[:, :, None, None], background[:, :, None, None])
+    return img.round().clamp(0, 255).to(torch.uint8), labels
+
+
+def center_crop(image, size):
+    """ADM's resize: halve with a box filter while >= 2x too big, bicubic to `size` on the short side, center crop."""
+    from PIL import Image
+    while min(image.size) >= 2 * size:
+        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
+    scale = size / min(image.size)
+    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
+    arr = np.asarray(image)
+    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return torch.from_numpy(arr[top:top + size, left:left + size].copy()).permute(2, 0, 1)  # (3, S, S) uint8
+
+
+class ImageData(torch.utils.data.Dataset):
+    """Images as uint8 (3, S, S) and integer labels, from an ImageFolder, an ADM .npz, or in-memory tensors."""
+
+    def __init__(self, images=None, labels=None, files=None, size=None):
+        self.images, self.labels, self.files, self.size = images, labels, files, size
+
+    def __len__(self):
+        return len(self.files) if self.files is not None else len(self.images)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        if self.files is not None:  # (path, class) pairs
+            path, label = self.files[i]
+            try:
+                with Image.open(path) as im:
+                    return center_crop(im.convert("RGB"), self.size), label
+            except Exception as e:
+                raise ValueError(f"cannot read image {path}: {e}") from None
+        img = self.images[i]
+        if self.size is not None and tuple(img.shape[:2]) != (self.size, self.size):  # npz arrays are NHWC
+            return center_crop(Image.fromarray(np.asarray(img)), self.size), int(self.labels[i])
+        img = torch.as_tensor(np.asarray(img))
+        return (img.permute(2, 0, 1) if img.shape[-1] == 3 else img), int(self.labels[i])
+
+
+def load_data(args):
+    """(dataset, num_classes) for --data: None (built-in shapes), an image folder, or an ADM-style .npz."""
+    if args.data is None:
+        images, labels = make_shapes(args.demo_images_per_class, args.image_size, args.seed)
+        return ImageData(images, labels), 1 if args.unconditional else len(SHAPES)
+    if not os.path.exists(args.data):
+        fail(f"--data {args.data} does not exist")
+    if args.data.endswith(".npz"):
+        return load_npz(args)
+    from torchvision.datasets import ImageFolder
+    try:
+        folder = ImageFolder(args.data)
+    except (FileNotFoundError, OSError) as e:
+        fail(f"no images found in {args.data} ({e})")
+    classes = 1 if args.unconditional or len(folder.classes) == 1 else len(folder.classes)
+    files = folder.samples if classes > 1 else [(p, 0) for p, _ in folder.samples]
+    return ImageData(files=files, size=args.image_size), classes
+
+
+def load_npz(args):
+    """An ADM-style .npz: arr_0 uint8 (N, H, W, 3), optional arr_1 integer labels (N,)."""
+    try:
+        z = np.load(args.data, mmap_mode="r")
+        images, labels = z["arr_0"], (z["arr_1"] if "arr_1" in z.files else None)
+    except Exception as e:
+        fail(f"cannot read {args.data} as an .npz with arr_0 ({type(e).__name__}: {e})")
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or len(images) == 0:
+        fail(f"{args.data}: arr_0 must be non-empty uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
+    if labels is None or args.unconditional:
+        return ImageData(images, np.zeros(len(images), dtype=np.int64), size=args.image_size), 1
+    if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
+        fail(f"{args.data}: arr_1 must hold one non-negative integer label per image, got {labels.dtype} {labels.shape}")
+    return ImageData(images, labels, size=args.image_size), int(labels.max()) + 1
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """This rank's indices of every global batch from `start` on; epoch e is a permutation seeded by (seed, e)."""
+
+    def __init__(self, size, global_batch, rank, world, seed, start):
+        self.size, self.global_batch, self.rank, self.world, self.seed, self.start = size, global_batch, rank, world, seed, start
+
+    def __iter__(self):
+        per_epoch, local = self.size // self.global_batch, self.global_batch // self.world
+        epoch, perm = None, None
+        for step in range(self.start, 2**62):
+            e, i = divmod(step, per_epoch)
+            if e != epoch:  # drop_last: a global batch never spans two epochs
+                epoch, perm = e, torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 2**20 + e))
+            batch = perm[i * self.global_batch:(i + 1) * self.global_batch]
+            yield batch[self.rank * local:(self.rank + 1) * local].tolist()
+
+
+def to_uint8(x):
+    """Images in [-1, 1] (N, 3, H, W) -> uint8 (N, H, W, 3), quantised as clamp(127.5 x + 128, 0, 255) like DiT."""
+    return (127.5 * x + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+@torch.no_grad()
+def generate(model, diffusion, labels, seeds, cfg_scale=1.0, vae=None, device="cpu", sampler="ddpm", eta=0.0,
+             progress=False):
+    """uint8 images (N, H, W, 3): sample i depends only on seeds[i] (and labels[i]), never on the batch it is in."""
+    gens = [torch.Generator(device).manual_seed(int(s)) for s in seeds]
+    shape = (len(seeds), model.in_channels, model.input_size, model.input_size)
+    y = None if labels is None else torch.as_tensor(labels, device=device)
+    net = model
+    if y is not None and cfg_scale != 1.0:  # classifier-free guidance: run [cond | null] as one batch
+        def net(x, t, y):
+            null = torch.full_like(y, model.num_classes)
+            return model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), cfg_scale)[: len(x)]
+    x = diffusion.p_sample_loop(net, shape, model_kwargs=dict(y=y), device=device, progress=progress,
+                                generators=gens, sampler=sampler, eta=eta)
+    if vae is not None:
+        x = vae.decode(x / VAE_SCALE).sample
+    return to_uint8(x)
+
+
+#################################################################################
+#                           Distributed set-up and checkpoints                  #
+#################################################################################
+
+def setup_distributed():
+    """(rank, world_size, device) from the torchrun environment; one process without it."""
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
+    local = int(os.environ["LOCAL_RANK"])  # the device follows the local rank, never the global one
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def all_reduce_mean(x, world):
+    """Mean of a tensor over ranks (a no-op on one process)."""
+    if world > 1:
+        dist.all_reduce(x)
+        x /= world
+    return x
+
+
+def rng_states(world, device):
+    """Every rank's global RNG states (they drive dropout), gathered for the checkpoint."""
+    state = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+    if world == 1:
+        return [state]
+    states = [None] * world
+    dist.all_gather_object(states, state)
+    return states
+
+
+def clean_state_dict(sd):
+    """A model state dict without DDP / torch.compile prefixes and without the official DTR repo's mask buffers."""
+    sd = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in sd.items()}
+    return {k: v for k, v in sd.items() if not k.endswith("routing._unit_mapping")}
+
+
+def load_checkpoint(path):
+    """torch.load with a one-line error for missing or corrupt files."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        fail(f"cannot load checkpoint {path} ({type(e).__name__})")
+
+
+def latest_checkpoint(results_dir):
+    """The newest checkpoint of the newest experiment under results_dir (None if there is none)."""
+    found = sorted(glob.glob(os.path.join(results_dir, "*", "checkpoints", "*.pt")))
+    return found[-1] if found else None
+
+
+def new_experiment_dir(args):
+    """results/NNN-model-routing, never reusing an existing directory."""
+    os.makedirs(args.results_dir, exist_ok=True)
+    index = len(glob.glob(os.path.join(args.results_dir, "*")))
+    while True:
+        path = os.path.join(args.results_dir, f"{index:03d}-{args.model.replace('/', '-')}-{args.routing}")
+        try:
+            os.makedirs(os.path.join(path, "checkpoints"))
+            return path
+        except FileExistsError:
+            index += 1
+
+
+#################################################################################
+#                                  Training loop                                #
+#################################################################################
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    """ema <- decay * ema + (1 - decay) * model, for every parameter."""
+    ema_params = [p for p in ema.parameters()]
+    params = [p.detach() for p in model.parameters()]
+    torch._foreach_mul_(ema_params, decay)
+    torch._foreach_add_(ema_params, params, alpha=1 - decay)
+
+
+def step_randomness(args, step, shape, device):
+    """All random draws of one global batch, from a generator seeded by (seed, step); each rank slices its share.
+
+    Drawing per global batch rather than per rank makes training independent of how the batch is split over
+    ranks: any world size sees the same timesteps, noise, flips and label drops for global sample i."""
+    g = torch.Generator(device).manual_seed(args.seed * 2**32 + step)
+    n = args.global_batch_size
+    clusters = args.uw_clusters if args.loss_weight == "ant-uw" else None
+    draws = dict(t=dtr.sample_timesteps(n, args.num_timesteps, clusters, device, g),
+                 noise=torch.randn(n, *shape, generator=g, device=device),
+                 flip=torch.rand(n, generator=g, device=device) < args.flip_prob,
+                 drop=torch.rand(n, generator=g, device=device) < args.class_dropout_prob)
+    if args.vae:
+        draws["posterior"] = torch.randn(n, *shape, generator=g, device=device)  # z = mean + std * noise
+    return draws
+
+
+def train(args):
+    """Train, log and checkpoint as `args` say; returns the final model's state dict path."""
+    rank, world, device = setup_distributed()
+    if args.global_batch_size % world:
+        fail(f"global batch size {args.global_batch_size} is not divisible by the world size {world}")
+    local_batch = args.global_batch_size // world
+    if args.loss_weight == "ant-uw" and local_batch % args.uw_clusters:
+        fail(f"per-rank batch {local_batch} is not divisible by the {args.uw_clusters} ANT-UW timestep clusters")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(args.seed * world + rank)  # per-rank stream for dropout; batch draws are per step
+
+    dataset, args.num_classes = load_data(args)
+    if len(dataset) < args.global_batch_size:
+        fail(f"{len(dataset)} images are fewer than one global batch of {args.global_batch_size}")
+    ckpt = None
+    if args.resume:
+        path = latest_checkpoint(args.results_dir) if args.resume == "auto" else args.resume
+        ckpt = load_checkpoint(path) if path else None
+        if ckpt is not None:
+            args.resume = path
+            for k in MODEL_ARGS:
+                if ckpt["args"].get(k) != getattr(args, k):
+                    fail(f"--resume {path}: {k} is {ckpt['args'].get(k)!r} there but {getattr(args, k)!r} now")
+    if args.vae and args.image_size % VAE_FACTOR:
+        fail(f"--image-size {args.image_size} is not divisible by the VAE factor {VAE_FACTOR}")
+
+    model = build_model(args).to(device)
+    multiple = size_multiple(model)
+    if latent_size(args) % multiple:
+        fail(f"input side {latent_size(args)} is not divisible by {multiple}, which {args.model} needs")
+    if args.init_from:
+        sd = load_checkpoint(args.init_from)
+        sd = sd.get("ema", sd.get("model", sd)) if isinstance(sd, dict) and ("ema" in sd or "model" in sd) else sd
+        try:
+            model.load_state_dict(clean_state_dict(sd), strict=True)
+        except RuntimeError as e:
+            fail(f"--init-from {args.init_from} does not match {args.model}: {str(e).splitlines()[1].strip()}")
+    ema = deepcopy(model).requires_grad_(False)  # EMA starts from the model
+    uw = torch.nn.Parameter(torch.zeros(args.uw_clusters, device=device)) if args.loss_weight == "ant-uw" else None
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    if uw is not None:  # ANT-UW log-variances s_k: their own group, lr 0.025 and no weight decay
+        groups.append({"params": [uw], "lr": args.uw_lr, "weight_decay": 0.0})
+    opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay,
+                            **({"fused": True} if device.type == "cuda" else {"foreach": True}))
+    step = 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["opt"])
+        if uw is not None:
+            uw.data.copy_(ckpt["uw"])
+        step = ckpt["step"]
+        if len(ckpt["rng"]) == world:
+            torch.set_rng_state(ckpt["rng"][rank]["cpu"])
+            if device.type == "cuda" and ckpt["rng"][rank]["cuda"] is not None:
+                torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"], device)
+    net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+    net = torch.compile(net) if args.compile else net
+    diffusion = build_diffusion(args)
+    vae = load_vae(args.vae, args.vae_path, device) if args.vae else None
+
+    exp = os.path.dirname(os.path.dirname(args.resume)) if ckpt is not None else (new_experiment_dir(args) if rank == 0 else None)
+    log = Logger(exp if rank == 0 else None)
+    if rank == 0 and ckpt is None:
+        dtr.atomic_write(os.path.join(exp, "args.json"), lambda tmp: json.dump(vars(args), open(tmp, "w"), indent=2))
+    log(f"{'resuming ' + args.resume + ' at step ' + str(step) if ckpt else 'experiment ' + str(exp)}: {args.model}, "
+        f"routing {args.routing} (alpha {args.alpha}, beta {args.beta}), {len(dataset):,} images, "
+        f"{args.num_classes} classes, {sum(p.numel() for p in model.parameters()):,} parameters, "
+        f"{world} process(es) x batch {local_batch} on {device}")
+
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=StepBatches(len(dataset), args.global_batch_size, rank, world, args.seed, step),
+        num_workers=args.num_workers, pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0)
+    amp = dict(device_type=device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision),
+               enabled=args.precision != "fp32")
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+    shape = (model.in_channels, latent_size(args), latent_size(args))
+    part = slice(rank * local_batch, (rank + 1) * local_batch)
+    stats = torch.zeros(3, 4, device=device)  # loss sum / count per timestep quarter, and one row for the total
+    model.train()
+    batches = iter(loader)
+    bar = tqdm_bar(rank, step, args.steps)
+    start, start_step = time.perf_counter(), step
+    try:
+        while step < args.steps:
+            try:
+                x, y = next(batches)
+            except Exception as e:  # unreadable images, also from loader workers: one line
+                fail(str(e).strip().splitlines()[-1])
+            r = {k: v[part] for k, v in step_randomness(args, step, shape, device).items()}
+            x = x.to(device, non_blocking=True).float() / 127.5 - 1  # uint8 -> [-1, 1]
+            x = torch.where(r["flip"][:, None, None, None], x.flip(3), x)  # random horizontal flip
+            if vae is not None:
+                with torch.no_grad():
+                    post = vae.encode(x).latent_dist
+                    x = (post.mean + post.std * r["posterior"]) * VAE_SCALE
+            kwargs = {} if args.num_classes == 1 else dict(y=y.to(device), force_drop_ids=r["drop"])
+            with torch.autocast(**amp):
+                terms = diffusion.training_losses(net, x, r["t"], kwargs, r["noise"])
+            losses = terms["loss"].float()
+            loss = losses.mean() if uw is None else dtr.uncertainty_weighted_loss(losses, r["t"], uw, args.num_timesteps)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if uw is not None:  # the log-variances live outside DDP: average their gradients by hand
+                all_reduce_mean(uw.grad, world)
+            scaler.step(opt)
+            scaler.update()
+            update_ema(ema, model, args.ema_decay)
+            step += 1
+
+            quarter = (r["t"] * 4 // args.num_timesteps).clamp(max=3)
+            stats[0].index_add_(0, quarter, losses.detach())
+            stats[1].index_add_(0, quarter, torch.ones_like(losses))
+            check = all_reduce_mean(loss.detach().reshape(1).clone(), world).item()
+            if not math.isfinite(check):
+                fail(f"loss is {check} at step {step}; stopped, the last checkpoint in {exp} is the last good one")
+            bar.set_postfix(loss=f"{check:.4f}")
+            bar.update()
+            if step % args.log_every == 0 or step == args.steps:
+                log_progress(log, args, step, stats, uw, world, (step - start_step) / (time.perf_counter() - start))
+                start, start_step = time.perf_counter(), step
+            if step % args.ckpt_every == 0 or step == args.steps:
+                path = save_checkpoint(args, exp, step, model, ema, opt, uw, world, device, rank)
+                log(f"saved {path}")
+            if rank == 0 and (args.sample_every and step % args.sample_every == 0 or step == args.steps):
+                path = save_grid(args, exp, step, ema, vae, device)
+                log(f"saved {path}")
+    finally:  # errors then print on a line of their own
+        bar.close()
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return exp
+
+
+def tqdm_bar(rank, step, total):
+    """A progress bar on rank 0, a silent stand-in elsewhere."""
+    from tqdm.auto import tqdm
+    return tqdm(initial=step, total=total, disable=rank != 0, dynamic_ncols=True, desc="train")
+
+
+class Logger:
+    """Prints on rank 0 and appends to DIR/log.txt; silent on other ranks."""
+
+    def __init__(self, exp):
+        self.path = os.path.join(exp, "log.txt") if exp else None
+
+    def __call__(self, msg):
+        if self.path:
+            from tqdm.auto import tqdm
+            tqdm.write(msg)
+            with open(self.path, "a") as f:
+                f.write(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}\n")
+
+
+def log_progress(log, args, step, stats, uw, world, steps_per_sec):
+    """Log speed, the all-reduced loss, the loss per timestep quarter and the ANT-UW weights; reset the sums."""
+    totals = all_reduce_mean(stats.clone(), world)
+    per_quarter = (totals[0] / totals[1].clamp(min=1)).tolist()
+    mean = (totals[0].sum() / totals[1].sum().clamp(min=1)).item()
+    msg = (f"step {step:07d}  loss {mean:.4f}  [t quarters {' '.join(f'{q:.4f}' for q in per_quarter)}]  "
+           f"{steps_per_sec:.2f} steps/s  {steps_per_sec * args.global_batch_size:.1f} img/s")
+    if uw is not None:  # the weight each cluster's loss gets: 0.5 exp(-s_k)
+        msg += "  uw " + " ".join(f"{w:.3f}" for w in (0.5 * torch.exp(-uw.detach())).tolist())
+    log(msg)
+    stats.zero_()
+
+
+def save_checkpoint(args, exp, step, model, ema, opt, uw, world, device, rank):
+    """Everything needed to resume bit-exactly, written atomically by rank 0 (all ranks join the RNG gather)."""
+    rng = rng_states(world, device)
+    path = os.path.join(exp, "checkpoints", f"{step:07d}.pt") if rank == 0 else None
+    if rank == 0:
+        state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "args": vars(args),
+                 "step": step, "uw": None if uw is None else uw.detach().cpu(), "rng": rng,
+                 "data": {"step": step, "seed": args.seed, "global_batch_size": args.global_batch_size}}
+        dtr.atomic_write(path, lambda tmp: torch.save(state, tmp))
+    return path
+
+
+def save_grid(args, exp, step, ema, vae, device):
+    """A grid of EMA samples (one row per class, up to 8 classes) next to the checkpoints."""
+    from torchvision.utils import save_image
+    rows = min(args.num_classes, 8) if args.num_classes > 1 else 8
+    labels = None if args.num_classes == 1 else torch.arange(rows).repeat_interleave(8).tolist()
+    ema.eval()
+    images = generate(ema, build_diffusion(args, str(args.grid_steps)), labels, range(rows * 8),
+                      args.grid_cfg_scale if args.class_dropout_prob > 0 else 1.0, vae, device)
+    path = os.path.join(exp, f"samples_{step:07d}.png")
+    grid = images.permute(0, 3, 1, 2).float() / 255
+    dtr.atomic_write(path, lambda tmp: save_image(grid, tmp, nrow=8, padding=1, format="png"))
+    return path
+
+
+#################################################################################
+#                                   Command line                                #
+#################################################################################
+
+def resolve_preset(args):
+    """Fill flags left unset from the demo preset (no --data) or the paper's settings (with --data)."""
+    preset = DEMO if args.data is None else PAPER
+    for k, v in preset.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    return args
+
+
+def main(args):
+    return train(resolve_preset(args))
+
+
+def parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    # data
+    a("--data", default=None, help="image folder (ImageFolder) or ADM .npz; default: built-in coloured shapes")
+    a("--image-size", type=int, default=None, help="pixels (demo 16, paper 256)")
+    a("--unconditional", action="store_true", help="ignore class labels")
+    a("--flip-prob", type=float, default=0.5, help="random horizontal flips")
+    a("--demo-images-per-class", type=int, default=500)
+    a("--num-workers", type=int, default=None)
+    a("--vae", choices=["ema", "mse"], default=None, help="train in Stable Diffusion's latent space (needs diffusers)")
+    a("--vae-path", default=None, help="local AutoencoderKL directory (default: the hub's stabilityai/sd-vae-ft-*)")
+    # model and routing
+    a("--model", choices=list(MODELS), default=None, help="demo DiT-T/2, paper DiT-L/2")
+    a("--routing", choices=dtr.ROUTINGS, default="dtr")
+    a("--alpha", type=float, default=4.0)
+    a("--beta", type=float, default=0.8)
+    a("--routing-seed", type=int, default=0, help="seeds the R-TR masks")
+    a("--class-dropout-prob", type=float, default=0.1, help="label dropout for classifier-free guidance")
+    a("--fixed-sigma", dest="learn_sigma", action="store_false", help="do not learn the variance")
+    # diffusion and loss
+    a("--num-timesteps", type=int, default=1000)
+    a("--noise-schedule", choices=["linear", "cosine"], default="cosine")
+    a("--loss-weight", choices=["constant", "min-snr", "p2", "ant-uw"], default="constant")
+    a("--min-snr-gamma", type=float, default=5.0)
+    a("--p2-gamma", type=float, default=1.0)
+    a("--p2-k", type=float, default=1.0)
+    a("--uw-clusters", type=int, default=8, help="ANT-UW timestep clusters K")
+    a("--uw-lr", type=float, default=0.025, help="learning rate of the ANT-UW log-variances")
+    # optimisation
+    a("--global-batch-size", type=int, default=None, help="demo 64, paper 256")
+    a("--lr", type=float, default=None, help="demo 1e-3, paper 1e-4")
+    a("--weight-decay", type=float, default=0.0)
+    a("--ema-decay", type=float, default=None, help="demo 0.999, paper 0.9999")
+    a("--steps", type=int, default=None, help="demo 3000, paper 400000")
+    a("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    a("--compile", action="store_true", help="torch.compile the model")
+    a("--seed", type=int, default=0)
+    # bookkeeping
+    a("--results-dir", default="results")
+    a("--log-every", type=int, default=None)
+    a("--ckpt-every", type=int, default=None)
+    a("--sample-every", type=int, default=None, help="also write a sample grid every N steps (0: only at the end)")
+    a("--grid-steps", type=int, default=250, help="DDPM steps for the sample grid")
+    a("--grid-cfg-scale", type=float, default=4.0, help="guidance scale for the sample grid")
+    a("--resume", default=None, help="checkpoint path, or 'auto' for the newest under --results-dir")
+    a("--init-from", default=None, help="load model weights only (e.g. a pretrained DiT / ADM checkpoint)")
+    return p
+
+
+if __name__ == "__main__":
+    main(parser().parse_args())
