@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -18,7 +19,8 @@ from scipy import linalg
 
 import dtr
 import fid
-import dtr as M  # the ADM tests use M.<name>
+import sample
+import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 torch.set_num_threads(1)  # tiny models: one thread is fastest and never oversubscribes
@@ -293,7 +295,7 @@ def perturbed(model, std=0.02, seed=0):
 
 def tiny(seed=0, **kw):
     torch.manual_seed(seed)
-    return perturbed(M.ADM_models["ADM-T"](input_size=16, **kw).eval(), seed=seed)
+    return perturbed(dtr.ADM_models["ADM-T"](input_size=16, **kw).eval(), seed=seed)
 
 
 def window(channels, lo, hi, n=2):
@@ -307,9 +309,9 @@ def window(channels, lo, hi, n=2):
 
 def test_adm64_parameter_count_matches_guided_diffusion():
     with torch.device("meta"):
-        cond = M.ADM_models["ADM-64"](num_classes=1000, routing="none")
-        uncond = M.ADM_models["ADM-64"](num_classes=None, routing="none")
-        cfg = M.ADM_models["ADM-64"](num_classes=1000, class_dropout_prob=0.1, routing="none")
+        cond = dtr.ADM_models["ADM-64"](num_classes=1000, routing="none")
+        uncond = dtr.ADM_models["ADM-64"](num_classes=None, routing="none")
+        cfg = dtr.ADM_models["ADM-64"](num_classes=1000, class_dropout_prob=0.1, routing="none")
     count = lambda m: sum(p.numel() for p in m.parameters())
     assert count(cond) == 295_904_454  # guided-diffusion's ImageNet-64 model
     assert count(cond) - count(uncond) == 1000 * 768  # only the label embedding (1000 x 4 * 192)
@@ -318,7 +320,7 @@ def test_adm64_parameter_count_matches_guided_diffusion():
 
 def test_adm64_state_dict_layout():
     with torch.device("meta"):
-        sd = M.ADM_models["ADM-64"](routing="none").state_dict()
+        sd = dtr.ADM_models["ADM-64"](routing="none").state_dict()
     expected = {  # derived from the architecture: 192 channels, mult (1, 2, 3, 4), 3 res blocks, AdaGN, updown blocks
         "time_embed.0.weight": (768, 192),
         "label_emb.weight": (1000, 768),
@@ -341,7 +343,7 @@ def test_adm64_state_dict_layout():
 
 def test_adm_conv_resampling_layout_and_legacy_heads():
     with torch.device("meta"):
-        m = M.ADM(32, 3, 64, 3, 2, (2,), channel_mult=(1, 2), num_heads=4, num_heads_upsample=2, routing="none")
+        m = dtr.ADM(32, 3, 64, 3, 2, (2,), channel_mult=(1, 2), num_heads=4, num_heads_upsample=2, routing="none")
     sd = m.state_dict()
     assert tuple(sd["input_blocks.3.0.op.weight"].shape) == (64, 64, 3, 3)  # strided-conv Downsample
     assert tuple(sd["output_blocks.2.2.conv.weight"].shape) == (128, 128, 3, 3)  # Upsample conv
@@ -352,7 +354,7 @@ def test_adm_conv_resampling_layout_and_legacy_heads():
 
 
 def test_adm_zero_init_like_adm():
-    m = M.ADM_models["ADM-T"](input_size=16)
+    m = dtr.ADM_models["ADM-T"](input_size=16)
     zeroed = {n for n, p in m.named_parameters() if not p.any()}
     assert all(n in zeroed for n, _ in m.named_parameters() if ".out_layers.3." in n or ".proj_out." in n or n.startswith("out.2."))
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([0, 999])
@@ -362,7 +364,7 @@ def test_adm_zero_init_like_adm():
 @pytest.mark.parametrize("new_order", [False, True])
 def test_adm_attention_head_layouts(new_order):
     torch.manual_seed(0)
-    blk = perturbed(M.AttentionBlock(64, num_heads=4, use_new_attention_order=new_order), std=0.3)
+    blk = perturbed(dtr.AttentionBlock(64, num_heads=4, use_new_attention_order=new_order), std=0.3)
     x = torch.randn(2, 64, 4, 4)
     qkv = blk.qkv(blk.norm(x.reshape(2, 64, 16)))  # (N, 3C, L)
     if new_order:  # [q | k | v], each cut into heads
@@ -375,7 +377,7 @@ def test_adm_attention_head_layouts(new_order):
 
 
 def test_adm_group_norm_in_float32():
-    gn = M.GroupNorm32(64)
+    gn = dtr.GroupNorm32(64)
     x = torch.randn(2, 64, 4, 4).bfloat16()
     out = gn(x)
     assert out.dtype == torch.bfloat16
@@ -387,7 +389,7 @@ def test_adm_group_norm_in_float32():
 @pytest.mark.parametrize("updown", [None, "down", "up"])
 def test_adm_resblock_mask_after_norm_and_skip_unmasked(updown):
     torch.manual_seed(0)
-    blk = perturbed(M.ResBlock(64, 32, 0.0, 64, use_scale_shift_norm=True, updown=updown), std=0.1).eval()
+    blk = perturbed(dtr.ResBlock(64, 32, 0.0, 64, use_scale_shift_norm=True, updown=updown), std=0.1).eval()
     x, emb = torch.randn(2, 64, 8, 8), torch.randn(2, 32)
     mask = window(64, 0, 32)  # 32 groups of 2 channels: groups 16..31 are wholly inactive
     seen = {}
@@ -395,20 +397,20 @@ def test_adm_resblock_mask_after_norm_and_skip_unmasked(updown):
     blk.out_layers[3].register_forward_hook(lambda mod, a, out: seen.__setitem__("residual", out))
     out = blk(x, emb, mask)
     # the conv sees m_t * SiLU(GN(z)) (resampled), with GN's statistics taken over the unmasked z
-    assert torch.equal(seen["conv_in"], M.resample(F.silu(blk.in_layers[0](x)) * mask[:, :, None, None], updown))
+    assert torch.equal(seen["conv_in"], dtr.resample(F.silu(blk.in_layers[0](x)) * mask[:, :, None, None], updown))
     residual = seen["residual"]
     x2 = x.clone()
     x2[:, 40] += 3.0  # an inactive channel whose GroupNorm group (40, 41) is inactive too
     out2 = blk(x2, emb, mask)
     assert torch.equal(seen["residual"], residual)  # cannot influence the residual branch ...
-    delta = M.resample(x2 - x, updown)
+    delta = dtr.resample(x2 - x, updown)
     torch.testing.assert_close(out2 - out, delta, rtol=0, atol=1e-5)  # ... but the skip path carries it
     assert (out2 - out)[:, 40].abs().min() > 1.0
 
 
 def test_adm_attention_mask_after_norm_and_skip_unmasked():
     torch.manual_seed(0)
-    blk = perturbed(M.AttentionBlock(64, num_head_channels=32, use_new_attention_order=True), std=0.1)
+    blk = perturbed(dtr.AttentionBlock(64, num_head_channels=32, use_new_attention_order=True), std=0.1)
     x, mask = torch.randn(2, 64, 4, 4), window(64, 16, 64)
     seen = {}
     blk.qkv.register_forward_pre_hook(lambda mod, a: seen.__setitem__("qkv_in", a[0]))
@@ -436,7 +438,7 @@ def test_adm_every_block_gets_its_input_width_mask():
         checked.append(torch.equal(mask, masks[len(widths) - 1]))
 
     for mod in m.modules():
-        if isinstance(mod, (M.ResBlock, M.AttentionBlock)):
+        if isinstance(mod, (dtr.ResBlock, dtr.AttentionBlock)):
             mod.register_forward_pre_hook(hook)
     m(torch.randn(3, 3, 16, 16), t)
     # input blocks, middle block, output blocks (whose ResBlocks normalise the concatenated skip)
@@ -456,9 +458,9 @@ def test_adm_conv_inputs_zero_outside_window_in_all_blocks():
         zero_rows.append(inactive)
 
     for mod in m.modules():
-        if isinstance(mod, M.ResBlock):
+        if isinstance(mod, dtr.ResBlock):
             mod.in_layers[2].register_forward_pre_hook(check)
-        elif isinstance(mod, M.AttentionBlock):
+        elif isinstance(mod, dtr.AttentionBlock):
             mod.qkv.register_forward_pre_hook(check)
     m(torch.randn(2, 3, 16, 16), t)
     masks = m.router(t)
@@ -486,10 +488,10 @@ def test_adm_output_shape(learn_sigma):
 def test_adm_registry_accepts_dit_keywords():
     kw = dict(input_size=16, in_channels=4, num_classes=1, learn_sigma=True, class_dropout_prob=0.1, routing="random",
               alpha=2.0, beta=0.5, num_tasks=100, routing_seed=3)
-    m = M.ADM_models["ADM-T"](**kw, dropout=0.2)
+    m = dtr.ADM_models["ADM-T"](**kw, dropout=0.2)
     assert m.in_channels == 4 and m.num_classes is None and not hasattr(m, "label_emb")
     assert m(torch.randn(2, 4, 16, 16), torch.tensor([0, 99])).shape == (2, 8, 16, 16)
-    assert {"ADM-64", "ADM-FFHQ-64", "ADM-T"} <= set(M.ADM_models)
+    assert {"ADM-64", "ADM-FFHQ-64", "ADM-T"} <= set(dtr.ADM_models)
 
 
 def test_adm_labels_and_null_class():
@@ -543,7 +545,7 @@ def test_adm_gradient_checkpointing_same_output_and_grads():
 
 def test_adm_training_steps_lower_the_loss():
     torch.manual_seed(0)
-    m = M.ADM_models["ADM-T"](input_size=16, num_classes=10).train()
+    m = dtr.ADM_models["ADM-T"](input_size=16, num_classes=10).train()
     diffusion = dtr.create_diffusion("")
     g = torch.Generator().manual_seed(0)
     x0 = torch.rand(4, 3, 16, 16, generator=g) * 2 - 1
@@ -1106,8 +1108,6 @@ def test_fid_compute_features_distributed_gather(tmp_path):
 # train.py
 # --------------------------------------------------------------------------------------------------------------------
 
-import train  # noqa: E402
-
 TINY_TRAIN = ["--image-size", "8", "--global-batch-size", "8", "--demo-images-per-class", "4", "--grid-steps", "2",
               "--log-every", "2"]
 
@@ -1292,6 +1292,320 @@ def test_train_latent_mode_with_a_tiny_vae(tmp_path):
     assert ckpt["model"]["x_embedder.proj.weight"].shape[1] == 4 and ckpt["model"]["pos_embed"].shape[1] == 4  # 4x4 latents
     with pytest.raises(SystemExit, match="cannot load the VAE"):
         train.load_vae("ema", str(tmp_path / "nowhere"))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# sample.py
+# --------------------------------------------------------------------------------------------------------------------
+
+SAMPLE_STEPS = 10  # DDPM steps in these tests (the default is 250)
+COLOURS = torch.tensor([[0.8, -0.6, -0.6], [-0.6, 0.8, -0.6], [-0.6, -0.6, 0.8], [0.5, 0.5, -0.5]])
+
+
+def ckpt_args(**kw):
+    """A train.py checkpoint's "args": a 4-class pixel DiT-T/2 on 8x8 images with label dropout and DTR."""
+    args = dict(model="DiT-T/2", image_size=8, vae=None, vae_path=None, num_classes=4, learn_sigma=True,
+                class_dropout_prob=0.1, routing="dtr", alpha=4.0, beta=0.8, routing_seed=0, num_timesteps=1000,
+                noise_schedule="linear", loss_weight="constant", min_snr_gamma=5.0, p2_gamma=1.0, p2_k=1.0)
+    return {**args, **kw}
+
+
+def fit_colours(model, args, steps=60):
+    """A few Adam steps on class-coloured 8x8 images, so that samples are images rather than saturated noise."""
+    diffusion = train.build_diffusion(argparse.Namespace(**args))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        y = torch.randint(0, 4, (32,), generator=g)
+        x0 = COLOURS[y][:, :, None, None] + 0.3 * torch.randn(32, 1, 8, 1, generator=g) * torch.ones(1, 1, 1, 8)
+        t = torch.randint(0, 1000, (32,), generator=g)
+        loss = diffusion.training_losses(model, x0, t, dict(y=y), noise=torch.randn(x0.shape, generator=g))["loss"]
+        opt.zero_grad()
+        loss.mean().backward()
+        opt.step()
+    return model.eval()
+
+
+def save_train_ckpt(path, args, ema, raw=None):
+    """A checkpoint as train.py writes it."""
+    torch.save({"model": raw if raw is not None else ema, "ema": ema, "opt": {}, "args": args, "step": 0,
+                "uw": None, "rng": None, "data": None}, path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def fitted_dit(tmp_path_factory):
+    """(checkpoint path, model) of the fitted_dit DiT; its raw weights are the untrained ones."""
+    torch.manual_seed(0)
+    model = train.build_model(argparse.Namespace(**ckpt_args()))
+    raw = {k: v.clone() for k, v in model.state_dict().items()}
+    fit_colours(model, ckpt_args())
+    path = tmp_path_factory.mktemp("ckpt") / "fitted.pt"
+    return save_train_ckpt(path, ckpt_args(), model.state_dict(), raw), model
+
+
+def run_sample(ckpt, out, *flags, n=6):
+    """sample.py in this process -> the arrays of its .npz."""
+    argv = ["--ckpt", str(ckpt), "--out", str(out), "--num-samples", str(n), "--num-sampling-steps", str(SAMPLE_STEPS)]
+    sample.main(sample.parser().parse_args([*argv, *flags]))
+    npz = [f for f in os.listdir(out) if f.endswith(".npz")]
+    with np.load(os.path.join(out, npz[0])) as z:
+        return {k: z[k] for k in z.files}
+
+
+def reference_samples(model, labels, seeds, cfg_scale=1.0, sampler="ddpm", noise=None):
+    """Samples straight from dtr's sampler (not through train.generate): per-sample generators, CFG by hand."""
+    diffusion = train.build_diffusion(argparse.Namespace(**ckpt_args()), str(SAMPLE_STEPS))
+    n, y = len(seeds), torch.as_tensor(labels)
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    if cfg_scale == 1.0:
+        x = diffusion.p_sample_loop(model, (n, 3, 8, 8), noise=noise, model_kwargs=dict(y=y),
+                                    generators=None if noise is not None else gens, sampler=sampler)
+    else:  # batch [cond | null]; the second half's draws are ignored by forward_with_cfg
+        gens += [torch.Generator().manual_seed(10**6 + i) for i in range(n)]
+        y2 = torch.cat([y, torch.full_like(y, 4)])
+        x = diffusion.p_sample_loop(model.forward_with_cfg, (2 * n, 3, 8, 8), generators=gens, sampler=sampler,
+                                    model_kwargs=dict(y=y2, cfg_scale=cfg_scale))[:n]
+    return (127.5 * x + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Labels, seeds and shards
+# --------------------------------------------------------------------------------------------------------------------
+
+def test_sample_labels_and_shards():
+    many, few = sample.make_labels(1000, 5000, seed=3), sample.make_labels(1000, 64, seed=3)
+    assert many.dtype == np.int64 and 0 <= many.min() and many.max() < 1000 and len(np.unique(many)) > 900
+    assert np.array_equal(many[:64], few)  # label i does not depend on N
+    assert not np.array_equal(few, sample.make_labels(1000, 64, seed=4))
+    assert sample.make_labels(10, 5, 0, [7, 2]).tolist() == [7, 2, 7, 2, 7]  # sample i gets class_labels[i % len]
+    assert sample.shard_ranges(10, 4) == [(0, 4), (4, 8), (8, 10)] and sample.shard_ranges(3, 4) == [(0, 3)]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Output format and reproducibility
+# --------------------------------------------------------------------------------------------------------------------
+
+def test_sample_npz_format_and_same_images_for_any_batch_and_shard_size(fitted_dit, tmp_path):
+    ckpt, model = fitted_dit
+    a = run_sample(ckpt, tmp_path / "a", "--cfg-scale", "1.5", "--batch-size", "1", "--shard-size", "4")
+    b = run_sample(ckpt, tmp_path / "b", "--cfg-scale", "1.5", "--batch-size", "4", "--shard-size", "5")
+    assert sorted(os.listdir(tmp_path / "a")) == ["grid.png", "run.json", "samples_6x8x8x3.npz"]  # shards removed
+    assert sorted(a) == ["arr_0", "arr_1"] and a["arr_0"].dtype == np.uint8 and a["arr_1"].dtype == np.int64
+    assert a["arr_0"].shape == (6, 8, 8, 3) and a["arr_1"].shape == (6,)
+    assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
+    assert np.array_equal(a["arr_1"], sample.make_labels(4, 6, seed=0))
+    assert np.array_equal(a["arr_0"], reference_samples(model, a["arr_1"], range(6), cfg_scale=1.5))
+    inner = ((a["arr_0"] > 0) & (a["arr_0"] < 255)).mean()
+    assert inner > 0.2 and len({im.tobytes() for im in a["arr_0"]}) == 6  # real, distinct images
+    from PIL import Image
+    assert Image.open(tmp_path / "a" / "grid.png").size == (6 * 10 + 2, 12)  # 8-wide grid, 2-pixel padding
+
+
+def test_sample_torchrun_two_ranks_give_the_same_npz(fitted_dit, tmp_path):
+    ckpt, _ = fitted_dit
+    one = run_sample(ckpt, tmp_path / "one", "--cfg-scale", "1.5", "--batch-size", "6", "--save-png")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", os.path.join(HERE, "sample.py"),
+           "--ckpt", ckpt, "--out", str(tmp_path / "two"), "--num-samples", "6", "--cfg-scale", "1.5",
+           "--num-sampling-steps", str(SAMPLE_STEPS), "--batch-size", "1", "--shard-size", "2", "--save-png"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "6 sampled now on 2 rank(s)" in proc.stdout
+    with np.load(tmp_path / "two" / "samples_6x8x8x3.npz") as two:
+        assert np.array_equal(one["arr_0"], two["arr_0"]) and np.array_equal(one["arr_1"], two["arr_1"])
+    from PIL import Image
+    pngs = sorted(os.listdir(tmp_path / "two" / "images"))
+    assert pngs == [f"{i:06d}.png" for i in range(6)]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "two" / "images" / "000005.png")), one["arr_0"][5])
+
+
+def test_sample_cfg_scale_one_is_the_unguided_path(fitted_dit, tmp_path, monkeypatch):
+    ckpt, model = fitted_dit
+    batches = []
+    forward = dtr.DiT.forward
+
+    def counted(self, x, *a, **kw):  # records every batch the network sees
+        batches.append(len(x))
+        return forward(self, x, *a, **kw)
+
+    monkeypatch.setattr(dtr.DiT, "forward", counted)
+    plain = run_sample(ckpt, tmp_path / "plain", "--class-labels", "3", "1", "--batch-size", "3")
+    assert set(batches) == {3}  # no doubled batch at scale 1
+    batches.clear()
+    guided = run_sample(ckpt, tmp_path / "guided", "--class-labels", "3", "1", "--batch-size", "3", "--cfg-scale", "4")
+    assert set(batches) == {6}  # [cond | null]
+    assert plain["arr_1"].tolist() == guided["arr_1"].tolist() == [3, 1, 3, 1, 3, 1]
+    assert np.array_equal(plain["arr_0"], reference_samples(model, plain["arr_1"], range(6)))
+    assert np.array_equal(guided["arr_0"], reference_samples(model, guided["arr_1"], range(6), cfg_scale=4))
+    assert (plain["arr_0"] != guided["arr_0"]).mean() > 0.1
+
+
+def test_sample_ddim_eta0_depends_only_on_the_initial_noise(fitted_dit, tmp_path):
+    ckpt, model = fitted_dit
+    out = run_sample(ckpt, tmp_path / "ddim", "--sampler", "ddim", "--eta", "0", "--seed", "5", "--class-labels", "2")
+    noise = dtr.randn((6, 3, 8, 8), [torch.Generator().manual_seed(5 + i) for i in range(6)])  # x_T of seeds 5..10
+    assert np.array_equal(out["arr_0"], reference_samples(model, [2] * 6, range(6), sampler="ddim", noise=noise))
+    ddpm = run_sample(ckpt, tmp_path / "ddpm", "--seed", "5", "--class-labels", "2")
+    assert (ddpm["arr_0"] != out["arr_0"]).any()
+
+
+def test_sample_weights_flag_picks_raw_weights(fitted_dit, tmp_path):
+    ckpt, model = fitted_dit
+    raw = torch.load(ckpt, weights_only=False)["model"]
+    swapped = save_train_ckpt(tmp_path / "swapped.pt", ckpt_args(), ema=raw, raw=model.state_dict())
+    ema = run_sample(ckpt, tmp_path / "ema")
+    assert np.array_equal(run_sample(swapped, tmp_path / "model", "--weights", "model")["arr_0"], ema["arr_0"])
+    assert not np.array_equal(run_sample(swapped, tmp_path / "swapped-ema")["arr_0"], ema["arr_0"])
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_sample_autocast_precision_is_close_to_fp32(fitted_dit, tmp_path, precision):
+    ckpt, _ = fitted_dit
+    full = run_sample(ckpt, tmp_path / "fp32", "--class-labels", "0", "1", "2", "3")
+    half = run_sample(ckpt, tmp_path / precision, "--class-labels", "0", "1", "2", "3", "--precision", precision)
+    diff = np.abs(full["arr_0"].astype(int) - half["arr_0"].astype(int))
+    assert diff.mean() < 20 and np.array_equal(full["arr_1"], half["arr_1"])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Output folder: no overwriting, resume
+# --------------------------------------------------------------------------------------------------------------------
+
+def test_sample_resume_skips_finished_shards(fitted_dit, tmp_path, monkeypatch):
+    ckpt, _ = fitted_dit
+    full = run_sample(ckpt, tmp_path / "full")
+    out, calls, generate = tmp_path / "out", [], train.generate
+
+    def interrupted(*a, **kw):  # dies in the second batch, after the first shard was written
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return generate(*a, **kw)
+
+    monkeypatch.setattr(train, "generate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_sample(ckpt, out, "--shard-size", "2", "--batch-size", "2")
+    monkeypatch.setattr(train, "generate", generate)
+    shard = out / ".shards" / "shard-000000.npz"
+    assert sorted(os.listdir(out / ".shards")) == ["shard-000000.npz"]
+    with np.load(shard) as z:  # mark the finished shard, to see it reused rather than redone
+        marked = {**{k: z[k] for k in z.files}, "arr_0": np.full_like(z["arr_0"], 7)}
+    np.savez(shard, **marked)
+    with pytest.raises(SystemExit, match="already holds samples; pass --resume"):
+        run_sample(ckpt, out, "--shard-size", "2", "--batch-size", "2")
+    with pytest.raises(SystemExit, match=r"other settings \(cfg_scale\)"):
+        run_sample(ckpt, out, "--shard-size", "2", "--resume", "--cfg-scale", "2")
+    resumed = run_sample(ckpt, out, "--shard-size", "2", "--batch-size", "1", "--resume")  # another batch size is fine
+    assert (resumed["arr_0"][:2] == 7).all() and np.array_equal(resumed["arr_0"][2:], full["arr_0"][2:])
+    assert np.array_equal(resumed["arr_1"], full["arr_1"]) and not os.path.exists(out / ".shards")
+    before = os.stat(out / "samples_6x8x8x3.npz").st_mtime_ns
+    run_sample(ckpt, out, "--shard-size", "2", "--resume")  # complete: nothing to do
+    assert os.stat(out / "samples_6x8x8x3.npz").st_mtime_ns == before
+    redone = run_sample(ckpt, out, "--shard-size", "2", "--overwrite")
+    assert np.array_equal(redone["arr_0"], full["arr_0"])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Other checkpoints: unconditional ADM, bare DiT state dicts, latent models
+# --------------------------------------------------------------------------------------------------------------------
+
+def test_sample_unconditional_adm_ignores_labels(tmp_path, capsys):
+    args = ckpt_args(model="ADM-T", image_size=16, num_classes=1, class_dropout_prob=0.0, noise_schedule="cosine")
+    torch.manual_seed(0)
+    model = train.build_model(argparse.Namespace(**args))
+    ckpt = save_train_ckpt(tmp_path / "adm.pt", args, model.state_dict())
+    out = run_sample(ckpt, tmp_path / "out", "--class-labels", "3", n=3)
+    assert sorted(out) == ["arr_0"] and out["arr_0"].shape == (3, 16, 16, 3) and out["arr_0"].dtype == np.uint8
+    assert "sample.py: warning: the model is unconditional; --class-labels ignored" in capsys.readouterr().err
+    diffusion = train.build_diffusion(argparse.Namespace(**args), str(SAMPLE_STEPS))
+    assert np.array_equal(out["arr_0"], train.generate(model, diffusion, None, range(3)).numpy())
+
+
+def test_sample_bare_dit_state_dicts(fitted_dit, tmp_path):
+    ckpt, model = fitted_dit
+    dtr_run = run_sample(ckpt, tmp_path / "dtr")
+    state = {f"module.{k}": v for k, v in model.state_dict().items()}  # as saved from a DDP model
+    bare = tmp_path / "bare.pt"
+    torch.save(state, bare)
+    with pytest.raises(SystemExit, match="name its --model and --image-size"):
+        run_sample(bare, tmp_path / "x")
+    none_ckpt = save_train_ckpt(tmp_path / "none.pt", ckpt_args(routing="none"), model.state_dict())
+    no_routing = run_sample(bare, tmp_path / "bare", "--model", "DiT-T/2", "--image-size", "8")  # DiT's: no routing
+    assert np.array_equal(no_routing["arr_0"], run_sample(none_ckpt, tmp_path / "none")["arr_0"])
+    assert not np.array_equal(no_routing["arr_0"], dtr_run["arr_0"])
+    masks = dtr.dtr_masks(1000, 128)  # the official DTR code keeps each block's masks in its state dict
+    torch.save({**state, **{f"blocks.{i}.routing._unit_mapping": masks for i in range(4)}}, bare)
+    assert np.array_equal(run_sample(bare, tmp_path / "official", "--model", "DiT-T/2", "--image-size", "8")["arr_0"],
+                          dtr_run["arr_0"])
+    torch.save({**state, **{f"blocks.{i}.routing._unit_mapping": masks.flip(1) for i in range(4)}}, bare)
+    with pytest.raises(SystemExit, match="blocks.0.routing._unit_mapping differs from this model's dtr masks"):
+        run_sample(bare, tmp_path / "wrong", "--model", "DiT-T/2", "--image-size", "8")
+
+
+def test_sample_latent_checkpoint_decodes_through_the_vae(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(block_out_channels=(8,) * 4, norm_num_groups=8, layers_per_block=1,
+                                  down_block_types=("DownEncoderBlock2D",) * 4,
+                                  up_block_types=("UpDecoderBlock2D",) * 4)
+    vae.save_pretrained(tmp_path / "vae")  # a local, tiny stand-in for sd-vae-ft-ema (8x downsampling, 4 channels)
+    args = ckpt_args(image_size=32, vae="ema")
+    torch.manual_seed(0)
+    model = train.build_model(argparse.Namespace(**args))
+    ckpt = save_train_ckpt(tmp_path / "latent.pt", args, model.state_dict())
+    out = run_sample(ckpt, tmp_path / "out", "--vae-path", str(tmp_path / "vae"), "--class-labels", "1", n=2)
+    assert out["arr_0"].shape == (2, 32, 32, 3) and out["arr_1"].tolist() == [1, 1]
+    diffusion = train.build_diffusion(argparse.Namespace(**args), str(SAMPLE_STEPS))
+    vae = train.load_vae("ema", str(tmp_path / "vae"))
+    assert np.array_equal(out["arr_0"], train.generate(model, diffusion, [1, 1], range(2), vae=vae).numpy())
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Bad input: one line, non-zero exit
+# --------------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bad_ckpts(tmp_path_factory):
+    """Checkpoints: corrupt bytes, a conditional DiT without a null class, an unconditional one."""
+    root = tmp_path_factory.mktemp("bad")
+    (root / "corrupt.pt").write_bytes(b"PK\x03\x04 not a checkpoint")
+    for name, kw in (("no-null", dict(class_dropout_prob=0.0)), ("uncond", dict(num_classes=1, class_dropout_prob=0))):
+        model = train.build_model(argparse.Namespace(**ckpt_args(**kw)))
+        save_train_ckpt(root / f"{name}.pt", ckpt_args(**kw), model.state_dict())
+    return root
+
+
+@pytest.mark.parametrize("ckpt,flags,message", [
+    ("missing.pt", [], "checkpoint .*missing.pt not found"),
+    ("corrupt.pt", [], "cannot read checkpoint"),
+    ("no-null.pt", ["--class-labels", "1", "4"], "class label 4 is out of range 0..3"),
+    ("no-null.pt", ["--class-labels", "-1"], "class label -1 is out of range"),
+    ("no-null.pt", ["--cfg-scale", "1.5"], "trained without label dropout"),
+    ("no-null.pt", ["--cfg-scale", "0.5"], "trained without label dropout"),
+    ("uncond.pt", ["--cfg-scale", "1.5"], "the model is unconditional"),
+    ("no-null.pt", ["--cfg-scale", "-1"], "--cfg-scale must be >= 0"),
+    ("no-null.pt", ["--num-samples", "0"], "must be positive"),
+    ("no-null.pt", ["--sampler", "euler"], "invalid choice: 'euler'"),
+    ("no-null.pt", ["--num-sampling-steps", "1001"], "must be in 1..1000"),
+    ("no-null.pt", ["--eta", "0.5"], "applies to --sampler ddim only"),
+])
+def test_sample_bad_input_is_one_line(bad_ckpts, tmp_path, ckpt, flags, message):
+    argv = ["--ckpt", str(bad_ckpts / ckpt), "--out", str(tmp_path / "out"), *flags]
+    with pytest.raises(SystemExit) as e:
+        sample.main(sample.parser().parse_args(argv))
+    text = str(e.value.code)
+    assert text.startswith("sample.py: error: ") and "\n" not in text
+    assert re.search(message, text), text
+    assert not os.path.exists(tmp_path / "out")  # nothing written
+
+
+def test_sample_cli_exits_with_one_line(bad_ckpts):
+    ckpt = str(bad_ckpts / "no-null.pt")
+    cmd = [sys.executable, os.path.join(HERE, "sample.py"), "--ckpt", ckpt, "--class-labels", "9"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr == "sample.py: error: class label 9 is out of range 0..3\n"
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -138,7 +138,7 @@ def center_crop(image, size):
 
 
 class ImageData(torch.utils.data.Dataset):
-    """Images as uint8 (3, S, S) and integer labels, from an ImageFolder, an ADM .npz, or in-memory tensors."""
+    """uint8 images (3, S, S) and integer labels, from (path, label) files or arrays (N, H, W, 3) with labels (N,)."""
 
     def __init__(self, images=None, labels=None, files=None, size=None):
         self.images, self.labels, self.files, self.size = images, labels, files, size
@@ -155,18 +155,18 @@ class ImageData(torch.utils.data.Dataset):
                     return center_crop(im.convert("RGB"), self.size), label
             except Exception as e:
                 raise ValueError(f"cannot read image {path}: {e}") from None
-        img = self.images[i]
-        if self.size is not None and tuple(img.shape[:2]) != (self.size, self.size):  # npz arrays are NHWC
-            return center_crop(Image.fromarray(np.asarray(img)), self.size), int(self.labels[i])
-        img = torch.as_tensor(np.asarray(img))
-        return (img.permute(2, 0, 1) if img.shape[-1] == 3 else img), int(self.labels[i])
+        img = np.asarray(self.images[i])  # (H, W, 3)
+        if img.shape[:2] != (self.size, self.size):
+            return center_crop(Image.fromarray(img), self.size), int(self.labels[i])
+        return torch.from_numpy(img.copy()).permute(2, 0, 1), int(self.labels[i])
 
 
 def load_data(args):
     """(dataset, num_classes) for --data: None (built-in shapes), an image folder, or an ADM-style .npz."""
     if args.data is None:
         images, labels = make_shapes(args.demo_images_per_class, args.image_size, args.seed)
-        return ImageData(images, labels), 1 if args.unconditional else len(SHAPES)
+        data = ImageData(images.permute(0, 2, 3, 1).numpy(), labels.numpy(), size=args.image_size)
+        return data, 1 if args.unconditional else len(SHAPES)
     if not os.path.exists(args.data):
         fail(f"--data {args.data} does not exist")
     if args.data.endswith(".npz"):

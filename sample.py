@@ -1,0 +1,426 @@
+"""Sample from a train.py checkpoint: DDPM-250 with classifier-free guidance, sharded over ranks, ADM .npz output.
+
+    python sample.py --ckpt results/000-DiT-L-2/checkpoints/0400000.pt            # 64 images and grid.png
+    torchrun --nproc_per_node=8 sample.py --ckpt results/.../0400000.pt --num-samples 50000 --cfg-scale 1.5
+
+Sample i starts from the noise of seed `--seed + i` and draws every step's noise from it, so a command gives the
+same images for any number of ranks and any batch size. The images go to DIR/samples_{N}x{H}x{W}x3.npz (arr_0:
+uint8 NHWC, arr_1: int64 labels), the format openai's ADM evaluator and fid.py read.
+"""
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+import zipfile
+from contextlib import nullcontext
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import dtr
+import train
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# A bare state dict is read as a facebookresearch/DiT checkpoint: DiT's diffusion and no routing.
+PLAIN_ARGS = dict(vae_path=None, routing="none", alpha=4.0, beta=0.8, routing_seed=0, num_timesteps=1000,
+                  noise_schedule="linear", loss_weight="constant", min_snr_gamma=5.0, p2_gamma=1.0, p2_k=1.0)
+MASK_KEY = ".routing._unit_mapping"  # the official DTR code stores each block's masks in its state dict
+
+
+def is_main():
+    """True on rank 0 under torchrun, and in a single process."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def fail(msg):
+    """Stop with one line on stderr (from rank 0 only) and a non-zero exit."""
+    raise SystemExit(f"sample.py: error: {msg}" if is_main() else 1)
+
+
+def warn(msg):
+    """One line on stderr, from rank 0 only."""
+    if is_main():
+        print(f"sample.py: warning: {msg}", file=sys.stderr)
+
+
+#################################################################################
+#                      Checkpoint -> model, diffusion and VAE                   #
+#################################################################################
+
+def read_checkpoint(path):
+    """The object torch.save wrote to `path` (memory-mapped: the optimizer state is never read into memory)."""
+    if not os.path.isfile(path):
+        fail(f"checkpoint {path} not found")
+    try:  # train.py checkpoints hold argument dicts and RNG states, not only tensors: load only files you trust
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as e:
+        fail(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+
+
+def plain_args(state, model, image_size, vae):
+    """Training arguments of a bare DiT state dict, read off its shapes: classes, null class, sigma, latent or pixel."""
+    if model is None or image_size is None:
+        fail("the checkpoint holds no training arguments; name its --model and --image-size")
+    if model not in dtr.DiT_models:
+        fail(f"a checkpoint without training arguments is read as facebookresearch/DiT's; {model!r} is not a DiT")
+    try:
+        c_in, patch = state["x_embedder.proj.weight"].shape[1:3]
+        c_out = state["final_layer.linear.weight"].shape[0] // patch**2
+        rows = state["y_embedder.embedding_table.weight"].shape[0]
+    except KeyError as e:
+        fail(f"the checkpoint is not a DiT state dict (no {e.args[0]})")
+    if c_in not in (3, 4):
+        fail(f"the checkpoint's DiT takes {c_in} input channels; expected 4 (VAE latents) or 3 (pixels)")
+    routing = "dtr" if any(k.endswith(MASK_KEY) for k in state) else "none"  # official DTR: alpha 4, beta 0.8
+    return dict(PLAIN_ARGS, model=model, image_size=image_size, vae=(vae or "ema") if c_in == 4 else None,
+                num_classes=max(rows - 1, 1), class_dropout_prob=0.1 if rows > 1 else 0.0,  # DiT: null row if > 1 class
+                learn_sigma=c_out == 2 * c_in, routing=routing)
+
+
+def load_checkpoint(path, weights="ema", model=None, image_size=None, vae=None, vae_path=None):
+    """(training arguments, state dict) of a train.py checkpoint, a DiT training checkpoint or a bare state dict."""
+    ckpt = read_checkpoint(path)
+    if not isinstance(ckpt, dict):
+        fail(f"{path} is not a checkpoint (a {type(ckpt).__name__})")
+    given = ckpt.get("args")
+    given = vars(given) if isinstance(given, argparse.Namespace) else given  # facebookresearch/DiT saves a Namespace
+    if weights in ckpt and isinstance(ckpt[weights], dict):
+        state = ckpt[weights]
+    elif all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        state = ckpt
+    else:
+        fail(f"{path} has no {weights!r} weights (keys: {', '.join(map(str, ckpt))})")
+    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+    if isinstance(given, dict) and "routing" in given:  # train.py: everything is in the checkpoint
+        for flag, name in ((model, "model"), (image_size, "image_size")):
+            if flag is not None and flag != given[name]:
+                fail(f"--{name.replace('_', '-')} {flag} contradicts the checkpoint's {given[name]}")
+        if vae is not None and given["vae"] is None:
+            fail("--vae applies to latent models; this checkpoint's model works on pixels")
+        args = dict(given, vae=vae or given["vae"])
+    else:
+        given = given or {}
+        args = plain_args(state, model or given.get("model"), image_size or given.get("image_size"), vae)
+    return argparse.Namespace(**dict(args, vae_path=vae_path or args.get("vae_path"))), state
+
+
+def check_masks(model, state):
+    """Drop the official DTR code's stored masks, after checking that they are the masks this model derives."""
+    stored = {k: state.pop(k) for k in [k for k in state if k.endswith(MASK_KEY)]}
+    tables = list(model.router.buffers())
+    for key, masks in stored.items():
+        i = int(key.split(".")[1])  # blocks.{i}.routing._unit_mapping
+        ours = tables[model.router.table_of_block[i]] if tables else None
+        if ours is None or masks.shape != ours.shape or not torch.equal(masks != 0, ours):
+            fail(f"the checkpoint's {key} differs from this model's {model.router.kind} masks")
+
+
+def load_model(args, state, device):
+    """The model `args` describe with the weights `state`, for inference on `device`."""
+    model = train.build_model(args)
+    check_masks(model, state)
+    own = model.state_dict()
+    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+    shapes = [k for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
+    if missing or unexpected or shapes:
+        example = (missing or unexpected or shapes)[0]
+        fail(f"the checkpoint's weights do not fit {args.model}: {len(missing)} missing, {len(unexpected)} unexpected, "
+             f"{len(shapes)} mis-shaped keys (e.g. {example})")
+    model.load_state_dict(state)
+    return model.to(device).eval().requires_grad_(False)
+
+
+#################################################################################
+#                      Labels, shards and the settings of a run                 #
+#################################################################################
+
+def make_labels(num_classes, num_samples, seed, class_labels=None):
+    """Labels (N,) int64: class_labels repeated (sample i gets class_labels[i % len]), or uniform from `seed`."""
+    if class_labels:
+        return np.resize(np.asarray(class_labels, dtype=np.int64), num_samples)
+    # One stream for all N: label i never depends on the split, and a run's labels start a longer run's.
+    return np.random.default_rng(seed).integers(0, num_classes, num_samples, dtype=np.int64)
+
+
+def shard_ranges(num_samples, shard_size):
+    """Consecutive index ranges [(start, end)] of at most shard_size samples covering [0, N)."""
+    return [(s, min(s + shard_size, num_samples)) for s in range(0, num_samples, shard_size)]
+
+
+def default_out(args, model_args):
+    """samples/<model>-<checkpoint>-<weights>-<sampler><steps>-cfg<scale>-seed<seed>."""
+    return os.path.join("samples", "-".join([
+        model_args.model.replace("/", "-"), os.path.splitext(os.path.basename(args.ckpt))[0], args.weights,
+        f"{args.sampler}{args.num_sampling_steps}", f"cfg{args.cfg_scale}", f"seed{args.seed}"]))
+
+
+def paths(out, num_samples, image_size):
+    """Files of a run in `out`: settings, shard folder, PNG folder, grid, and the final .npz."""
+    return argparse.Namespace(
+        settings=os.path.join(out, "run.json"), shards=os.path.join(out, ".shards"),
+        pngs=os.path.join(out, "images"), grid=os.path.join(out, "grid.png"),
+        npz=os.path.join(out, f"samples_{num_samples}x{image_size}x{image_size}x3.npz"))
+
+
+def shard_file(files, k):
+    return os.path.join(files.shards, f"shard-{k:06d}.npz")
+
+
+def run_settings(args, model_args):
+    """Everything that decides the images (and so must match when resuming); not the ranks or the batch size."""
+    keys = ("weights", "num_samples", "seed", "class_labels", "cfg_scale", "sampler", "num_sampling_steps", "eta",
+            "precision", "shard_size", "save_png")
+    settings = dict(ckpt=os.path.abspath(args.ckpt), model_args=vars(model_args), **{k: getattr(args, k) for k in keys})
+    return json.loads(json.dumps(settings, default=str))
+
+
+def prepare_out(out, files, settings, num_shards, resume=False, overwrite=False, save_png=False):
+    """Rank 0: check or clear the output folder, record the settings -> the shards still to sample (None: done)."""
+    ours = [p for p in vars(files).values() if os.path.exists(p)]
+    if ours and overwrite:  # only the files a run writes are deleted
+        for p in ours:
+            shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+    elif ours and not resume:
+        fail(f"{out} already holds samples; pass --resume to finish an interrupted run or --overwrite to redo it")
+    elif ours:
+        if not os.path.exists(files.settings):
+            fail(f"--resume: {out} holds samples but no run.json; pass --overwrite to redo them")
+        with open(files.settings) as f:
+            before = json.load(f)
+        changed = [k for k in settings if before.get(k) != settings[k]]
+        if changed:
+            fail(f"--resume: {out} was sampled with other settings ({', '.join(changed)}); use another --out")
+        if os.path.exists(files.npz):
+            return None
+    os.makedirs(files.shards, exist_ok=True)
+    if save_png:
+        os.makedirs(files.pngs, exist_ok=True)
+    if not os.path.exists(files.settings):
+        dtr.atomic_write(files.settings, lambda tmp: write_text(tmp, json.dumps(settings, indent=2) + "\n"))
+    return [k for k in range(num_shards) if not os.path.exists(shard_file(files, k))]
+
+
+#################################################################################
+#                                   Outputs                                     #
+#################################################################################
+
+def write_text(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def save_npz(path, arrays):
+    """np.savez to `path` atomically (an open file, so numpy adds no '.npz' to the temporary name)."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+    dtr.atomic_write(path, write)
+
+
+def merge_shards(path, shard_files, ranges, image_shape, conditional):
+    """Stream the shards into one uncompressed ADM .npz (arr_0 uint8 NHWC, arr_1 int64) -> its first 64 images."""
+    first, labels = [], []
+
+    def write(tmp):
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            with zf.open("arr_0.npy", "w", force_zip64=True) as f:  # what np.save writes, one shard at a time
+                np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False,
+                                                         "shape": (ranges[-1][1], *image_shape)})
+                for shard, (start, end) in zip(shard_files, ranges):
+                    with np.load(shard) as z:
+                        images, index = z["arr_0"], z["index"]
+                        expected = (end - start, *image_shape)
+                        if images.shape != expected or not np.array_equal(index, np.arange(start, end)):
+                            fail(f"{shard} does not hold samples {start}..{end - 1}; delete it and --resume")
+                        f.write(np.ascontiguousarray(images, dtype=np.uint8).data)
+                        labels.append(z["arr_1"] if conditional else None)
+                        first.extend(images[: 64 - len(first)])
+            if conditional:
+                with zf.open("arr_1.npy", "w") as f:
+                    np.save(f, np.concatenate(labels).astype(np.int64))
+
+    dtr.atomic_write(path, write)
+    return np.stack(first)
+
+
+def save_grid(path, images):
+    """First images (n, H, W, 3) uint8 -> an 8-wide PNG grid."""
+    from torchvision.utils import save_image
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    dtr.atomic_write(path, lambda tmp: save_image(x, tmp, nrow=8, format="png"))
+
+
+def save_pngs(folder, images, start):
+    """Images (n, H, W, 3) uint8 -> folder/{start + j:06d}.png."""
+    from PIL import Image
+    for j, image in enumerate(images):
+        Image.fromarray(image).save(os.path.join(folder, f"{start + j:06d}.png"))
+
+
+#################################################################################
+#                                 Sampling                                      #
+#################################################################################
+
+def init_distributed():
+    """(rank, world size, device) from torchrun's environment (NCCL on GPUs, gloo on CPU); one process without it."""
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda:
+        torch.cuda.set_device(local)
+    # Ranks may finish up to a shard apart before the final barrier: allow more than the default 10-30 minutes.
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=2))
+    return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local}" if cuda else "cpu")
+
+
+def from_rank0(fn, rank, world):
+    """fn() computed on rank 0 alone and handed to every rank; if it fails there, every rank stops."""
+    result = None
+    if rank == 0:
+        try:
+            result = fn()
+        except SystemExit as e:
+            result = e
+    if world > 1:
+        box = [result]
+        dist.broadcast_object_list(box, src=0)
+        result = box[0]
+    if isinstance(result, SystemExit):
+        raise result if rank == 0 else SystemExit(1)
+    return result
+
+
+def check_args(args, model_args):
+    """Refuse sampling choices the model cannot honour: one clear line each."""
+    if args.num_samples <= 0 or args.batch_size <= 0 or args.shard_size <= 0:
+        fail("--num-samples, --batch-size and --shard-size must be positive")
+    if not 0 < args.num_sampling_steps <= model_args.num_timesteps:
+        fail(f"--num-sampling-steps must be in 1..{model_args.num_timesteps}, got {args.num_sampling_steps}")
+    if args.eta < 0 or (args.eta and args.sampler != "ddim"):
+        fail("--eta must be >= 0 and applies to --sampler ddim only")
+    if args.seed < 0:
+        fail(f"--seed must be >= 0, got {args.seed}")
+    if args.resume and args.overwrite:
+        fail("pass --resume or --overwrite, not both")
+    if args.cfg_scale < 0:
+        fail(f"--cfg-scale must be >= 0 (1: no guidance), got {args.cfg_scale}")
+    conditional = model_args.num_classes > 1
+    if args.cfg_scale != 1 and not (conditional and model_args.class_dropout_prob > 0):
+        why = "is unconditional" if not conditional else "was trained without label dropout (no null class)"
+        fail(f"--cfg-scale {args.cfg_scale} needs guidance, but the model {why}; use --cfg-scale 1")
+    bad = [y for y in args.class_labels or [] if not 0 <= y < model_args.num_classes]
+    if conditional and bad:
+        fail(f"class label {bad[0]} is out of range 0..{model_args.num_classes - 1}")
+    if args.class_labels and not conditional:
+        warn("the model is unconditional; --class-labels ignored")
+
+
+def sample_shards(model, diffusion, vae, labels, shards, ranges, files, args, device, progress):
+    """Sample the shards `shards`, batch by batch, writing each to its own file once complete."""
+    from tqdm import tqdm
+    autocast = nullcontext() if args.precision == "fp32" else torch.autocast(device.type, PRECISIONS[args.precision])
+    bar = tqdm(total=sum(ranges[k][1] - ranges[k][0] for k in shards), unit="img", disable=not progress,
+               dynamic_ncols=True)
+    for k in shards:
+        start, end = ranges[k]
+        index = np.arange(start, end)
+        batches = []
+        for b in range(0, len(index), args.batch_size):
+            i = index[b: b + args.batch_size]
+            with autocast:
+                batches.append(train.generate(model, diffusion, None if labels is None else labels[i], args.seed + i,
+                                              args.cfg_scale, vae, device, args.sampler, args.eta).numpy())
+            bar.update(len(i))
+        images = np.concatenate(batches)  # (n, H, W, 3) uint8
+        if args.save_png:
+            save_pngs(files.pngs, images, start)
+        extra = {} if labels is None else {"arr_1": labels[index]}
+        save_npz(shard_file(files, k), {"arr_0": images, **extra, "index": index})
+    bar.close()
+
+
+def main(args):
+    """Sample args.num_samples images on every rank of torchrun (or in one process) and merge them on rank 0."""
+    model_args, state = load_checkpoint(args.ckpt, args.weights, args.model, args.image_size, args.vae, args.vae_path)
+    check_args(args, model_args)
+    rank, world, device = init_distributed()
+    try:
+        run(args, model_args, state, rank, world, device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run(args, model_args, state, rank, world, device):
+    """The body of main, once every rank has joined."""
+    model = load_model(model_args, state, device)
+    diffusion = train.build_diffusion(model_args, str(args.num_sampling_steps))
+    conditional = model_args.num_classes > 1
+    labels = make_labels(model_args.num_classes, args.num_samples, args.seed, args.class_labels)
+    labels = labels if conditional else None  # (N,) int64
+    out = args.out or default_out(args, model_args)
+    files = paths(out, args.num_samples, model_args.image_size)
+    ranges = shard_ranges(args.num_samples, args.shard_size)
+    settings = run_settings(args, model_args)
+    todo = from_rank0(lambda: prepare_out(out, files, settings, len(ranges), args.resume, args.overwrite,
+                                          args.save_png), rank, world)
+    if todo is None:
+        if rank == 0:
+            print(f"{files.npz} is already complete")
+        return
+    vae = train.load_vae(model_args.vae, model_args.vae_path, device) if model_args.vae else None
+    if rank == 0 and len(todo) < len(ranges):
+        print(f"resuming: {len(ranges) - len(todo)} of {len(ranges)} shards already done")
+    mine = todo[rank::world]  # round-robin over the unfinished shards
+    start_time = time.time()
+    sample_shards(model, diffusion, vae, labels, mine, ranges, files, args, device, progress=rank == 0)
+    if world > 1:
+        dist.barrier()
+    seconds = time.time() - start_time
+    if rank:
+        return
+    image_shape = (model_args.image_size, model_args.image_size, 3)
+    shards = [shard_file(files, k) for k in range(len(ranges))]
+    first = merge_shards(files.npz, shards, ranges, image_shape, conditional)
+    save_grid(files.grid, first)
+    shutil.rmtree(files.shards)
+    made = sum(ranges[k][1] - ranges[k][0] for k in todo)
+    print(f"wrote {files.npz}: {args.num_samples} images, {made} sampled now on {world} rank(s) in {seconds:.1f} s "
+          f"({made / max(seconds, 1e-9):.2f} images/s)")
+
+
+def parser():
+    """The command line; a bad argument stops with one line, like every other bad input."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = fail  # one line instead of usage + message
+    p.add_argument("--ckpt", required=True, help="a train.py checkpoint (or a facebookresearch/DiT state dict)")
+    p.add_argument("--weights", choices=["ema", "model"], default="ema")
+    p.add_argument("--model", default=None, help="only for checkpoints without training arguments (DiT's)")
+    p.add_argument("--image-size", type=int, default=None, help="only for checkpoints without training arguments")
+    p.add_argument("--vae", choices=["ema", "mse"], default=None, help="latent models' decoder (default: its own)")
+    p.add_argument("--vae-path", default=None, help="a local copy of the VAE (diffusers format)")
+    p.add_argument("--num-samples", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=32, help="per rank; does not change the images")
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
+    p.add_argument("--num-sampling-steps", type=int, default=250)
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0: deterministic)")
+    p.add_argument("--cfg-scale", type=float, default=1.0, help="1: no guidance (the paper's FID: 1.5)")
+    p.add_argument("--class-labels", type=int, nargs="+", default=None,
+                        help="sample i gets label[i %% len]; default: uniform random labels from --seed")
+    p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
+    p.add_argument("--precision", choices=list(PRECISIONS), default="fp32")
+    p.add_argument("--out", default=None, help="output folder (default: samples/<model>-<ckpt>-<settings>)")
+    p.add_argument("--shard-size", type=int, default=256, help="samples per shard file (the unit of --resume)")
+    p.add_argument("--save-png", action="store_true", help="also write DIR/images/{i:06d}.png")
+    p.add_argument("--resume", action="store_true", help="finish an interrupted run, keeping its shards")
+    p.add_argument("--overwrite", action="store_true", help="delete the results in --out and start over")
+    return p
+
+
+if __name__ == "__main__":
+    main(parser().parse_args())
