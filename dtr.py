@@ -302,7 +302,7 @@ class DiT(GuidedModel):
         super().__init__()
         self.in_channels = in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
-        self.patch_size, self.num_classes = patch_size, num_classes
+        self.input_size, self.patch_size, self.num_classes = input_size, patch_size, num_classes
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, 0.0 if num_classes == 1 else class_dropout_prob)
@@ -502,7 +502,8 @@ class ADM(GuidedModel):
         routing_seed=0,  # only R-TR masks are random
     ):
         super().__init__()
-        self.image_size, self.in_channels, self.out_channels = image_size, in_channels, out_channels
+        self.input_size = self.image_size = image_size  # input_size: the registry-wide name (as DiT's)
+        self.in_channels, self.out_channels = in_channels, out_channels
         self.model_channels, self.num_classes, self.class_dropout_prob = model_channels, num_classes, class_dropout_prob
         self.use_checkpoint = use_checkpoint
         heads_up = num_heads if num_heads_upsample == -1 else num_heads_upsample
