@@ -2,7 +2,8 @@
 
 Each diffusion timestep t is a task. A fixed binary mask m_t selects the channels that enter every residual
 block, z' = z + Block(m_t * z) (Eq. 3), so neighbouring timesteps share channels and distant ones do not.
-Reading order follows the paper: routing masks -> routed DiT -> routed ADM (UNet) -> Gaussian diffusion -> ANT-UW.
+Reading order follows the paper: routing masks -> routed DiT (class- or text-conditional) -> routed ADM (UNet) ->
+Gaussian diffusion -> ANT-UW.
 
     python dtr.py masks --kind dtr --channels 1152 --out masks.png       # paper Fig. 2
     python dtr.py bench --model DiT-S/2 --image-size 32 --batch-size 8   # DTR's cost (paper Tab. 7)
@@ -188,16 +189,31 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
-class GuidedModel(nn.Module):
-    """Adds classifier-free guidance to a class-conditional denoiser forward(x, t, y)."""
+def drop_context(context, mask, null, prob, force_drop_ids=None):
+    """Replace captions (N, L, C) by the null token (1, C) with probability prob, or where force_drop_ids (N,) is True.
 
-    def forward_with_cfg(self, x, t, y, cfg_scale, guided_channels=None):
+    A dropped row holds L copies of the null token, so attending to it gives the null token's value whatever L is; its
+    key mask (N, L), if any, becomes all True (a row with no key to attend to has no defined attention)."""
+    if force_drop_ids is None and prob == 0:
+        return context, mask
+    drop = torch.rand(context.shape[0], device=context.device) < prob if force_drop_ids is None else force_drop_ids
+    context = torch.where(drop[:, None, None], null.to(context.dtype), context)
+    return context, None if mask is None else mask | drop[:, None]
+
+
+class GuidedModel(nn.Module):
+    """Adds classifier-free guidance to a conditional denoiser forward(x, t, y, force_drop_ids, **kwargs)."""
+
+    def forward_with_cfg(self, x, t, y, cfg_scale, guided_channels=None, **kwargs):
         """Batch [cond | uncond] -> guided output; guides all `in_channels` eps channels unless told otherwise."""
-        # x's second half repeats the first; y's second half holds the null class. facebookresearch/DiT guides only
-        # 3 of 4 latent channels "for exact reproducibility"; that is a bug kept for its FID numbers, so here it is
-        # only an option (guided_channels=3). The learned-sigma channels are passed through unguided.
+        # x's second half repeats the first. The model drops the second half's condition itself (force_drop_ids): the
+        # null class for class labels, the null context for text, so y's second half may hold anything (the null
+        # class, or a copy of the first half). facebookresearch/DiT guides only 3 of 4 latent channels "for exact
+        # reproducibility"; that is a bug kept for its FID numbers, so here it is only an option (guided_channels=3).
+        # The learned-sigma channels are passed through unguided.
         half = x[: len(x) // 2]
-        out = self(torch.cat([half, half]), t, y)
+        dropped = torch.arange(len(x), device=x.device) >= len(half)
+        out = self(torch.cat([half, half]), t, y, force_drop_ids=dropped, **kwargs)
         g = self.in_channels if guided_channels is None else guided_channels
         cond, uncond = out[:, :g].chunk(2)
         guided = uncond + cfg_scale * (cond - uncond)
@@ -229,6 +245,25 @@ class Attention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(n, tokens, dim))
 
 
+class CrossAttention(nn.Module):
+    """Multi-head cross-attention: queries from tokens (N, T, D), keys and values from a text context (N, L, C)."""
+
+    def __init__(self, dim, context_dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(context_dim, dim * 2)  # every block reads the encoder's tokens directly (C -> D)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, context, mask=None):
+        """x (N, T, D), context (N, L, C), key mask (N, L) bool (True: a token to attend to) or None -> (N, T, D)."""
+        (n, tokens, dim), heads = x.shape, self.num_heads
+        q = self.q(x).reshape(n, tokens, heads, dim // heads).transpose(1, 2)  # (N, heads, T, D/heads)
+        k, v = self.kv(context).reshape(n, context.shape[1], 2, heads, dim // heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None, None, :])
+        return self.proj(x.transpose(1, 2).reshape(n, tokens, dim))
+
+
 class Mlp(nn.Module):
     """Pointwise feed-forward (fc1, tanh-GELU, fc2), laid out as timm's Mlp."""
 
@@ -243,21 +278,29 @@ class Mlp(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    """adaLN-Zero transformer block, routed: z' = (1 - m_t) * z + DiTBlock(m_t * z)."""
+    """adaLN-Zero transformer block, routed: z' = (1 - m_t) * z + DiTBlock(m_t * z).
 
-    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
+    With context_dim (text-to-image, App. C, Fig. 8) a cross-attention to the text tokens sits between the
+    self-attention and the MLP, with its own LayerNorm and no adaLN (adaLN sees the timestep only)."""
+
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, context_dim=None):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+        if context_dim is not None:
+            self.norm_cross = nn.LayerNorm(hidden_size, eps=1e-6)
+            self.cross_attn = CrossAttention(hidden_size, context_dim, num_heads)
 
-    def forward(self, x, c, mask=None):
-        """x (N, T, D), condition c (N, D), routing mask (N, D) or None."""
+    def forward(self, x, c, mask=None, context=None, context_mask=None):
+        """x (N, T, D), condition c (N, D), routing mask (N, D) or None; text context (N, L, C), key mask (N, L)."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         h = x if mask is None else x * mask[:, None]  # m_t * z
         h = h + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(h), shift_msa, scale_msa))  # Eq. (5)
+        if context is not None:  # inside the routed block: Eq. (8) wraps self-attention, cross-attention and MLP
+            h = h + self.cross_attn(self.norm_cross(h), context, context_mask)
         h = h + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(h), shift_mlp, scale_mlp))
         if mask is None:
             return h
@@ -279,7 +322,11 @@ class FinalLayer(nn.Module):
 
 
 class DiT(GuidedModel):
-    """Diffusion Transformer with task routing; parameters (and state_dict) identical to facebookresearch/DiT."""
+    """Diffusion Transformer with task routing; parameters (and state_dict) identical to facebookresearch/DiT.
+
+    With context_dim set it is the paper's text-to-image DiT (App. C, Fig. 8): y is a sequence of text-encoder tokens
+    (N, L, context_dim), read by a cross-attention in every block; adaLN is regressed from the timestep alone, there is
+    no label embedder, and caption dropout swaps in a learned null token `null_context` (1, context_dim)."""
 
     def __init__(
         self,
@@ -298,16 +345,21 @@ class DiT(GuidedModel):
         beta=0.8,
         num_tasks=1000,  # = diffusion steps T
         routing_seed=0,  # only R-TR masks are random
+        context_dim=None,  # text-to-image: width of the text tokens (768 for CLIP ViT-L/14); num_classes is ignored
     ):
         super().__init__()
         self.in_channels = in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.input_size, self.patch_size, self.num_classes = input_size, patch_size, num_classes
+        self.context_dim, self.class_dropout_prob = context_dim, class_dropout_prob
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size, 0.0 if num_classes == 1 else class_dropout_prob)
+        if context_dim is None:
+            self.y_embedder = LabelEmbedder(num_classes, hidden_size, 0.0 if num_classes == 1 else class_dropout_prob)
+        elif class_dropout_prob > 0:  # the null context exists only for caption dropout, as the null class does
+            self.null_context = nn.Parameter(torch.zeros(1, context_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, hidden_size), requires_grad=False)
-        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, context_dim) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.router = TaskRouter([hidden_size] * depth, routing, num_tasks, alpha, beta, routing_seed)
         self.initialize_weights()
@@ -322,12 +374,18 @@ class DiT(GuidedModel):
         w = self.x_embedder.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # the patch projection is a linear layer
         nn.init.zeros_(self.x_embedder.proj.bias)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        if self.context_dim is None:
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        elif hasattr(self, "null_context"):
+            nn.init.normal_(self.null_context, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         for block in self.blocks:  # every block starts as the identity
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
+            if self.context_dim is not None:  # the ungated cross-attention branch starts at 0
+                nn.init.zeros_(block.cross_attn.proj.weight)
+                nn.init.zeros_(block.cross_attn.proj.bias)
         for p in (*self.final_layer.adaLN_modulation[-1].parameters(), *self.final_layer.linear.parameters()):
             nn.init.zeros_(p)
 
@@ -337,14 +395,31 @@ class DiT(GuidedModel):
         x = x.reshape(x.shape[0], h, h, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, h * p)
 
-    def forward(self, x, t, y=None, force_drop_ids=None):
-        """x (N, C, H, W), integer timesteps t (N,), labels y (N,) (None: unconditional) -> (N, C_out, H, W)."""
-        y = torch.zeros_like(t, dtype=torch.long) if y is None else y
+    def context(self, y, mask, n, force_drop_ids=None):
+        """Text tokens (N, L, C) and key mask to attend to: y with caption drops to the null token; y=None: all null."""
+        if not hasattr(self, "null_context"):
+            if y is None or (force_drop_ids is not None and force_drop_ids.any()):
+                raise ValueError("this text DiT was built without caption dropout: it has no null context")
+            return y, mask
+        if y is None:
+            return self.null_context.expand(n, 1, self.context_dim), None
+        return drop_context(y, mask, self.null_context, self.class_dropout_prob if self.training else 0.0, force_drop_ids)
+
+    def forward(self, x, t, y=None, force_drop_ids=None, context_mask=None):
+        """x (N, C, H, W), integer timesteps t (N,), labels y (N,) (None: unconditional) -> (N, C_out, H, W).
+
+        Text models take text tokens y (N, L, C) and an optional key mask context_mask (N, L) (True: a real token)."""
         masks = self.router(t, x.dtype)  # looked up once, handed to each block
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
-        c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)  # (N, D)
+        c = self.t_embedder(t)  # (N, D)
+        context = None
+        if self.context_dim is None:  # class labels join the timestep in adaLN's condition
+            y = torch.zeros_like(t, dtype=torch.long) if y is None else y
+            c = c + self.y_embedder(y, self.training, force_drop_ids)
+        else:  # text: adaLN sees the timestep alone, the tokens enter through cross-attention
+            context, context_mask = self.context(y, context_mask, len(c), force_drop_ids)
         for block, mask in zip(self.blocks, masks):
-            x = block(x, c, mask)
+            x = block(x, c, mask, context, context_mask)
         return self.unpatchify(self.final_layer(x, c))
 
 

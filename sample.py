@@ -2,12 +2,15 @@
 
     python sample.py --ckpt results/000-DiT-L-2/checkpoints/0400000.pt            # 64 images and grid.png
     torchrun --nproc_per_node=8 sample.py --ckpt results/.../0400000.pt --num-samples 50000 --cfg-scale 1.5
+    python sample.py --ckpt results/001-DiT-T-2-dtr/checkpoints/0003000.pt --prompts prompts.txt   # text-to-image
+    torchrun --nproc_per_node=8 sample.py --ckpt ... --captions captions_val2014.json --num-samples 30000 --cfg-scale 1.5
 
 Sample i starts from the noise of seed `--seed + i` and draws every step's noise from it, so a command gives the
 same images for any number of ranks and any batch size. The images go to DIR/samples_{N}x{H}x{W}x3.npz (arr_0:
-uint8 NHWC, arr_1: int64 labels), the format openai's ADM evaluator and fid.py read.
+uint8 NHWC, arr_1: int64 labels, or captions: str for text models), the format openai's ADM evaluator and fid.py read.
 """
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -81,7 +84,7 @@ def plain_args(state, model, image_size, vae):
                 learn_sigma=c_out == 2 * c_in, routing=routing)
 
 
-def load_checkpoint(path, weights="ema", model=None, image_size=None, vae=None, vae_path=None):
+def load_checkpoint(path, weights="ema", model=None, image_size=None, vae=None, vae_path=None, text_encoder=None):
     """(training arguments, state dict) of a train.py checkpoint, a DiT training checkpoint or a bare state dict."""
     ckpt = read_checkpoint(path)
     if not isinstance(ckpt, dict):
@@ -101,9 +104,13 @@ def load_checkpoint(path, weights="ema", model=None, image_size=None, vae=None, 
                 fail(f"--{name.replace('_', '-')} {flag} contradicts the checkpoint's {given[name]}")
         if vae is not None and given["vae"] is None:
             fail("--vae applies to latent models; this checkpoint's model works on pixels")
-        args = dict(given, vae=vae or given["vae"])
+        if text_encoder is not None and given.get("context_dim") is None:
+            fail("--text-encoder applies to text-to-image models; this checkpoint's model is not one")
+        args = dict(given, vae=vae or given["vae"], **({"text_encoder": text_encoder} if text_encoder else {}))
     else:
         given = given or {}
+        if text_encoder is not None:
+            fail("--text-encoder applies to text-to-image models; this checkpoint's model is not one")
         args = plain_args(state, model or given.get("model"), image_size or given.get("image_size"), vae)
     return argparse.Namespace(**dict(args, vae_path=vae_path or args.get("vae_path"))), state
 
@@ -146,6 +153,41 @@ def make_labels(num_classes, num_samples, seed, class_labels=None):
     return np.random.default_rng(seed).integers(0, num_classes, num_samples, dtype=np.int64)
 
 
+def read_prompts(path):
+    """The non-empty lines of a text file, stripped."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            prompts = [line.strip() for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        fail(f"cannot read prompts {path} ({type(e).__name__})")
+    if not prompts:
+        fail(f"{path} holds no prompts")
+    return prompts
+
+
+def make_captions(num_samples, seed, prompts=None, coco=None):
+    """Captions (N,) str: prompts repeated (sample i gets prompts[i % len]), or for COCO's captions (a list per image)
+    the FID protocol: distinct images in an order seeded by `seed` (reshuffled after each pass), and a uniformly
+    drawn one of each image's captions. Caption i never depends on N."""
+    if prompts:
+        return np.array([prompts[i % len(prompts)] for i in range(num_samples)])
+    passes = -(-num_samples // len(coco))
+    order = np.concatenate([np.random.default_rng([seed, 0, e]).permutation(len(coco)) for e in range(passes)])
+    u = np.random.default_rng([seed, 1]).random(num_samples)
+    return np.array([coco[j][int(v * len(coco[j]))] for j, v in zip(order, u)])
+
+
+def text_captions(args):
+    """Every sample's caption (N,) str, from --prompts or --captions."""
+    if args.prompts is not None:
+        return make_captions(args.num_samples, args.seed, prompts=read_prompts(args.prompts))
+    try:
+        coco = [captions for _, captions in train.read_coco_captions(args.captions)]
+    except ValueError as e:
+        fail(str(e))
+    return make_captions(args.num_samples, args.seed, coco=coco)
+
+
 def shard_ranges(num_samples, shard_size):
     """Consecutive index ranges [(start, end)] of at most shard_size samples covering [0, N)."""
     return [(s, min(s + shard_size, num_samples)) for s in range(0, num_samples, shard_size)]
@@ -170,11 +212,13 @@ def shard_file(files, k):
     return os.path.join(files.shards, f"shard-{k:06d}.npz")
 
 
-def run_settings(args, model_args):
+def run_settings(args, model_args, captions=None):
     """Everything that decides the images (and so must match when resuming); not the ranks or the batch size."""
     keys = ("weights", "num_samples", "seed", "class_labels", "cfg_scale", "sampler", "num_sampling_steps", "eta",
             "precision", "shard_size", "save_png")
     settings = dict(ckpt=os.path.abspath(args.ckpt), model_args=vars(model_args), **{k: getattr(args, k) for k in keys})
+    if captions is not None:  # text models: every sample's caption
+        settings["captions_sha256"] = hashlib.sha256("\n".join(captions).encode()).hexdigest()
     return json.loads(json.dumps(settings, default=str))
 
 
@@ -221,9 +265,10 @@ def save_npz(path, arrays):
     dtr.atomic_write(path, write)
 
 
-def merge_shards(path, shard_files, ranges, image_shape, conditional):
-    """Stream the shards into one uncompressed ADM .npz (arr_0 uint8 NHWC, arr_1 int64) -> its first 64 images."""
-    first, labels = [], []
+def merge_shards(path, shard_files, ranges, image_shape, keys=()):
+    """Stream the shards into one uncompressed ADM .npz (arr_0 uint8 NHWC, then the per-sample arrays `keys`, e.g.
+    arr_1 int64 labels or captions str) -> its first 64 images."""
+    first, extras = [], {k: [] for k in keys}
 
     def write(tmp):
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
@@ -237,11 +282,12 @@ def merge_shards(path, shard_files, ranges, image_shape, conditional):
                         if images.shape != expected or not np.array_equal(index, np.arange(start, end)):
                             fail(f"{shard} does not hold samples {start}..{end - 1}; delete it and --resume")
                         f.write(np.ascontiguousarray(images, dtype=np.uint8).data)
-                        labels.append(z["arr_1"] if conditional else None)
+                        for k in keys:
+                            extras[k].append(z[k])
                         first.extend(images[: 64 - len(first)])
-            if conditional:
-                with zf.open("arr_1.npy", "w") as f:
-                    np.save(f, np.concatenate(labels).astype(np.int64))
+            for k in keys:
+                with zf.open(f"{k}.npy", "w") as f:
+                    np.save(f, np.concatenate(extras[k]))
 
     dtr.atomic_write(path, write)
     return np.stack(first)
@@ -309,10 +355,20 @@ def check_args(args, model_args):
         fail("pass --resume or --overwrite, not both")
     if args.cfg_scale < 0:
         fail(f"--cfg-scale must be >= 0 (1: no guidance), got {args.cfg_scale}")
-    conditional = model_args.num_classes > 1
+    text = getattr(model_args, "context_dim", None) is not None
+    conditional = model_args.num_classes > 1 or text
     if args.cfg_scale != 1 and not (conditional and model_args.class_dropout_prob > 0):
-        why = "is unconditional" if not conditional else "was trained without label dropout (no null class)"
+        why = ("is unconditional" if not conditional else "was trained without caption dropout (no null context)"
+               if text else "was trained without label dropout (no null class)")
         fail(f"--cfg-scale {args.cfg_scale} needs guidance, but the model {why}; use --cfg-scale 1")
+    if text:
+        if args.class_labels:
+            fail("--class-labels is for class-conditional models; this one is text-to-image (--prompts, --captions)")
+        if (args.prompts is None) == (args.captions is None):
+            fail("a text-to-image model needs its captions: --prompts FILE or --captions COCO.json (one of them)")
+        return
+    if args.prompts is not None or args.captions is not None:
+        fail("--prompts and --captions are for text-to-image models; this one takes class labels")
     bad = [y for y in args.class_labels or [] if not 0 <= y < model_args.num_classes]
     if conditional and bad:
         fail(f"class label {bad[0]} is out of range 0..{model_args.num_classes - 1}")
@@ -320,8 +376,10 @@ def check_args(args, model_args):
         warn("the model is unconditional; --class-labels ignored")
 
 
-def sample_shards(model, diffusion, vae, labels, shards, ranges, files, args, device, progress):
-    """Sample the shards `shards`, batch by batch, writing each to its own file once complete."""
+def sample_shards(model, diffusion, vae, condition, record, shards, ranges, files, args, device, progress):
+    """Sample the shards `shards`, batch by batch, writing each to its own file once complete.
+
+    condition(i) -> (y, context_mask) of the samples i; record(i) -> the arrays saved with their images."""
     from tqdm import tqdm
     autocast = nullcontext() if args.precision == "fp32" else torch.autocast(device.type, PRECISIONS[args.precision])
     bar = tqdm(total=sum(ranges[k][1] - ranges[k][0] for k in shards), unit="img", disable=not progress,
@@ -332,41 +390,66 @@ def sample_shards(model, diffusion, vae, labels, shards, ranges, files, args, de
         batches = []
         for b in range(0, len(index), args.batch_size):
             i = index[b: b + args.batch_size]
+            y, mask = condition(i)
             with autocast:
-                batches.append(train.generate(model, diffusion, None if labels is None else labels[i], args.seed + i,
-                                              args.cfg_scale, vae, device, args.sampler, args.eta).numpy())
+                batches.append(train.generate(model, diffusion, y, args.seed + i, args.cfg_scale, vae, device,
+                                              args.sampler, args.eta, context_mask=mask).numpy())
             bar.update(len(i))
         images = np.concatenate(batches)  # (n, H, W, 3) uint8
         if args.save_png:
             save_pngs(files.pngs, images, start)
-        extra = {} if labels is None else {"arr_1": labels[index]}
-        save_npz(shard_file(files, k), {"arr_0": images, **extra, "index": index})
+        save_npz(shard_file(files, k), {"arr_0": images, **record(index), "index": index})
     bar.close()
 
 
 def main(args):
     """Sample args.num_samples images on every rank of torchrun (or in one process) and merge them on rank 0."""
-    model_args, state = load_checkpoint(args.ckpt, args.weights, args.model, args.image_size, args.vae, args.vae_path)
+    model_args, state = load_checkpoint(args.ckpt, args.weights, args.model, args.image_size, args.vae, args.vae_path,
+                                        args.text_encoder)
     check_args(args, model_args)
+    captions = None if getattr(model_args, "context_dim", None) is None else text_captions(args)
     rank, world, device = init_distributed()
     try:
-        run(args, model_args, state, rank, world, device)
+        run(args, model_args, state, rank, world, device, captions)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def run(args, model_args, state, rank, world, device):
-    """The body of main, once every rank has joined."""
+def load_text_encoder(model_args, device):
+    """The checkpoint's CLIP text encoder, checked to be the one its model was trained with."""
+    text = train.TextEncoder(model_args.text_encoder, device)
+    if text.digest != model_args.text_digest:
+        fail(f"the text encoder {model_args.text_encoder} is not the one the model was trained with (digest "
+             f"{text.digest}, trained with {model_args.text_digest}); pass that one with --text-encoder")
+    return text
+
+
+def conditioning(labels, captions, text, text_mask):
+    """(condition, record) for sample_shards: from class labels (N,), captions (N,) through the text encoder, or none."""
+    if captions is not None:
+        def condition(i):
+            context, mask = text([str(c) for c in captions[i]])
+            return context, mask if text_mask else None
+        return condition, lambda i: {"captions": captions[i]}
+    if labels is not None:
+        return (lambda i: (labels[i], None)), (lambda i: {"arr_1": labels[i]})
+    return (lambda i: (None, None)), (lambda i: {})
+
+
+def run(args, model_args, state, rank, world, device, captions=None):
+    """The body of main, once every rank has joined; captions (N,) for text models."""
     model = load_model(model_args, state, device)
     diffusion = train.build_diffusion(model_args, str(args.num_sampling_steps))
+    text = None if captions is None else load_text_encoder(model_args, device)
     conditional = model_args.num_classes > 1
     labels = make_labels(model_args.num_classes, args.num_samples, args.seed, args.class_labels)
     labels = labels if conditional else None  # (N,) int64
+    condition, record = conditioning(labels, captions, text, getattr(model_args, "text_mask", False))
     out = args.out or default_out(args, model_args)
     files = paths(out, args.num_samples, model_args.image_size)
     ranges = shard_ranges(args.num_samples, args.shard_size)
-    settings = run_settings(args, model_args)
+    settings = run_settings(args, model_args, captions)
     todo = from_rank0(lambda: prepare_out(out, files, settings, len(ranges), args.resume, args.overwrite,
                                           args.save_png), rank, world)
     if todo is None:
@@ -378,7 +461,7 @@ def run(args, model_args, state, rank, world, device):
         print(f"resuming: {len(ranges) - len(todo)} of {len(ranges)} shards already done")
     mine = todo[rank::world]  # round-robin over the unfinished shards
     start_time = time.time()
-    sample_shards(model, diffusion, vae, labels, mine, ranges, files, args, device, progress=rank == 0)
+    sample_shards(model, diffusion, vae, condition, record, mine, ranges, files, args, device, progress=rank == 0)
     if world > 1:
         dist.barrier()
     seconds = time.time() - start_time
@@ -386,7 +469,8 @@ def run(args, model_args, state, rank, world, device):
         return
     image_shape = (model_args.image_size, model_args.image_size, 3)
     shards = [shard_file(files, k) for k in range(len(ranges))]
-    first = merge_shards(files.npz, shards, ranges, image_shape, conditional)
+    extras = tuple(record(np.arange(0)))  # the names of the per-sample arrays saved with the images
+    first = merge_shards(files.npz, shards, ranges, image_shape, extras)
     save_grid(files.grid, first)
     shutil.rmtree(files.shards)
     made = sum(ranges[k][1] - ranges[k][0] for k in todo)
@@ -412,6 +496,10 @@ def parser():
     p.add_argument("--cfg-scale", type=float, default=1.0, help="1: no guidance (the paper's FID: 1.5)")
     p.add_argument("--class-labels", type=int, nargs="+", default=None,
                         help="sample i gets label[i %% len]; default: uniform random labels from --seed")
+    p.add_argument("--prompts", default=None, help="text models: prompts, one a line; sample i gets line i %% len")
+    p.add_argument("--captions", default=None, help="text models: COCO captions_*.json; one random caption per image "
+                                                     "(images in a random order from --seed), recorded in the .npz")
+    p.add_argument("--text-encoder", default=None, help="text models: a local copy of the checkpoint's CLIP text encoder")
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
     p.add_argument("--precision", choices=list(PRECISIONS), default="fp32")
     p.add_argument("--out", default=None, help="output folder (default: samples/<model>-<ckpt>-<settings>)")

@@ -1360,12 +1360,12 @@ def reference_samples(model, labels, seeds, cfg_scale=1.0, sampler="ddpm", noise
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     if cfg_scale == 1.0:
         x = diffusion.p_sample_loop(model, (n, 3, 8, 8), noise=noise, model_kwargs=dict(y=y),
-                                    generators=None if noise is not None else gens, sampler=sampler)
+                                    generators=None if noise is not None else gens, sampler=sampler, clip_denoised=True)
     else:  # batch [cond | null]; the second half's draws are ignored by forward_with_cfg
         gens += [torch.Generator().manual_seed(10**6 + i) for i in range(n)]
         y2 = torch.cat([y, torch.full_like(y, 4)])
         x = diffusion.p_sample_loop(model.forward_with_cfg, (2 * n, 3, 8, 8), generators=gens, sampler=sampler,
-                                    model_kwargs=dict(y=y2, cfg_scale=cfg_scale))[:n]
+                                    model_kwargs=dict(y=y2, cfg_scale=cfg_scale), clip_denoised=True)[:n]
     return (127.5 * x + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
@@ -1606,6 +1606,361 @@ def test_sample_cli_exits_with_one_line(bad_ckpts):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr == "sample.py: error: class label 9 is out of range 0..3\n"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Text-to-image: cross-attention DiT, COCO captions, CLIP text encoder (App. C, Fig. 8)
+# --------------------------------------------------------------------------------------------------------------------
+
+def hand_attention(q, k, v, heads, mask=None):
+    """softmax(q k^T / sqrt(d)) v per head for q (N, T, D), k and v (N, L, D); mask (N, L) False hides a key."""
+    n, _, D = q.shape
+    split = lambda a: a.reshape(n, a.shape[1], heads, D // heads)
+    s = torch.einsum("nthd,nshd->nhts", split(q), split(k)) / math.sqrt(D // heads)
+    if mask is not None:
+        s = s.masked_fill(~mask[:, None, None, :], float("-inf"))
+    return torch.einsum("nhts,nshd->nthd", torch.softmax(s, dim=-1), split(v)).reshape(q.shape)
+
+
+def hand_text_block(block, z, c, ctx, ctx_mask=None):
+    """Text DiTBlock(z) from its weights: adaLN-Zero self-attention, cross-attention (own LayerNorm, no gate), MLP."""
+    mod = F.linear(F.silu(c), block.adaLN_modulation[1].weight, block.adaLN_modulation[1].bias)
+    s1, g1, a1, s2, g2, a2 = mod.chunk(6, dim=1)
+    heads, cross = block.attn.num_heads, block.cross_attn
+    ln = lambda v: (v - v.mean(-1, keepdim=True)) / torch.sqrt(v.var(-1, unbiased=False, keepdim=True) + 1e-6)
+    q, k, v = F.linear(ln(z) * (1 + g1[:, None]) + s1[:, None], block.attn.qkv.weight, block.attn.qkv.bias).chunk(3, -1)
+    z = z + a1[:, None] * F.linear(hand_attention(q, k, v, heads), block.attn.proj.weight, block.attn.proj.bias)
+    q = F.linear(ln(z) * block.norm_cross.weight + block.norm_cross.bias, cross.q.weight, cross.q.bias)
+    k, v = F.linear(ctx, cross.kv.weight, cross.kv.bias).chunk(2, -1)  # keys and values from the text tokens
+    z = z + F.linear(hand_attention(q, k, v, heads, ctx_mask), cross.proj.weight, cross.proj.bias)
+    h = F.linear(ln(z) * (1 + g2[:, None]) + s2[:, None], block.mlp.fc1.weight, block.mlp.fc1.bias)
+    return z + a2[:, None] * F.linear(F.gelu(h, approximate="tanh"), block.mlp.fc2.weight, block.mlp.fc2.bias)
+
+
+def tiny_text_dit(**kw):
+    """A 4-block text DiT on 8x8 inputs reading 16-wide text tokens; random (not zero) weights."""
+    torch.manual_seed(0)
+    return randomize(dtr.DiT_models["DiT-T/2"](input_size=8, context_dim=16, **kw))
+
+
+def test_text_block_with_routing_is_eq8():
+    block = randomize(dtr.DiTBlock(64, 4, context_dim=24), scale=0.1)
+    z, c, ctx = torch.randn(3, 16, 64), torch.randn(3, 64), torch.randn(3, 5, 24)
+    keep = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]).bool()  # captions of 3, 5 and 1 tokens
+    m = dtr.dtr_masks(1000, 64)[torch.tensor([0, 500, 999])]
+    with torch.no_grad():
+        routed = block(z, c, m, ctx, keep)
+        expected = (1 - m[:, None]) * z + hand_text_block(block, m[:, None] * z, c, ctx, keep)  # Eq. (8), whole block
+        assert torch.allclose(routed, expected, atol=1e-5)
+        unmasked = block(z, c, m, ctx)
+        assert torch.allclose(unmasked, (1 - m[:, None]) * z + hand_text_block(block, m[:, None] * z, c, ctx), atol=1e-5)
+        assert (unmasked[0] - routed[0]).abs().max() > 1e-3 and torch.allclose(unmasked[1], routed[1], atol=1e-6)
+        padded = torch.where(keep[:, :, None], ctx, torch.full_like(ctx, 100.0))  # hidden keys never matter
+        assert torch.allclose(block(z, c, m, padded, keep), routed, atol=1e-6)
+        dz = torch.zeros_like(z)  # an inactive channel only travels the identity path, past the cross-attention too
+        dz[0, :, int((m[0] == 0).nonzero()[0])] = 1.0
+        assert torch.allclose(block(z + dz, c, m, ctx, keep)[0] - routed[0], dz[0], atol=1e-5)
+
+
+def test_text_dit_layout_init_and_timestep_only_adaln():
+    torch.manual_seed(0)
+    model = dtr.DiT_models["DiT-T/2"](input_size=8, context_dim=16)
+    sd, class_sd = model.state_dict(), tiny_dit().state_dict()
+    cross = ("norm_cross.weight", "norm_cross.bias", "cross_attn.q.weight", "cross_attn.q.bias", "cross_attn.kv.weight",
+             "cross_attn.kv.bias", "cross_attn.proj.weight", "cross_attn.proj.bias")
+    assert set(sd) - set(class_sd) == {"null_context"} | {f"blocks.{i}.{k}" for i in range(4) for k in cross}
+    assert set(class_sd) - set(sd) == {"y_embedder.embedding_table.weight"}  # no label embedder
+    assert sd["null_context"].shape == (1, 16) and sd["blocks.2.cross_attn.kv.weight"].shape == (2 * 128, 16)
+    assert sd["blocks.0.cross_attn.q.weight"].shape == (128, 128) and not sd["blocks.0.cross_attn.proj.weight"].any()
+    assert "null_context" not in dtr.DiT_models["DiT-T/2"](input_size=8, context_dim=16, class_dropout_prob=0).state_dict()
+    x, c, t, ctx = torch.randn(2, 16, 128), torch.randn(2, 128), torch.tensor([3, 900]), torch.randn(2, 7, 16)
+    with torch.no_grad():
+        for block in model.blocks:  # adaLN-Zero gates and the zero cross-attention output: every block is the identity
+            assert torch.equal(block(x, c, None, ctx), x)
+    model = tiny_text_dit().eval()
+    seen = []
+    model.blocks[0].adaLN_modulation.register_forward_hook(lambda mod, inp, out: seen.append(inp[0]))
+    xs = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        a, b = model(xs, t, ctx), model(xs, t, ctx.flip(0))
+        assert torch.equal(seen[0], model.t_embedder(t)) and torch.equal(seen[0], seen[1])  # adaLN sees t alone
+        assert (a - b).abs().max() > 1e-3  # the text enters through cross-attention
+
+
+def test_null_context_dropout_rate_and_forced_drops():
+    null, ctx, mask = torch.randn(1, 8), torch.randn(20000, 3, 8), torch.rand(20000, 3) > 0.5
+    torch.manual_seed(0)
+    out, out_mask = dtr.drop_context(ctx, mask, null, 0.1)
+    dropped = (out == null).all(-1).all(-1)
+    assert abs(dropped.float().mean().item() - 0.1) < 0.01  # 5 standard deviations
+    assert torch.equal(out[~dropped], ctx[~dropped]) and torch.equal(out_mask[~dropped], mask[~dropped])
+    assert out_mask[dropped].all()  # a dropped row attends to L copies of the null token
+    force = torch.arange(20000) % 3 == 0
+    out, out_mask = dtr.drop_context(ctx, None, null, 0.5, force_drop_ids=force)
+    assert torch.equal((out == null).all(-1).all(-1), force) and out_mask is None
+    assert dtr.drop_context(ctx, mask, null, 0.0) == (ctx, mask)
+    model = tiny_text_dit(class_dropout_prob=1.0)
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([5, 600]), torch.randn(2, 6, 16)
+    with torch.no_grad():
+        uncond = model.eval()(x, t)  # y=None: the null context, i.e. unconditional
+        assert torch.allclose(model.train()(x, t, y), uncond, atol=1e-6)  # every caption dropped in training
+        assert (model.eval()(x, t, y) - uncond).abs().max() > 1e-3  # and none in eval mode
+    with pytest.raises(ValueError, match="no null context"):
+        tiny_text_dit(class_dropout_prob=0.0)(x, t)
+
+
+def test_text_cfg_scale_one_is_conditional():
+    model = tiny_text_dit().eval()
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([5, 700]), torch.randn(2, 6, 16)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0]]).bool()
+    two = lambda v: torch.cat([v, v])
+    with torch.no_grad():
+        cond, uncond = model(x, t, y, context_mask=mask), model(x, t)
+        out = model.forward_with_cfg(two(x), two(t), two(y), 1.0, context_mask=two(mask))
+        assert torch.allclose(out[:2], cond, atol=1e-6) and torch.equal(out[:2, :4], out[2:, :4])
+        g = model.forward_with_cfg(two(x), two(t), two(y), 4.0, context_mask=two(mask))
+        assert torch.allclose(g[:2, :4], uncond[:, :4] + 4.0 * (cond[:, :4] - uncond[:, :4]), atol=1e-5)
+        assert torch.allclose(g[:2, 4:], cond[:, 4:], atol=1e-6)  # learned sigma unguided
+        assert (g[:2, :4] - cond[:, :4]).abs().max() > 1e-3
+
+
+COCO = {"info": {}, "licenses": [],
+        "images": [{"id": 7, "file_name": "a.png"}, {"id": 3, "file_name": "b.png"}, {"id": 9, "file_name": "c.png"}],
+        "annotations": [{"image_id": 3, "id": 1, "caption": "A dog  on a\nsofa. "},
+                        {"image_id": 7, "id": 2, "caption": "x"},
+                        {"image_id": 3, "id": 5, "caption": "two dogs"},
+                        {"image_id": 3, "id": 6, "caption": "a sofa"}]}
+
+
+def test_coco_captions_parsing(tmp_path):
+    path = tmp_path / "captions_train2014.json"
+    path.write_text(json.dumps(COCO))
+    # images in file order, several captions each (whitespace normalised), images without captions left out
+    assert train.read_coco_captions(str(path)) == [("a.png", ["x"]), ("b.png", ["A dog on a sofa.", "two dogs", "a sofa"])]
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda c: "{not json", "cannot read captions"),
+    (lambda c: {"images": c["images"]}, "not a COCO captions file"),
+    (lambda c: [c], "not a COCO captions file"),
+    (lambda c: dict(c, images=c["images"] + [{"id": 11}]), r"images\[3\] needs an 'id' and a 'file_name'"),
+    (lambda c: dict(c, images=c["images"] + [{"id": 3, "file_name": "d.png"}]), r"images\[3\] repeats image id 3"),
+    (lambda c: dict(c, annotations=c["annotations"] + [{"image_id": 4, "caption": "y"}]),
+     r"annotations\[4\] names image 4, which is not among the images"),
+    (lambda c: dict(c, annotations=c["annotations"] + [{"image_id": 3, "caption": " \n"}]), r"annotations\[4\] has an"),
+    (lambda c: dict(c, annotations=[{"image_id": 3, "caption": 5}]), r"annotations\[0\] needs an 'image_id' and a"),
+    (lambda c: dict(c, annotations=[]), "holds no captions"),
+])
+def test_coco_captions_bad_entries(tmp_path, edit, message):
+    path = tmp_path / "captions.json"
+    bad = edit(json.loads(json.dumps(COCO)))
+    path.write_text(bad if isinstance(bad, str) else json.dumps(bad))
+    with pytest.raises(ValueError, match=message) as e:
+        train.read_coco_captions(str(path))
+    assert "\n" not in str(e.value)
+
+
+def test_text_demo_data_and_flags():
+    data, captions = train.load_text_data(argparse.Namespace(captions=None, demo_images_per_class=2, image_size=8, seed=0))
+    assert len(data) == len(captions) == 12 and data[5][1] == 5  # labels: image indices into the captions
+    assert captions[0] == ("a red circle", "a picture of a red circle") and captions[11][0] == "a cyan diamond"
+    u = torch.tensor([0.0, 0.99, 0.5], dtype=torch.float64)
+    picked = train.pick_captions(captions, torch.tensor([0, 0, 11]), u)
+    assert picked == ["a red circle", "a picture of a red circle", "a picture of a cyan diamond"]
+    args = train.resolve_preset(train.parser().parse_args(["--text-demo"]))
+    assert args.text_encoder == train.DEMO_TEXT_ENCODER and args.model == "DiT-T/2" and args.steps == 3000
+    coco = train.resolve_preset(train.parser().parse_args(["--data", "d", "--captions", "c.json"]))
+    assert coco.text_encoder == "openai/clip-vit-large-patch14" and coco.global_batch_size == 256
+    for argv, message in ((["--text-demo", "--data", "d"], "leave out --data"), (["--cache-text", "c"], "apply to text")):
+        with pytest.raises(SystemExit, match=message):
+            train.resolve_preset(train.parser().parse_args(argv))
+
+
+# The text path end to end, with no download: train.py's built-in tiny CLIP (a random CLIPTextModel from a config, with
+# a character-level CLIPTokenizer), and a saved copy of another one loaded through --text-encoder DIR.
+
+def fit_captions(model, args, steps=60):
+    """A few Adam steps on 8x8 images coloured by the first 4 demo captions (10% dropped), so samples follow the text."""
+    diffusion = train.build_diffusion(args)
+    context, _ = train.TextEncoder(train.DEMO_TEXT_ENCODER).encode([c[0] for c in train.SHAPE_CAPTIONS[:4]])
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(steps):
+        k = torch.randint(0, 4, (32,), generator=g)
+        x0 = COLOURS[k][:, :, None, None] + 0.3 * torch.randn(32, 1, 8, 1, generator=g) * torch.ones(1, 1, 1, 8)
+        t, drop = torch.randint(0, 1000, (32,), generator=g), torch.rand(32, generator=g) < 0.1
+        kwargs = dict(y=context[k], force_drop_ids=drop)
+        loss = diffusion.training_losses(model, x0, t, kwargs, noise=torch.randn(x0.shape, generator=g))["loss"]
+        opt.zero_grad()
+        loss.mean().backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory):
+    """A 2-step --text-demo run with --cache-text: (its checkpoint, experiment dir, cache dir), and (a checkpoint of
+    its EMA model fitted to caption colours, that model, the run's args) for sampling."""
+    pytest.importorskip("transformers")
+    root = tmp_path_factory.mktemp("text")
+    exp, ckpt = run_train(root, "--text-demo", "--cache-text", str(root / "cache"), "--steps", "2", "--ckpt-every", "2")
+    args = argparse.Namespace(**ckpt["args"])
+    model = train.build_model(args)
+    model.load_state_dict(ckpt["ema"])
+    fitted = fit_captions(model, args)
+    path = save_train_ckpt(root / "fitted.pt", ckpt["args"], fitted.state_dict())
+    return train.latest_checkpoint(str(root / "r")), exp, root / "cache", path, fitted, args
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    """Another tiny random CLIP text encoder, saved with save_pretrained: what --text-encoder DIR loads."""
+    pytest.importorskip("transformers")
+    path = tmp_path_factory.mktemp("clip") / "clip"
+    tokenizer, model = train.tiny_clip(seed=1)
+    tokenizer.save_pretrained(path)
+    model.save_pretrained(path)
+    return str(path)
+
+
+def test_text_demo_training_cache_and_grid(text_run, tmp_path):
+    ckpt_path, exp, cache = text_run[:3]
+    ckpt = torch.load(ckpt_path, weights_only=False)
+    enc = train.TextEncoder(train.DEMO_TEXT_ENCODER)
+    assert (ckpt["args"]["context_dim"], ckpt["args"]["text_length"], ckpt["args"]["text_digest"]) == (64, 32, enc.digest)
+    assert "y_embedder.embedding_table.weight" not in ckpt["ema"] and "null_context" in ckpt["ema"]
+    prompts = [c[0] for c in train.SHAPE_CAPTIONS]
+    assert open(os.path.join(exp, "samples_0000002.txt")).read().splitlines() == prompts
+    grid = np.array(Image.open(os.path.join(exp, "samples_0000002.png")))
+    assert grid.shape == (6 * 9 + 1, 8 * 9 + 1, 3)  # one row per prompt
+    files = sorted(cache.glob("*/*.pt"))
+    assert 6 <= len(files) <= 12  # one per distinct caption: the 6 grid prompts and those drawn in training
+    hidden, mask = enc.encode(prompts)
+    enc.cache = str(cache)
+    cached_hidden, cached_mask = enc(prompts)  # every prompt is read back from the cache
+    assert torch.allclose(cached_hidden, hidden, atol=1e-6) and torch.equal(cached_mask, mask)
+    assert mask.sum(1).tolist() == [len(p.replace(" ", "")) + 2 for p in prompts]  # start, characters, end
+    _, again = run_train(tmp_path, "--text-demo", "--cache-text", str(cache), "--steps", "2", "--ckpt-every", "2")
+    assert len(sorted(cache.glob("*/*.pt"))) == len(files)  # nothing encoded twice
+    for k in ckpt["model"]:  # the cache holds what the encoder gave the first run: the same training, bit for bit
+        assert torch.equal(ckpt["model"][k], again["model"][k]), k
+    with pytest.raises(SystemExit, match="text_mask is False there but True now"):  # resuming checks the text setup
+        run_train(tmp_path, "--text-demo", "--text-mask", "--steps", "3", "--resume", ckpt_path, name="re")
+
+
+def write_coco(root, captions_per_image, size=12):
+    """An image folder and a COCO captions json for it."""
+    os.makedirs(root / "images")
+    coco = {"images": [], "annotations": []}
+    for i, caps in enumerate(captions_per_image):
+        Image.fromarray(np.full((size, size, 3), (40 * i) % 256, np.uint8)).save(root / "images" / f"{i:03d}.png")
+        coco["images"].append({"id": 100 + i, "file_name": f"{i:03d}.png"})
+        coco["annotations"] += [{"image_id": 100 + i, "caption": c} for c in caps]
+    (root / "captions.json").write_text(json.dumps(coco))
+    return str(root / "images"), str(root / "captions.json")
+
+
+def test_text_coco_training_is_the_same_on_two_processes(clip_dir, tmp_path):
+    captions_per_image = [["a dark square", "a black box", "night"], ["a grey tile"], ["pale", "light"], ["white"],
+                          ["a bright square", "snow"], ["x", "y", "z"], ["fog"], ["ash", "ember"]]
+    images, captions = write_coco(tmp_path, captions_per_image)
+    args = [*TINY_TRAIN, "--data", images, "--captions", captions, "--text-encoder", clip_dir, "--text-mask",
+            "--model", "DiT-T/2", "--num-workers", "0", "--steps", "2", "--ckpt-every", "2", "--log-every", "1",
+            "--global-batch-size", "4"]
+    r = torchrun(*args, "--results-dir", str(tmp_path / "two"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    one_exp, one = run_train(tmp_path, *args[len(TINY_TRAIN):], name="one")
+    two = torch.load(train.latest_checkpoint(str(tmp_path / "two")), weights_only=False)
+    assert one["args"]["text_mask"] and one["args"]["text_encoder"] == clip_dir and one["args"]["num_classes"] == 1
+    for k in one["model"]:  # the same captions for global sample i on any number of ranks
+        assert torch.allclose(one["model"][k], two["model"][k], atol=1e-5), k
+    assert "15 captions, text encoder" in open(os.path.join(one_exp, "log.txt")).read()
+    (tmp_path / "prompts.txt").write_text("fog\na bright square\n")  # sampling with the key mask, through DIR
+    out = run_sample(train.latest_checkpoint(str(tmp_path / "one")), tmp_path / "s", "--prompts", str(tmp_path / "prompts.txt"), n=2)
+    model = train.build_model(argparse.Namespace(**one["args"]))
+    model.load_state_dict(one["ema"])
+    context, mask = train.TextEncoder(clip_dir).encode(["fog", "a bright square"])
+    diffusion = train.build_diffusion(argparse.Namespace(**one["args"]), str(SAMPLE_STEPS))
+    assert np.array_equal(out["arr_0"], train.generate(model.eval(), diffusion, context, range(2), context_mask=mask).numpy())
+    os.remove(os.path.join(images, "003.png"))
+    with pytest.raises(SystemExit, match=r"1 of the 8 images of .*captions.json are not in .*images \(e.g. 003.png\)"):
+        run_train(tmp_path, *args[len(TINY_TRAIN):], name="bad")
+    with pytest.raises(SystemExit, match="cannot load a CLIP text encoder from"):
+        train.load_clip(str(tmp_path / "nowhere"))
+
+
+def text_reference(model, args, captions, seeds, cfg_scale=1.0):
+    """Samples straight through train.generate, the captions encoded here by the demo's encoder."""
+    context, _ = train.TextEncoder(train.DEMO_TEXT_ENCODER).encode(captions)
+    diffusion = train.build_diffusion(args, str(SAMPLE_STEPS))
+    return train.generate(model, diffusion, context, seeds, cfg_scale).numpy()
+
+
+def test_text_sampling_prompts_and_coco_captions(text_run, tmp_path):
+    ckpt, model, args = text_run[3:]
+    (tmp_path / "prompts.txt").write_text("a red circle\n\n  a green square  \n")
+    plain = run_sample(ckpt, tmp_path / "plain", "--prompts", str(tmp_path / "prompts.txt"), n=5)
+    assert sorted(plain) == ["arr_0", "captions"]  # no arr_1: the captions, one per sample, instead
+    assert plain["captions"].tolist() == ["a red circle", "a green square"] * 2 + ["a red circle"]
+    assert np.array_equal(plain["arr_0"], text_reference(model, args, list(plain["captions"]), range(5)))
+    guided = run_sample(ckpt, tmp_path / "guided", "--prompts", str(tmp_path / "prompts.txt"), "--cfg-scale", "4", n=5)
+    assert np.array_equal(guided["arr_0"], text_reference(model, args, list(plain["captions"]), range(5), 4.0))
+    assert (guided["arr_0"] != plain["arr_0"]).mean() > 0.1
+    images = [["a red circle", "a red disc"], ["a blue triangle"], ["a cyan diamond", "x"]]
+    _, captions = write_coco(tmp_path, images)
+    coco = run_sample(ckpt, tmp_path / "coco", "--captions", captions, "--seed", "3", n=7)  # needs no image files
+    assert coco["captions"].tolist() == sample.make_captions(7, 3, coco=images).tolist()
+    assert np.array_equal(coco["arr_0"], text_reference(model, args, list(coco["captions"]), range(3, 10)))
+
+
+def test_text_caption_streams():
+    images = [[f"image {j} caption {k}" for k in range(1 + j % 5)] for j in range(100)]
+    many, few = sample.make_captions(250, 0, coco=images), sample.make_captions(40, 0, coco=images)
+    assert many[:40].tolist() == few.tolist()  # caption i does not depend on N
+    first = [int(c.split()[1]) for c in many[:100]]
+    assert sorted(first) == list(range(100))  # each pass covers every image once, in a seeded random order
+    assert first != list(range(100)) and [int(c.split()[1]) for c in many[100:200]] != first  # reshuffled each pass
+    assert all(c in images[int(c.split()[1])] for c in many)
+    assert {c.split()[-1] for c in many} == {"0", "1", "2", "3", "4"}  # images with several captions: any of them
+    assert sample.make_captions(5, 0, prompts=["a", "b"]).tolist() == ["a", "b", "a", "b", "a"]
+
+
+def test_text_sampling_two_ranks_give_the_same_npz(text_run, tmp_path):
+    ckpt = text_run[3]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a yellow ring\na magenta cross\na blue triangle\n")
+    one = run_sample(ckpt, tmp_path / "one", "--prompts", str(prompts), "--cfg-scale", "1.5", "--batch-size", "6")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", os.path.join(HERE, "sample.py"),
+           "--ckpt", ckpt, "--out", str(tmp_path / "two"), "--num-samples", "6", "--cfg-scale", "1.5", "--prompts",
+           str(prompts), "--num-sampling-steps", str(SAMPLE_STEPS), "--batch-size", "1", "--shard-size", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with np.load(tmp_path / "two" / "samples_6x8x8x3.npz") as two:
+        assert np.array_equal(one["arr_0"], two["arr_0"]) and np.array_equal(one["captions"], two["captions"])
+    assert len({im.tobytes() for im in one["arr_0"]}) == 6
+
+
+def test_text_sampling_bad_input_is_one_line(text_run, bad_ckpts, clip_dir, tmp_path):
+    ckpt = text_run[3]
+    (tmp_path / "empty.txt").write_text("\n \n")
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    for path, flags, message in [
+        (ckpt, [], "needs its captions: --prompts FILE or --captions"),
+        (ckpt, ["--class-labels", "1"], "--class-labels is for class-conditional models"),
+        (ckpt, ["--prompts", str(tmp_path / "empty.txt")], "holds no prompts"),
+        (ckpt, ["--prompts", str(tmp_path / "none.txt")], "cannot read prompts"),
+        (ckpt, ["--captions", str(tmp_path / "p.txt")], "cannot read captions"),
+        (ckpt, ["--prompts", str(tmp_path / "p.txt"), "--text-encoder", clip_dir], "is not the one the model was trained"),
+        (str(bad_ckpts / "no-null.pt"), ["--prompts", str(tmp_path / "p.txt")], "--prompts and --captions are for text"),
+        (str(bad_ckpts / "no-null.pt"), ["--text-encoder", clip_dir], "--text-encoder applies to text-to-image"),
+    ]:
+        argv = ["--ckpt", path, "--out", str(tmp_path / "out"), "--num-sampling-steps", "2", *flags]
+        with pytest.raises(SystemExit) as e:
+            sample.main(sample.parser().parse_args(argv))
+        text = str(e.value.code)
+        assert text.startswith("sample.py: error: ") and "\n" not in text and message in text, text
+        assert not os.path.exists(tmp_path / "out")
 
 
 # --------------------------------------------------------------------------------------------------------------------

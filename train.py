@@ -1,8 +1,11 @@
 """Train a diffusion model with Denoising Task Routing, on one process or many (torchrun, DDP).
 
     python train.py                                   # CPU demo: tiny DTR model on built-in coloured shapes
+    python train.py --text-demo                       # the same, text-to-image: captions through a tiny CLIP
     torchrun --nnodes=1 --nproc_per_node=8 train.py --data /path/to/imagenet/train --model DiT-L/2 \\
         --image-size 256 --vae ema --routing dtr --loss-weight ant-uw
+    torchrun --nproc_per_node=8 train.py --data coco/train2014 --captions coco/annotations/captions_train2014.json \\
+        --model DiT-L/2 --image-size 256 --vae ema --cache-text coco/clip-cache   # text-to-image (MS-COCO)
 
 With --data the defaults are the paper's (App. C): AdamW 1e-4, no weight decay, global batch 256, flips, T=1000,
 cosine schedule, learned sigma, EMA 0.9999, label dropout 0.1. Without --data the demo preset (DEMO below)
@@ -10,6 +13,7 @@ fills every flag that was not given.
 """
 import argparse
 import glob
+import hashlib
 import json
 import math
 import os
@@ -33,9 +37,12 @@ PAPER = dict(model="DiT-L/2", image_size=256, global_batch_size=256, lr=1e-4, em
              log_every=100, ckpt_every=50_000, sample_every=0, num_workers=4)
 DEMO = dict(model="DiT-T/2", image_size=16, global_batch_size=64, lr=1e-3, ema_decay=0.999, steps=3000,
             log_every=100, ckpt_every=1000, sample_every=0, num_workers=0)
-# Arguments that define the model and the diffusion: a resumed run must agree on them.
+# Arguments that define the model and the diffusion: a resumed run must agree on them (text runs: on TEXT_ARGS too).
 MODEL_ARGS = ("model", "image_size", "vae", "num_classes", "learn_sigma", "class_dropout_prob", "routing", "alpha",
-              "beta", "routing_seed", "num_timesteps", "noise_schedule")
+              "beta", "routing_seed", "num_timesteps", "noise_schedule", "context_dim")
+TEXT_ARGS = ("text_digest", "text_length", "text_mask")
+COCO_TEXT_ENCODER = "openai/clip-vit-large-patch14"  # CLIP ViT-L/14's text encoder: 77 tokens of width 768
+DEMO_TEXT_ENCODER = "builtin:tiny-clip"  # tiny_clip() below: random, offline, deterministic
 
 
 def fail(msg):
@@ -53,12 +60,16 @@ def latent_size(args):
 
 
 def build_model(args):
-    """The model that `args` (a training run's arguments) describe."""
+    """The model that `args` (a training run's arguments) describe; text-to-image when args.context_dim is set."""
+    context_dim = getattr(args, "context_dim", None)
+    if context_dim is not None and args.model not in dtr.DiT_models:
+        fail(f"text-to-image needs a DiT model, not {args.model}")
+    conditional = args.num_classes > 1 or context_dim is not None
     return dtr.create_model(
         args.model, input_size=latent_size(args), in_channels=4 if args.vae else 3, num_classes=args.num_classes,
-        learn_sigma=args.learn_sigma, class_dropout_prob=args.class_dropout_prob if args.num_classes > 1 else 0.0,
+        learn_sigma=args.learn_sigma, class_dropout_prob=args.class_dropout_prob if conditional else 0.0,
         routing=args.routing, alpha=args.alpha, beta=args.beta, num_tasks=args.num_timesteps,
-        routing_seed=args.routing_seed)
+        routing_seed=args.routing_seed, **({} if context_dim is None else {"context_dim": context_dim}))
 
 
 def build_diffusion(args, respacing=""):
@@ -99,6 +110,7 @@ def load_vae(kind, path=None, device="cpu"):
 
 SHAPES = ("red circle", "green square", "blue triangle", "yellow ring", "magenta cross", "cyan diamond")
 SHAPE_COLORS = ((220, 40, 40), (40, 200, 60), (50, 80, 230), (230, 210, 40), (210, 50, 200), (40, 200, 210))
+SHAPE_CAPTIONS = tuple((f"a {s}", f"a picture of a {s}") for s in SHAPES)  # --text-demo: two captions per shape
 
 
 def make_shapes(num_per_class, image_size, seed=0):
@@ -197,6 +209,61 @@ def load_npz(args):
     return ImageData(images, labels, size=args.image_size), int(labels.max()) + 1
 
 
+def read_coco_captions(path):
+    """[(file_name, [captions])] from a COCO captions_*.json, in the order of its images (those without captions left
+    out); ValueError with a one-line reason for anything else."""
+    try:
+        with open(path) as f:
+            coco = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read captions {path} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+    if not (isinstance(coco, dict) and isinstance(coco.get("images"), list) and isinstance(coco.get("annotations"), list)):
+        raise ValueError(f"{path} is not a COCO captions file: it needs lists 'images' and 'annotations'")
+    names, captions = {}, {}
+    for j, image in enumerate(coco["images"]):
+        if not isinstance(image, dict) or not isinstance(image.get("file_name"), str) or "id" not in image:
+            raise ValueError(f"{path}: images[{j}] needs an 'id' and a 'file_name'")
+        if image["id"] in names:
+            raise ValueError(f"{path}: images[{j}] repeats image id {image['id']!r}")
+        names[image["id"]] = image["file_name"]
+    for j, ann in enumerate(coco["annotations"]):
+        if not isinstance(ann, dict) or not isinstance(ann.get("caption"), str) or "image_id" not in ann:
+            raise ValueError(f"{path}: annotations[{j}] needs an 'image_id' and a 'caption' string")
+        if ann["image_id"] not in names:
+            raise ValueError(f"{path}: annotations[{j}] names image {ann['image_id']!r}, which is not among the images")
+        caption = " ".join(ann["caption"].split())  # COCO captions carry stray spaces and newlines
+        if not caption:
+            raise ValueError(f"{path}: annotations[{j}] has an empty caption")
+        captions.setdefault(ann["image_id"], []).append(caption)
+    if not captions:
+        raise ValueError(f"{path} holds no captions")
+    return [(name, captions[i]) for i, name in names.items() if i in captions]
+
+
+def load_text_data(args):
+    """(dataset of (image, index), the captions of every image) for --text-demo or --data DIR --captions JSON."""
+    if args.captions is None:  # the demo: every shape gets the captions of its class
+        images, labels = make_shapes(args.demo_images_per_class, args.image_size, args.seed)
+        data = ImageData(images.permute(0, 2, 3, 1).numpy(), np.arange(len(labels)), size=args.image_size)
+        return data, [SHAPE_CAPTIONS[k] for k in labels.tolist()]
+    if args.data is None or not os.path.isdir(args.data):
+        fail(f"--captions needs --data DIR, the folder of the images it names (got {args.data})")
+    try:
+        entries = read_coco_captions(args.captions)
+    except ValueError as e:
+        fail(str(e))
+    missing = [name for name, _ in entries if not os.path.isfile(os.path.join(args.data, name))]
+    if missing:
+        fail(f"{len(missing)} of the {len(entries)} images of {args.captions} are not in {args.data} (e.g. {missing[0]})")
+    files = [(os.path.join(args.data, name), i) for i, (name, _) in enumerate(entries)]  # label: the image's index
+    return ImageData(files=files, size=args.image_size), [c for _, c in entries]
+
+
+def pick_captions(captions, index, u):
+    """Caption of each image index (N,): one of its captions, chosen by a uniform draw u (N,) in [0, 1)."""
+    return [captions[i][int(v * len(captions[i]))] for i, v in zip(index.tolist(), u.tolist())]
+
+
 class StepBatches(torch.utils.data.Sampler):
     """This rank's indices of every global batch from `start` on; epoch e is a permutation seeded by (seed, e)."""
 
@@ -221,21 +288,122 @@ def to_uint8(x):
 
 @torch.no_grad()
 def generate(model, diffusion, labels, seeds, cfg_scale=1.0, vae=None, device="cpu", sampler="ddpm", eta=0.0,
-             progress=False):
-    """uint8 images (N, H, W, 3): sample i depends only on seeds[i] (and labels[i]), never on the batch it is in."""
+             progress=False, context_mask=None):
+    """uint8 images (N, H, W, 3): sample i depends only on seeds[i] (and labels[i]), never on the batch it is in.
+
+    labels: class labels (N,), text tokens (N, L, C) (with an optional key mask context_mask (N, L)), or None."""
     gens = [torch.Generator(device).manual_seed(int(s)) for s in seeds]
     shape = (len(seeds), model.in_channels, model.input_size, model.input_size)
-    y = None if labels is None else torch.as_tensor(labels, device=device)
+    cond = {"y": None if labels is None else torch.as_tensor(labels, device=device)}
+    if context_mask is not None:
+        cond["context_mask"] = torch.as_tensor(context_mask, device=device)
     net = model
-    if y is not None and cfg_scale != 1.0:  # classifier-free guidance: run [cond | null] as one batch
-        def net(x, t, y):
-            null = torch.full_like(y, model.num_classes)
-            return model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), cfg_scale)[: len(x)]
-    x = diffusion.p_sample_loop(net, shape, model_kwargs=dict(y=y), device=device, progress=progress,
-                                generators=gens, sampler=sampler, eta=eta)
+    if labels is not None and cfg_scale != 1.0:  # classifier-free guidance: [cond | uncond] as one batch, in which
+        def net(x, t, **cond):  # the model drops the second half's condition itself (null class or null context)
+            both = {k: torch.cat([v, v]) for k, v in cond.items()}
+            return model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), cfg_scale=cfg_scale, **both)[: len(x)]
+    x = diffusion.p_sample_loop(net, shape, model_kwargs=cond, device=device, progress=progress, generators=gens,
+                                sampler=sampler, eta=eta, clip_denoised=vae is None)  # pixels: clip x0 as ADM does
     if vae is not None:
         x = vae.decode(x / VAE_SCALE).sample
     return to_uint8(x)
+
+
+#################################################################################
+#                     Text conditioning: a frozen CLIP text encoder             #
+#################################################################################
+
+def tiny_clip(seed=0):
+    """(tokenizer, model): a 2-layer, 64-wide CLIP text encoder with random weights and a character-level tokenizer.
+
+    Built offline and deterministically from `seed` (the global RNG is left alone): the text demo's encoder, and
+    a stand-in for CLIP in tests. Random, it knows no language, but it maps different captions to different tokens."""
+    import tempfile
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    chars = [chr(c) for c in range(33, 127)]  # printable ASCII is its own byte-level symbol; spaces split words
+    vocab = {w: i for i, w in enumerate(["<|startoftext|>", "<|endoftext|>", *chars, *(c + "</w>" for c in chars)])}
+    with tempfile.TemporaryDirectory() as d:  # no merges: every word is spelled out character by character
+        with open(os.path.join(d, "vocab.json"), "w") as f:
+            json.dump(vocab, f)
+        with open(os.path.join(d, "merges.txt"), "w") as f:
+            f.write("#version: 0.2\n")
+        tokenizer = CLIPTokenizer.from_pretrained(d, model_max_length=32)
+    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, max_position_embeddings=32, bos_token_id=0, eos_token_id=1,
+                            pad_token_id=1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return tokenizer, CLIPTextModel(config)
+
+
+def load_clip(name):
+    """(tokenizer, model) of a CLIP text encoder: a save_pretrained directory, a hub name, or DEMO_TEXT_ENCODER."""
+    try:
+        from transformers import CLIPTextModel, CLIPTokenizer
+    except ImportError:
+        fail("text-to-image needs the optional package transformers: pip install transformers")
+    if name == DEMO_TEXT_ENCODER:
+        return tiny_clip()
+    try:
+        return CLIPTokenizer.from_pretrained(name), CLIPTextModel.from_pretrained(name)
+    except Exception as e:  # offline, missing or broken files
+        fail(f"cannot load a CLIP text encoder from {name!r} ({type(e).__name__}); pass --text-encoder DIR, "
+             f"a local copy (tokenizer and CLIPTextModel saved with save_pretrained)")
+
+
+def text_digest(tokenizer, model, length):
+    """A short hash of the tokenizer's vocabulary, the sequence length and every weight: the encoder's identity."""
+    h = hashlib.sha256(json.dumps([tokenizer.get_vocab(), length], sort_keys=True).encode())
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class TextEncoder:
+    """Captions -> (token embeddings (N, L, C) float32, key mask (N, L) bool): CLIP's frozen last hidden state.
+
+    Captions are padded (or cut) to the encoder's full length L (77 for CLIP), so a caption's tokens never depend on
+    the others in its batch; the mask marks the real tokens (start, words, end) for models trained with --text-mask.
+    With a cache folder, each caption's embedding is written there once (atomically) and read back afterwards."""
+
+    def __init__(self, name, device="cpu", cache=None):
+        self.tokenizer, model = load_clip(name)
+        self.model = model.to(device).eval().requires_grad_(False)
+        self.length = min(self.tokenizer.model_max_length, model.config.max_position_embeddings)
+        self.dim, self.device, self.cache = model.config.hidden_size, device, cache
+        self.digest = text_digest(self.tokenizer, model, self.length)
+
+    @torch.no_grad()
+    def encode(self, captions):
+        """Run the encoder on a list of captions."""
+        tokens = self.tokenizer(list(captions), padding="max_length", max_length=self.length, truncation=True,
+                                return_tensors="pt")
+        hidden = self.model(input_ids=tokens.input_ids.to(self.device)).last_hidden_state.float()
+        return hidden, tokens.attention_mask.to(self.device).bool()
+
+    def cache_file(self, caption):
+        """DIR/ab/abcdef....pt: named by the encoder and the caption."""
+        key = hashlib.sha256(f"{self.digest}\n{caption}".encode()).hexdigest()
+        return os.path.join(self.cache, key[:2], f"{key}.pt")
+
+    def __call__(self, captions):
+        """Embeddings and key masks of a list of captions, from the cache where it has them."""
+        if self.cache is None:
+            return self.encode(captions)
+        found = {}
+        new = [c for c in dict.fromkeys(captions) if not os.path.exists(self.cache_file(c))]
+        if new:
+            hidden, mask = self.encode(new)
+            for c, h, m in zip(new, hidden.cpu(), mask.cpu()):
+                found[c] = entry = {"hidden": h.clone(), "mask": m.clone()}  # clones: save the row, not the batch
+                os.makedirs(os.path.dirname(self.cache_file(c)), exist_ok=True)
+                dtr.atomic_write(self.cache_file(c), lambda tmp: torch.save(entry, tmp))
+        for c in captions:
+            if c not in found:
+                found[c] = torch.load(self.cache_file(c), map_location="cpu", weights_only=True)
+        hidden = torch.stack([found[c]["hidden"] for c in captions]).to(self.device)
+        return hidden, torch.stack([found[c]["mask"] for c in captions]).to(self.device)
 
 
 #################################################################################
@@ -323,7 +491,7 @@ def step_randomness(args, step, shape, device):
     """All random draws of one global batch, from a generator seeded by (seed, step); each rank slices its share.
 
     Drawing per global batch rather than per rank makes training independent of how the batch is split over
-    ranks: any world size sees the same timesteps, noise, flips and label drops for global sample i."""
+    ranks: any world size sees the same timesteps, noise, flips, label drops and captions for global sample i."""
     g = torch.Generator(device).manual_seed(args.seed * 2**32 + step)
     n = args.global_batch_size
     clusters = args.uw_clusters if args.loss_weight == "ant-uw" else None
@@ -333,6 +501,8 @@ def step_randomness(args, step, shape, device):
                  drop=torch.rand(n, generator=g, device=device) < args.class_dropout_prob)
     if args.vae:
         draws["posterior"] = torch.randn(n, *shape, generator=g, device=device)  # z = mean + std * noise
+    if getattr(args, "context_dim", None) is not None:  # which of its captions each image gets this time
+        draws["caption"] = torch.rand(n, generator=g, device=device, dtype=torch.float64)
     return draws
 
 
@@ -348,7 +518,13 @@ def train(args):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(args.seed * world + rank)  # per-rank stream for dropout; batch draws are per step
 
-    dataset, args.num_classes = load_data(args)
+    text, captions, args.context_dim, args.text_digest, args.text_length = None, None, None, None, None
+    if args.text_encoder is None:
+        dataset, args.num_classes = load_data(args)
+    else:  # text-to-image: the condition is a caption, through the frozen encoder
+        (dataset, captions), args.num_classes = load_text_data(args), 1
+        text = TextEncoder(args.text_encoder, device, args.cache_text)
+        args.context_dim, args.text_digest, args.text_length = text.dim, text.digest, text.length
     if len(dataset) < args.global_batch_size:
         fail(f"{len(dataset)} images are fewer than one global batch of {args.global_batch_size}")
     ckpt = None
@@ -357,7 +533,7 @@ def train(args):
         ckpt = load_checkpoint(path) if path else None
         if ckpt is not None:
             args.resume = path
-            for k in MODEL_ARGS:
+            for k in MODEL_ARGS + (TEXT_ARGS if text else ()):
                 if ckpt["args"].get(k) != getattr(args, k):
                     fail(f"--resume {path}: {k} is {ckpt['args'].get(k)!r} there but {getattr(args, k)!r} now")
     if args.vae and args.image_size % VAE_FACTOR:
@@ -402,9 +578,12 @@ def train(args):
     log = Logger(exp if rank == 0 else None)
     if rank == 0 and ckpt is None:
         dtr.atomic_write(os.path.join(exp, "args.json"), lambda tmp: json.dump(vars(args), open(tmp, "w"), indent=2))
+    condition = f"{args.num_classes} classes"
+    if text is not None:
+        condition = f"{sum(map(len, captions)):,} captions, text encoder {args.text_encoder} ({text.length} x {text.dim})"
     log(f"{'resuming ' + args.resume + ' at step ' + str(step) if ckpt else 'experiment ' + str(exp)}: {args.model}, "
         f"routing {args.routing} (alpha {args.alpha}, beta {args.beta}), {len(dataset):,} images, "
-        f"{args.num_classes} classes, {sum(p.numel() for p in model.parameters()):,} parameters, "
+        f"{condition}, {sum(p.numel() for p in model.parameters()):,} parameters, "
         f"{world} process(es) x batch {local_batch} on {device}")
 
     loader = torch.utils.data.DataLoader(
@@ -433,7 +612,11 @@ def train(args):
                 with torch.no_grad():
                     post = vae.encode(x).latent_dist
                     x = (post.mean + post.std * r["posterior"]) * VAE_SCALE
-            kwargs = {} if args.num_classes == 1 else dict(y=y.to(device), force_drop_ids=r["drop"])
+            if text is not None:  # y holds image indices: pick this step's captions and encode them (no grad)
+                context, mask = text(pick_captions(captions, y, r["caption"]))
+                kwargs = dict(y=context, force_drop_ids=r["drop"], **({"context_mask": mask} if args.text_mask else {}))
+            else:
+                kwargs = {} if args.num_classes == 1 else dict(y=y.to(device), force_drop_ids=r["drop"])
             with torch.autocast(**amp):
                 terms = diffusion.training_losses(net, x, r["t"], kwargs, r["noise"])
             losses = terms["loss"].float()
@@ -462,7 +645,7 @@ def train(args):
                 path = save_checkpoint(args, exp, step, model, ema, opt, uw, world, device, rank)
                 log(f"saved {path}")
             if rank == 0 and (args.sample_every and step % args.sample_every == 0 or step == args.steps):
-                path = save_grid(args, exp, step, ema, vae, device)
+                path = save_grid(args, exp, step, ema, vae, device, text, captions)
                 log(f"saved {path}")
     finally:  # errors then print on a line of their own
         bar.close()
@@ -517,15 +700,21 @@ def save_checkpoint(args, exp, step, model, ema, opt, uw, world, device, rank):
     return path
 
 
-def save_grid(args, exp, step, ema, vae, device):
-    """A grid of EMA samples (one row per class, up to 8 classes) next to the checkpoints."""
+def save_grid(args, exp, step, ema, vae, device, text=None, captions=None):
+    """A grid of EMA samples next to the checkpoints: a row per class (up to 8), or per prompt (text; listed in .txt)."""
     from torchvision.utils import save_image
+    path = os.path.join(exp, f"samples_{step:07d}.png")
     rows = min(args.num_classes, 8) if args.num_classes > 1 else 8
     labels = None if args.num_classes == 1 else torch.arange(rows).repeat_interleave(8).tolist()
+    mask = None
+    if text is not None:  # the first caption of the first images with distinct first captions (demo: one per shape)
+        prompts = list(dict.fromkeys(c[0] for c in captions))[:8]
+        rows, (labels, mask) = len(prompts), text([p for p in prompts for _ in range(8)])
+        mask = mask if args.text_mask else None
+        dtr.atomic_write(path[:-4] + ".txt", lambda tmp: open(tmp, "w").write("\n".join(prompts) + "\n"))
     ema.eval()
     images = generate(ema, build_diffusion(args, str(args.grid_steps)), labels, range(rows * 8),
-                      args.grid_cfg_scale if args.class_dropout_prob > 0 else 1.0, vae, device)
-    path = os.path.join(exp, f"samples_{step:07d}.png")
+                      args.grid_cfg_scale if args.class_dropout_prob > 0 else 1.0, vae, device, context_mask=mask)
     grid = images.permute(0, 3, 1, 2).float() / 255
     dtr.atomic_write(path, lambda tmp: save_image(grid, tmp, nrow=8, padding=1, format="png"))
     return path
@@ -536,7 +725,13 @@ def save_grid(args, exp, step, ema, vae, device):
 #################################################################################
 
 def resolve_preset(args):
-    """Fill flags left unset from the demo preset (no --data) or the paper's settings (with --data)."""
+    """Fill flags left unset from the demo preset (no --data) or the paper's settings (with --data); text encoder."""
+    if args.text_demo and (args.data is not None or args.captions is not None):
+        fail("--text-demo trains on the built-in shapes; leave out --data and --captions")
+    if args.text_demo or args.captions is not None:
+        args.text_encoder = args.text_encoder or (DEMO_TEXT_ENCODER if args.text_demo else COCO_TEXT_ENCODER)
+    elif args.text_encoder or args.cache_text or args.text_mask:
+        fail("--text-encoder, --cache-text and --text-mask apply to text-to-image runs (--captions or --text-demo)")
     preset = DEMO if args.data is None else PAPER
     for k, v in preset.items():
         if getattr(args, k) is None:
@@ -560,13 +755,20 @@ def parser():
     a("--num-workers", type=int, default=None)
     a("--vae", choices=["ema", "mse"], default=None, help="train in Stable Diffusion's latent space (needs diffusers)")
     a("--vae-path", default=None, help="local AutoencoderKL directory (default: the hub's stabilityai/sd-vae-ft-*)")
+    # text-to-image (needs transformers)
+    a("--captions", default=None, help="COCO captions_*.json for the images in --data: text-to-image training")
+    a("--text-demo", action="store_true", help="text-to-image on the built-in shapes, captioned 'a red circle', ...")
+    a("--text-encoder", default=None, help=f"CLIP text encoder: local directory or hub name (default {COCO_TEXT_ENCODER}; "
+                                           f"--text-demo: {DEMO_TEXT_ENCODER}, a tiny random one)")
+    a("--cache-text", default=None, metavar="DIR", help="keep every caption's embedding in DIR (encoded once)")
+    a("--text-mask", action="store_true", help="cross-attend only to the caption's tokens, not to CLIP's padding")
     # model and routing
     a("--model", choices=list(MODELS), default=None, help="demo DiT-T/2, paper DiT-L/2")
     a("--routing", choices=dtr.ROUTINGS, default="dtr")
     a("--alpha", type=float, default=4.0)
     a("--beta", type=float, default=0.8)
     a("--routing-seed", type=int, default=0, help="seeds the R-TR masks")
-    a("--class-dropout-prob", type=float, default=0.1, help="label dropout for classifier-free guidance")
+    a("--class-dropout-prob", type=float, default=0.1, help="label (text: caption) dropout for classifier-free guidance")
     a("--fixed-sigma", dest="learn_sigma", action="store_false", help="do not learn the variance")
     # diffusion and loss
     a("--num-timesteps", type=int, default=1000)
