@@ -764,8 +764,9 @@ class GaussianDiffusion:
         acp = np.cumprod(1.0 - betas)
         acp_prev = np.append(1.0, acp[:-1])
         post_var = betas * (1.0 - acp_prev) / (1.0 - acp)
-        # the posterior variance is 0 at t=0, so its log is clipped to the t=1 value
-        post_log_var = np.log(np.append(post_var[1], post_var[1:])) if len(betas) > 1 else np.array([])
+        # the posterior variance is 0 at t=0, so its log is clipped to the t=1 value (one step: to log beta_0, unused
+        # when sampling, as no noise is added at t=0)
+        post_log_var = np.log(np.append(post_var[1], post_var[1:])) if len(betas) > 1 else np.log(betas)
         large_var = np.append(post_var[1], betas[1:]) if len(betas) > 1 else betas
         tables = dict(
             betas=betas, alphas_cumprod=acp, alphas_cumprod_prev=acp_prev, snrs=acp / (1.0 - acp),

@@ -671,6 +671,17 @@ def test_respacing_keeps_original_timesteps():
         dtr.space_timesteps(10, "20")
 
 
+
+def test_one_step_sampling_returns_the_clipped_x0_prediction():
+    d = dtr.create_diffusion("1", noise_schedule="cosine")  # keeps t = 0 alone, like guided-diffusion
+    assert d.timestep_map.tolist() == [0] and d.posterior_mean_coef1.item() == 1.0  # abar_prev = 1 at the only step
+    eps = torch.randn(2, 3, 4, 4)
+    model = lambda x, t, y=None: torch.cat([eps, torch.zeros_like(eps)], 1)
+    x_T = torch.randn(2, 3, 4, 4)
+    out = d.p_sample_loop(model, x_T.shape, noise=x_T, device="cpu", clip_denoised=True)
+    abar = d.alphas_cumprod[0].item()
+    assert torch.allclose(out, ((x_T - (1 - abar) ** 0.5 * eps) / abar**0.5).clamp(-1, 1), atol=1e-6)
+
 def test_sampling_is_per_sample_reproducible():
     model = tiny_dit().eval()
     d = dtr.create_diffusion("5")
@@ -1128,7 +1139,7 @@ def torchrun(*args, nproc=2):
 
 def test_train_demo_defaults_and_outputs(tmp_path):
     args = train.resolve_preset(train.parser().parse_args([]))
-    assert (args.model, args.image_size, args.global_batch_size, args.lr, args.ema_decay) == ("DiT-T/2", 16, 64, 1e-3, 0.999)
+    assert (args.model, args.image_size, args.global_batch_size, args.lr, args.ema_decay) == ("DiT-T/2", 16, 64, 2e-3, 0.995)
     paper = train.resolve_preset(train.parser().parse_args(["--data", "x"]))
     assert (paper.lr, paper.global_batch_size, paper.ema_decay, paper.weight_decay, paper.class_dropout_prob,
             paper.noise_schedule, paper.num_timesteps, paper.learn_sigma, paper.flip_prob) == \
@@ -1140,7 +1151,7 @@ def test_train_demo_defaults_and_outputs(tmp_path):
     model = train.build_model(argparse.Namespace(**ckpt["args"]))
     model.load_state_dict(ckpt["ema"], strict=True)  # loadable as a plain DiT state dict
     log = open(os.path.join(exp, "log.txt")).read()
-    assert "steps/s" in log and "t quarters" in log and json.load(open(os.path.join(exp, "args.json")))["lr"] == 1e-3
+    assert "steps/s" in log and "t quarters" in log and json.load(open(os.path.join(exp, "args.json")))["lr"] == 2e-3
     grid = np.array(Image.open(os.path.join(exp, "samples_0000003.png")))
     assert grid.shape == (6 * 9 + 1, 8 * 9 + 1, 3)  # one row per class, 8 columns, 1-pixel padding
 
@@ -1154,6 +1165,7 @@ def test_train_shapes_data_is_deterministic_and_classed():
         img = a[la == k][0].float()
         fg = (img - img[:, :1, :1]).abs().sum(0) > 60
         assert (img[:, fg].mean(1) - torch.tensor(rgb)).abs().max() < 60
+        assert fg.sum() >= 16 and not (fg[0].any() or fg[-1].any() or fg[:, 0].any() or fg[:, -1].any())  # in frame
 
 
 def test_train_ema_update_formula():
@@ -1768,7 +1780,7 @@ def test_text_demo_data_and_flags():
     picked = train.pick_captions(captions, torch.tensor([0, 0, 11]), u)
     assert picked == ["a red circle", "a picture of a red circle", "a picture of a cyan diamond"]
     args = train.resolve_preset(train.parser().parse_args(["--text-demo"]))
-    assert args.text_encoder == train.DEMO_TEXT_ENCODER and args.model == "DiT-T/2" and args.steps == 3000
+    assert args.text_encoder == train.DEMO_TEXT_ENCODER and args.model == "DiT-T/2" and args.steps == 2400
     coco = train.resolve_preset(train.parser().parse_args(["--data", "d", "--captions", "c.json"]))
     assert coco.text_encoder == "openai/clip-vit-large-patch14" and coco.global_batch_size == 256
     for argv, message in ((["--text-demo", "--data", "d"], "leave out --data"), (["--cache-text", "c"], "apply to text")):

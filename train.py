@@ -35,8 +35,8 @@ MODELS = {**dtr.DiT_models, **dtr.ADM_models}
 
 PAPER = dict(model="DiT-L/2", image_size=256, global_batch_size=256, lr=1e-4, ema_decay=0.9999, steps=400_000,
              log_every=100, ckpt_every=50_000, sample_every=0, num_workers=4)
-DEMO = dict(model="DiT-T/2", image_size=16, global_batch_size=64, lr=1e-3, ema_decay=0.999, steps=3000,
-            log_every=100, ckpt_every=1000, sample_every=0, num_workers=0)
+DEMO = dict(model="DiT-T/2", image_size=16, global_batch_size=64, lr=2e-3, ema_decay=0.995, steps=2400,
+            log_every=100, ckpt_every=800, sample_every=0, num_workers=0)
 # Arguments that define the model and the diffusion: a resumed run must agree on them (text runs: on TEXT_ARGS too).
 MODEL_ARGS = ("model", "image_size", "vae", "num_classes", "learn_sigma", "class_dropout_prob", "routing", "alpha",
               "beta", "routing_seed", "num_timesteps", "noise_schedule", "context_dim")
@@ -46,8 +46,8 @@ DEMO_TEXT_ENCODER = "builtin:tiny-clip"  # tiny_clip() below: random, offline, d
 
 
 def fail(msg):
-    """Stop with one line on stderr and a non-zero exit."""
-    raise SystemExit(f"train.py: error: {msg}")
+    """Stop with one line on stderr and a non-zero exit, named after the running script (sample.py uses our loaders)."""
+    raise SystemExit(f"{os.path.basename(sys.argv[0]) or 'train.py'}: error: {msg}")
 
 
 #################################################################################
@@ -119,8 +119,8 @@ def make_shapes(num_per_class, image_size, seed=0):
     n = num_per_class * len(SHAPES)
     labels = torch.arange(len(SHAPES)).repeat_interleave(num_per_class)
     grid = (torch.arange(image_size) + 0.5) / image_size
-    center = 0.35 + 0.3 * torch.rand(n, 2, 1, 1, generator=g)  # (N, 2, 1, 1): x, y
-    r = (0.2 + 0.1 * torch.rand(n, 1, 1, generator=g))  # (N, 1, 1)
+    center = 0.4 + 0.2 * torch.rand(n, 2, 1, 1, generator=g)  # (N, 2, 1, 1): x, y
+    r = 0.3 + 0.08 * torch.rand(n, 1, 1, generator=g)  # (N, 1, 1): shapes fill most of the frame, never leave it
     dx, dy = grid[None, None, :] - center[:, 0], grid[None, :, None] - center[:, 1]  # (N, S, S)
     dist = (dx**2 + dy**2).sqrt()
     inside = torch.stack([
@@ -442,7 +442,10 @@ def rng_states(world, device):
 
 
 def clean_state_dict(sd):
-    """A model state dict without DDP / torch.compile prefixes and without the official DTR repo's mask buffers."""
+    """A model state dict without DDP / torch.compile prefixes and without the official DTR repo's mask buffers.
+
+    The masks are dropped unchecked: --init-from takes weights only, and routing comes from this run's flags (one may
+    fine-tune a plain DiT with DTR, or change alpha); sample.py, which must reproduce a model, checks them instead."""
     sd = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in sd.items()}
     return {k: v for k, v in sd.items() if not k.endswith("routing._unit_mapping")}
 
@@ -781,10 +784,10 @@ def parser():
     a("--uw-lr", type=float, default=0.025, help="learning rate of the ANT-UW log-variances")
     # optimisation
     a("--global-batch-size", type=int, default=None, help="demo 64, paper 256")
-    a("--lr", type=float, default=None, help="demo 1e-3, paper 1e-4")
+    a("--lr", type=float, default=None, help="demo 2e-3, paper 1e-4")
     a("--weight-decay", type=float, default=0.0)
-    a("--ema-decay", type=float, default=None, help="demo 0.999, paper 0.9999")
-    a("--steps", type=int, default=None, help="demo 3000, paper 400000")
+    a("--ema-decay", type=float, default=None, help="demo 0.995, paper 0.9999")
+    a("--steps", type=int, default=None, help="demo 2400, paper 400000")
     a("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     a("--compile", action="store_true", help="torch.compile the model")
     a("--seed", type=int, default=0)
