@@ -157,12 +157,18 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(timestep_embedding(t, self.frequency_embedding_size))
 
 
+def drop_ids(n, prob, force_drop_ids=None, device=None):
+    """Which of n conditions CFG training drops (N,) bool: force_drop_ids if given, else each with probability prob;
+    None when none can be dropped (prob 0)."""
+    if force_drop_ids is not None:
+        return force_drop_ids
+    return None if prob == 0 else torch.rand(n, device=device) < prob
+
+
 def drop_labels(labels, null_class, prob, force_drop_ids=None):
     """Replace labels (N,) by the null class with probability prob, or where force_drop_ids (N,) is True (CFG training)."""
-    if force_drop_ids is None and prob == 0:
-        return labels
-    drop = torch.rand(labels.shape[0], device=labels.device) < prob if force_drop_ids is None else force_drop_ids
-    return torch.where(drop, null_class, labels)
+    drop = drop_ids(len(labels), prob, force_drop_ids, labels.device)
+    return labels if drop is None else torch.where(drop, null_class, labels)
 
 
 class LabelEmbedder(nn.Module):
@@ -194,9 +200,9 @@ def drop_context(context, mask, null, prob, force_drop_ids=None):
 
     A dropped row holds L copies of the null token, so attending to it gives the null token's value whatever L is; its
     key mask (N, L), if any, becomes all True (a row with no key to attend to has no defined attention)."""
-    if force_drop_ids is None and prob == 0:
+    drop = drop_ids(len(context), prob, force_drop_ids, context.device)
+    if drop is None:
         return context, mask
-    drop = torch.rand(context.shape[0], device=context.device) < prob if force_drop_ids is None else force_drop_ids
     context = torch.where(drop[:, None, None], null.to(context.dtype), context)
     return context, None if mask is None else mask | drop[:, None]
 
@@ -677,6 +683,8 @@ ADM_models = {
                   num_head_channels=32, use_scale_shift_norm=True, resblock_updown=True, use_new_attention_order=True),
 }
 
+MODELS = {**DiT_models, **ADM_models}  # every name create_model, train.py and the bench accept
+
 
 #################################################################################
 #                          Gaussian Diffusion (DDPM / IDDPM)                    #
@@ -951,10 +959,9 @@ def uncertainty_weighted_loss(loss, t, log_vars, num_timesteps):
 
 def create_model(name, **kwargs):
     """A model from the registries by name, e.g. create_model('DiT-S/2', input_size=32, routing='dtr')."""
-    registry = {**DiT_models, **ADM_models}
-    if name not in registry:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(registry)}")
-    return registry[name](**kwargs)
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    return MODELS[name](**kwargs)
 
 
 def atomic_write(path, write):
@@ -1035,7 +1042,7 @@ if __name__ == "__main__":
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="masks.png")
     p = sub.add_parser("bench", help="time forward+backward with routing none / random / dtr")
-    p.add_argument("--model", choices=[*DiT_models, *ADM_models], default="DiT-S/2")
+    p.add_argument("--model", choices=list(MODELS), default="DiT-S/2")
     p.add_argument("--image-size", type=int, default=32, help="the network's input side (latent side for DiT)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--steps", type=int, default=20)

@@ -31,7 +31,6 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # A bare state dict is read as a facebookresearch/DiT checkpoint: DiT's diffusion and no routing.
 PLAIN_ARGS = dict(vae_path=None, routing="none", alpha=4.0, beta=0.8, routing_seed=0, num_timesteps=1000,
                   noise_schedule="linear", loss_weight="constant", min_snr_gamma=5.0, p2_gamma=1.0, p2_k=1.0)
-MASK_KEY = ".routing._unit_mapping"  # the official DTR code stores each block's masks in its state dict
 
 
 def is_main():
@@ -78,7 +77,7 @@ def plain_args(state, model, image_size, vae):
         fail(f"the checkpoint is not a DiT state dict (no {e.args[0]})")
     if c_in not in (3, 4):
         fail(f"the checkpoint's DiT takes {c_in} input channels; expected 4 (VAE latents) or 3 (pixels)")
-    routing = "dtr" if any(k.endswith(MASK_KEY) for k in state) else "none"  # official DTR: alpha 4, beta 0.8
+    routing = "dtr" if any(k.endswith(train.MASK_KEY) for k in state) else "none"  # official DTR: alpha 4, beta 0.8
     return dict(PLAIN_ARGS, model=model, image_size=image_size, vae=(vae or "ema") if c_in == 4 else None,
                 num_classes=max(rows - 1, 1), class_dropout_prob=0.1 if rows > 1 else 0.0,  # DiT: null row if > 1 class
                 learn_sigma=c_out == 2 * c_in, routing=routing)
@@ -97,7 +96,7 @@ def load_checkpoint(path, weights="ema", model=None, image_size=None, vae=None, 
         state = ckpt
     else:
         fail(f"{path} has no {weights!r} weights (keys: {', '.join(map(str, ckpt))})")
-    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+    state = train.unwrap_state_dict(state)
     if isinstance(given, dict) and "routing" in given:  # train.py: everything is in the checkpoint
         for flag, name in ((model, "model"), (image_size, "image_size")):
             if flag is not None and flag != given[name]:
@@ -117,7 +116,7 @@ def load_checkpoint(path, weights="ema", model=None, image_size=None, vae=None, 
 
 def check_masks(model, state):
     """Drop the official DTR code's stored masks, after checking that they are the masks this model derives."""
-    stored = {k: state.pop(k) for k in [k for k in state if k.endswith(MASK_KEY)]}
+    stored = {k: state.pop(k) for k in [k for k in state if k.endswith(train.MASK_KEY)]}
     tables = list(model.router.buffers())
     for key, masks in stored.items():
         i = int(key.split(".")[1])  # blocks.{i}.routing._unit_mapping
@@ -244,18 +243,13 @@ def prepare_out(out, files, settings, num_shards, resume=False, overwrite=False,
     if save_png:
         os.makedirs(files.pngs, exist_ok=True)
     if not os.path.exists(files.settings):
-        dtr.atomic_write(files.settings, lambda tmp: write_text(tmp, json.dumps(settings, indent=2) + "\n"))
+        dtr.atomic_write(files.settings, lambda tmp: train.write_text(tmp, json.dumps(settings, indent=2) + "\n"))
     return [k for k in range(num_shards) if not os.path.exists(shard_file(files, k))]
 
 
 #################################################################################
 #                                   Outputs                                     #
 #################################################################################
-
-def write_text(path, text):
-    with open(path, "w") as f:
-        f.write(text)
-
 
 def save_npz(path, arrays):
     """np.savez to `path` atomically (an open file, so numpy adds no '.npz' to the temporary name)."""
@@ -310,19 +304,6 @@ def save_pngs(folder, images, start):
 #################################################################################
 #                                 Sampling                                      #
 #################################################################################
-
-def init_distributed():
-    """(rank, world size, device) from torchrun's environment (NCCL on GPUs, gloo on CPU); one process without it."""
-    cuda = torch.cuda.is_available()
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if cuda else "cpu")
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    if cuda:
-        torch.cuda.set_device(local)
-    # Ranks may finish up to a shard apart before the final barrier: allow more than the default 10-30 minutes.
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=2))
-    return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local}" if cuda else "cpu")
-
 
 def from_rank0(fn, rank, world):
     """fn() computed on rank 0 alone and handed to every rank; if it fails there, every rank stops."""
@@ -408,7 +389,8 @@ def main(args):
                                         args.text_encoder)
     check_args(args, model_args)
     captions = None if getattr(model_args, "context_dim", None) is None else text_captions(args)
-    rank, world, device = init_distributed()
+    # Ranks may finish up to a shard apart before the final barrier: allow more than the default 10-30 minutes.
+    rank, world, device = train.setup_distributed(timeout=timedelta(hours=2))
     try:
         run(args, model_args, state, rank, world, device, captions)
     finally:

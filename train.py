@@ -31,7 +31,6 @@ import dtr
 
 VAE_SCALE = 0.18215  # Stable Diffusion's latent scale
 VAE_FACTOR = 8  # the VAE's spatial downsampling
-MODELS = {**dtr.DiT_models, **dtr.ADM_models}
 
 PAPER = dict(model="DiT-L/2", image_size=256, global_batch_size=256, lr=1e-4, ema_decay=0.9999, steps=400_000,
              log_every=100, ckpt_every=50_000, sample_every=0, num_workers=4)
@@ -43,6 +42,13 @@ MODEL_ARGS = ("model", "image_size", "vae", "num_classes", "learn_sigma", "class
 TEXT_ARGS = ("text_digest", "text_length", "text_mask")
 COCO_TEXT_ENCODER = "openai/clip-vit-large-patch14"  # CLIP ViT-L/14's text encoder: 77 tokens of width 768
 DEMO_TEXT_ENCODER = "builtin:tiny-clip"  # tiny_clip() below: random, offline, deterministic
+MASK_KEY = ".routing._unit_mapping"  # the official DTR code stores each block's masks in its state dict
+
+
+def write_text(path, text):
+    """Write a str to a file (closed before returning, so an atomic_write rename sees all of it)."""
+    with open(path, "w") as f:
+        f.write(text)
 
 
 def fail(msg):
@@ -101,7 +107,6 @@ def load_vae(kind, path=None, device="cpu"):
         return AutoencoderKL.from_pretrained(source).to(device).eval().requires_grad_(False)
     except Exception as e:  # offline, missing or broken files
         fail(f"cannot load the VAE from {source!r} ({type(e).__name__}); pass --vae-path DIR with a local copy")
-
 
 
 #################################################################################
@@ -410,8 +415,8 @@ class TextEncoder:
 #                           Distributed set-up and checkpoints                  #
 #################################################################################
 
-def setup_distributed():
-    """(rank, world_size, device) from the torchrun environment; one process without it."""
+def setup_distributed(timeout=None):
+    """(rank, world_size, device) from the torchrun environment; one process without it. timeout: of collectives."""
     cuda = torch.cuda.is_available()
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if cuda else "cpu")
@@ -419,7 +424,7 @@ def setup_distributed():
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if cuda else "gloo")
+    dist.init_process_group("nccl" if cuda else "gloo", **({} if timeout is None else {"timeout": timeout}))
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -441,13 +446,17 @@ def rng_states(world, device):
     return states
 
 
+def unwrap_state_dict(sd):
+    """A model state dict without the prefixes DDP (module.) and torch.compile (_orig_mod.) add to its keys."""
+    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in sd.items()}
+
+
 def clean_state_dict(sd):
-    """A model state dict without DDP / torch.compile prefixes and without the official DTR repo's mask buffers.
+    """A model state dict, unwrapped and without the official DTR repo's mask buffers.
 
     The masks are dropped unchecked: --init-from takes weights only, and routing comes from this run's flags (one may
     fine-tune a plain DiT with DTR, or change alpha); sample.py, which must reproduce a model, checks them instead."""
-    sd = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in sd.items()}
-    return {k: v for k, v in sd.items() if not k.endswith("routing._unit_mapping")}
+    return {k: v for k, v in unwrap_state_dict(sd).items() if not k.endswith(MASK_KEY)}
 
 
 def load_checkpoint(path):
@@ -484,7 +493,7 @@ def new_experiment_dir(args):
 @torch.no_grad()
 def update_ema(ema, model, decay):
     """ema <- decay * ema + (1 - decay) * model, for every parameter."""
-    ema_params = [p for p in ema.parameters()]
+    ema_params = list(ema.parameters())
     params = [p.detach() for p in model.parameters()]
     torch._foreach_mul_(ema_params, decay)
     torch._foreach_add_(ema_params, params, alpha=1 - decay)
@@ -510,7 +519,7 @@ def step_randomness(args, step, shape, device):
 
 
 def train(args):
-    """Train, log and checkpoint as `args` say; returns the final model's state dict path."""
+    """Train, log and checkpoint as `args` say; returns the experiment directory."""
     rank, world, device = setup_distributed()
     if args.global_batch_size % world:
         fail(f"global batch size {args.global_batch_size} is not divisible by the world size {world}")
@@ -580,7 +589,7 @@ def train(args):
     exp = os.path.dirname(os.path.dirname(args.resume)) if ckpt is not None else (new_experiment_dir(args) if rank == 0 else None)
     log = Logger(exp if rank == 0 else None)
     if rank == 0 and ckpt is None:
-        dtr.atomic_write(os.path.join(exp, "args.json"), lambda tmp: json.dump(vars(args), open(tmp, "w"), indent=2))
+        dtr.atomic_write(os.path.join(exp, "args.json"), lambda tmp: write_text(tmp, json.dumps(vars(args), indent=2)))
     condition = f"{args.num_classes} classes"
     if text is not None:
         condition = f"{sum(map(len, captions)):,} captions, text encoder {args.text_encoder} ({text.length} x {text.dim})"
@@ -597,7 +606,7 @@ def train(args):
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     shape = (model.in_channels, latent_size(args), latent_size(args))
     part = slice(rank * local_batch, (rank + 1) * local_batch)
-    stats = torch.zeros(3, 4, device=device)  # loss sum / count per timestep quarter, and one row for the total
+    stats = torch.zeros(2, 4, device=device)  # loss sum and sample count per timestep quarter
     model.train()
     batches = iter(loader)
     bar = tqdm_bar(rank, step, args.steps)
@@ -714,7 +723,7 @@ def save_grid(args, exp, step, ema, vae, device, text=None, captions=None):
         prompts = list(dict.fromkeys(c[0] for c in captions))[:8]
         rows, (labels, mask) = len(prompts), text([p for p in prompts for _ in range(8)])
         mask = mask if args.text_mask else None
-        dtr.atomic_write(path[:-4] + ".txt", lambda tmp: open(tmp, "w").write("\n".join(prompts) + "\n"))
+        dtr.atomic_write(path[:-4] + ".txt", lambda tmp: write_text(tmp, "\n".join(prompts) + "\n"))
     ema.eval()
     images = generate(ema, build_diffusion(args, str(args.grid_steps)), labels, range(rows * 8),
                       args.grid_cfg_scale if args.class_dropout_prob > 0 else 1.0, vae, device, context_mask=mask)
@@ -766,7 +775,7 @@ def parser():
     a("--cache-text", default=None, metavar="DIR", help="keep every caption's embedding in DIR (encoded once)")
     a("--text-mask", action="store_true", help="cross-attend only to the caption's tokens, not to CLIP's padding")
     # model and routing
-    a("--model", choices=list(MODELS), default=None, help="demo DiT-T/2, paper DiT-L/2")
+    a("--model", choices=list(dtr.MODELS), default=None, help="demo DiT-T/2, paper DiT-L/2")
     a("--routing", choices=dtr.ROUTINGS, default="dtr")
     a("--alpha", type=float, default=4.0)
     a("--beta", type=float, default=0.8)
