@@ -30,20 +30,27 @@ ROUTINGS = ("dtr", "random", "cdtr", "ercdt", "none")
 
 def dtr_masks(num_tasks, channels, alpha=4.0, beta=0.8):
     """DTR masks (T, C): a window of int(beta*C) active channels sliding right as t grows (App. A, Code 1)."""
-    active = int(beta * channels)
+    active = active_channels(channels, beta)
     # Eq. (4) places task t's window at round((C - C_beta) * ((t-1)/T)^alpha) for t = 1..T. The official code, which
     # produced the paper's numbers, uses round((C - C_beta) * (t/(T-1))^alpha) for t = 0..T-1 (numpy's linspace and
     # round-half-to-even); we follow the code so masks match it element for element.
     offsets = (np.linspace(0, 1, num_tasks) ** alpha * (channels - active)).round().astype(np.int64)
     cols = torch.arange(channels)
-    start = torch.from_numpy(offsets)[:, None]
+    start = torch.tensor(offsets)[:, None]  # on the default device, like cols
     return ((cols >= start) & (cols < start + active)).float()
+
+
+def active_channels(channels, beta):
+    """C_beta = int(beta * C), the channels each task uses; at least one, or the blocks would see nothing."""
+    if int(beta * channels) == 0:
+        raise ValueError(f"activation ratio beta={beta} leaves none of {channels} channels active (int(beta*C) = 0)")
+    return int(beta * channels)
 
 
 def random_masks(num_tasks, channels, beta=0.8, seed=0, generator=None):
     """R-TR masks (T, C): int(beta*C) channels per task drawn uniformly at random, independently per task (Sec. 4.2)."""
     g = generator if generator is not None else torch.Generator().manual_seed(seed)
-    chosen = torch.rand(num_tasks, channels, generator=g).argsort(dim=1)[:, : int(beta * channels)]
+    chosen = torch.rand(num_tasks, channels, generator=g).argsort(dim=1)[:, : active_channels(channels, beta)]
     return torch.zeros(num_tasks, channels).scatter_(1, chosen, 1.0)
 
 
@@ -96,7 +103,9 @@ class TaskRouter(nn.Module):
     def __init__(self, widths, kind="dtr", num_tasks=1000, alpha=4.0, beta=0.8, seed=0):
         super().__init__()
         self.kind, self.num_blocks = kind, len(widths)
-        routing_masks(kind, 1, 1, alpha, beta)  # validate arguments even when no table is built
+        self.widths, self.num_tasks, self.alpha, self.beta, self.seed = list(widths), num_tasks, alpha, beta, seed
+        with torch.device("cpu"):
+            routing_masks(kind, 1, min(widths), alpha, beta)  # validate arguments even when no table is built
         if kind == "none":
             return
         # Deterministic kinds give every block of the same width the same masks, so one table per width is kept.
@@ -104,12 +113,26 @@ class TaskRouter(nn.Module):
         per_block = kind == "random"
         keys = list(range(len(widths))) if per_block else sorted(set(widths))
         self.table_of_block = [i if per_block else keys.index(w) for i, w in enumerate(widths)]
-        g = torch.Generator().manual_seed(seed)
-        for j, key in enumerate(keys):
-            c = widths[key] if per_block else key
-            m = random_masks(num_tasks, c, beta, generator=g) if per_block else routing_masks(kind, num_tasks, c, alpha, beta)
-            # Derived state: bool (4x smaller than float), unaffected by .half(), never saved in a state_dict.
-            self.register_buffer(f"table{j}", m.bool(), persistent=False)
+        for j, key in enumerate(keys):  # derived state: bool (4x smaller than float), never saved in a state_dict
+            self.register_buffer(f"table{j}", torch.empty(num_tasks, widths[key] if per_block else key,
+                                                          dtype=torch.bool), persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """(Re)compute the tables in place: at construction, and after a model built on "meta" is materialised
+        with to_empty() (FSDP calls reset_parameters() then)."""
+        tables = list(self.buffers())
+        if not tables or tables[0].is_meta:  # a meta tensor holds no values
+            return
+        with torch.device("cpu"):  # computed on the CPU, so the masks are the same whatever the device
+            g = torch.Generator().manual_seed(self.seed)
+            for table in tables:
+                c = table.shape[1]
+                if self.kind == "random":  # R-TR: every block's own draw, in block order
+                    table.copy_(random_masks(self.num_tasks, c, self.beta, generator=g))
+                else:
+                    table.copy_(routing_masks(self.kind, self.num_tasks, c, self.alpha, self.beta))
 
     def forward(self, t, dtype=torch.float32):
         """List of per-block masks (N, C) for timesteps t (N,), or Nones when routing is off."""
@@ -160,8 +183,8 @@ class TimestepEmbedder(nn.Module):
 def drop_ids(n, prob, force_drop_ids=None, device=None):
     """Which of n conditions CFG training drops (N,) bool: force_drop_ids if given, else each with probability prob;
     None when none can be dropped (prob 0)."""
-    if force_drop_ids is not None:
-        return force_drop_ids
+    if force_drop_ids is not None:  # bool, or integer with 1 = drop as facebookresearch/DiT passes them
+        return force_drop_ids == 1
     return None if prob == 0 else torch.rand(n, device=device) < prob
 
 
@@ -344,7 +367,7 @@ class DiT(GuidedModel):
         num_heads=16,
         mlp_ratio=4.0,
         class_dropout_prob=0.1,
-        num_classes=1000,  # 1 for unconditional models (no label dropout then), as the DiT and DTR authors do
+        num_classes=1000,  # 1 for unconditional models (train.py then sets class_dropout_prob=0, as DTR's code does)
         learn_sigma=True,
         routing="dtr",
         alpha=4.0,
@@ -361,7 +384,9 @@ class DiT(GuidedModel):
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         if context_dim is None:
-            self.y_embedder = LabelEmbedder(num_classes, hidden_size, 0.0 if num_classes == 1 else class_dropout_prob)
+            # The null row exists whenever class_dropout_prob > 0, even for one class, as in facebookresearch/DiT
+            # (the official DTR code drops it for num_classes == 1; its train.py passes class_dropout_prob=0 instead).
+            self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         elif class_dropout_prob > 0:  # the null context exists only for caption dropout, as the null class does
             self.null_context = nn.Parameter(torch.zeros(1, context_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, hidden_size), requires_grad=False)
@@ -401,6 +426,17 @@ class DiT(GuidedModel):
         x = x.reshape(x.shape[0], h, h, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, h * p)
 
+    def labels(self, y, n):
+        """Labels (N,) to embed: y; y=None is the one class of a 1-class model, else the null class (CFG's)."""
+        if y is not None:
+            return y
+        device = self.pos_embed.device
+        if self.num_classes == 1:
+            return torch.zeros(n, dtype=torch.long, device=device)
+        if self.y_embedder.dropout_prob == 0:
+            raise ValueError("a class-conditional DiT needs labels y (it has no null class without label dropout)")
+        return torch.full((n,), self.num_classes, dtype=torch.long, device=device)
+
     def context(self, y, mask, n, force_drop_ids=None):
         """Text tokens (N, L, C) and key mask to attend to: y with caption drops to the null token; y=None: all null."""
         if not hasattr(self, "null_context"):
@@ -420,8 +456,7 @@ class DiT(GuidedModel):
         c = self.t_embedder(t)  # (N, D)
         context = None
         if self.context_dim is None:  # class labels join the timestep in adaLN's condition
-            y = torch.zeros_like(t, dtype=torch.long) if y is None else y
-            c = c + self.y_embedder(y, self.training, force_drop_ids)
+            c = c + self.y_embedder(self.labels(y, len(t)), self.training, force_drop_ids)
         else:  # text: adaLN sees the timestep alone, the tokens enter through cross-attention
             context, context_mask = self.context(y, context_mask, len(c), force_drop_ids)
         for block, mask in zip(self.blocks, masks):

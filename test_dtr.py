@@ -219,8 +219,9 @@ def test_routed_dit_block_is_eq8():
         routed = block(z, c, m)
         expected = (1 - m[:, None]) * z + hand_dit_block(block, m[:, None] * z, c)  # Eq. (8)
         assert torch.allclose(routed, expected, atol=1e-5)
-        # Eq. (7): z + Attn(m z) + MLP(m z + Attn(m z)), with the block's own pieces and no routing
-        assert torch.allclose(routed, z - m[:, None] * z + block(m[:, None] * z, c), atol=1e-6)
+        # an active channel carries the block's output alone: the (1 - m) z term vanishes there
+        active = m[:, None].expand_as(z).bool()
+        assert torch.allclose(routed[active], hand_dit_block(block, m[:, None] * z, c)[active], atol=1e-5)
         # an inactive channel only travels the identity path: perturbing it moves the output by exactly that much
         c_off = int((m[0] == 0).nonzero()[0])
         dz = torch.zeros_like(z)
@@ -272,12 +273,62 @@ def test_label_dropout_uses_num_classes_as_null():
     assert torch.equal(emb(torch.tensor([5]), train=False), emb.embedding_table.weight[5:6])
     forced = emb(torch.tensor([1, 2]), train=True, force_drop_ids=torch.tensor([False, True]))
     assert torch.equal(forced, emb.embedding_table.weight[[1, 10]])  # the caller's draw replaces the random one
+    integer = emb(torch.tensor([1, 2]), train=True, force_drop_ids=torch.tensor([0, 1]))  # DiT passes 0/1 integers
+    assert torch.equal(integer, emb.embedding_table.weight[[1, 10]])
+
+
+def test_dit_label_table_and_unconditional_labels_as_facebookresearch_dit():
+    # facebookresearch/DiT keeps the null row whenever class_dropout_prob > 0, one class included: 2 rows
     torch.manual_seed(0)
-    uncond = dtr.DiT_models["DiT-T/2"](input_size=8, num_classes=1)  # unconditional: one class, no dropout row
-    assert uncond.y_embedder.embedding_table.weight.shape[0] == 1 and uncond.y_embedder.dropout_prob == 0
-    randomize(uncond)
+    one = randomize(dtr.DiT_models["DiT-T/2"](input_size=8, num_classes=1)).eval()
+    assert one.y_embedder.embedding_table.weight.shape[0] == 2 and one.y_embedder.dropout_prob == 0.1
     x, t = torch.randn(2, 4, 8, 8), torch.tensor([3, 4])
-    assert torch.equal(uncond(x, t), uncond(x, t, torch.zeros(2, dtype=torch.long)))
+    with torch.no_grad():
+        assert torch.equal(one(x, t), one(x, t, torch.zeros(2, dtype=torch.long)))  # y=None: the one class
+        assert not torch.allclose(one(x, t), one(x, t, torch.ones(2, dtype=torch.long)), atol=1e-4)
+    bare = dtr.DiT_models["DiT-T/2"](input_size=8, num_classes=1, class_dropout_prob=0.0)  # train.py's unconditional
+    assert bare.y_embedder.embedding_table.weight.shape[0] == 1
+
+
+def test_dit_without_labels_uses_the_null_class_or_refuses():
+    model = tiny_dit().eval()  # 10 classes, label dropout: null class 10
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([3, 900])
+    with torch.no_grad():
+        assert torch.equal(model(x, t), model(x, t, torch.tensor([10, 10])))
+        assert not torch.allclose(model(x, t), model(x, t, torch.tensor([0, 0])), atol=1e-4)  # not class 0
+    with pytest.raises(ValueError, match="needs labels y"):
+        tiny_dit(class_dropout_prob=0.0)(x, t)
+
+
+@pytest.mark.parametrize("name", ["DiT-XL/2", "ADM-64"])
+@pytest.mark.parametrize("routing", ["dtr", "random", "cdtr"])
+def test_models_build_on_the_meta_device(name, routing):
+    with torch.device("meta"):
+        big = dtr.MODELS[name](routing=routing)
+    count = sum(p.numel() for p in big.parameters())
+    assert count == {"DiT-XL/2": 675_129_632, "ADM-64": 295_904_454}[name]
+    assert all(p.is_meta for p in big.parameters()) and all(b.is_meta for b in big.buffers())
+    # a small one materialised from meta (to_empty, then reset_parameters as FSDP does) gets the same masks
+    small = {"DiT-XL/2": ("DiT-T/2", 8), "ADM-64": ("ADM-T", 16)}[name]
+    ref = dtr.MODELS[small[0]](input_size=small[1], routing=routing)
+    with torch.device("meta"):
+        model = dtr.MODELS[small[0]](input_size=small[1], routing=routing)
+    model.to_empty(device="cpu")
+    model.router.reset_parameters()
+    tables = list(model.router.buffers())
+    assert len(tables) > 0 and all(torch.equal(a, b) for a, b in zip(tables, ref.router.buffers()))
+    # the masks' values, checked against the formula, not against the code under test
+    width = ref.router.widths[0]
+    expected = reference_dtr(1000, width, 4.0, 0.8) if routing == "dtr" else None
+    if expected is not None:
+        assert torch.equal(tables[ref.router.table_of_block[0]], expected.bool())
+
+
+def test_beta_that_leaves_no_channel_is_refused():
+    with pytest.raises(ValueError, match="leaves none of 128 channels active"):
+        dtr.DiT_models["DiT-T/2"](input_size=8, beta=0.005)
+    with pytest.raises(ValueError, match="leaves none"):
+        dtr.ADM_models["ADM-T"](input_size=16, routing="random", beta=0.01)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -499,8 +550,12 @@ def test_adm_labels_and_null_class():
     assert m.label_emb.num_embeddings == 11
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([5, 700])
     torch.testing.assert_close(m(x, t, None), m(x, t, torch.tensor([10, 10])), rtol=0, atol=0)
+    always = tiny(num_classes=10, class_dropout_prob=1.0)  # training would drop every label
     y = torch.tensor([3, 4])
-    assert torch.equal(m(x, t, y), m(x, t, y))  # no label dropout in eval mode
+    with torch.no_grad():
+        null = always(x, t, torch.tensor([10, 10]))
+        assert not torch.allclose(always(x, t, y), null, atol=1e-4)  # eval mode: no label dropout, y counts
+        assert torch.equal(always.train()(x, t, y), null)  # training mode: every label dropped to the null class
     with pytest.raises(ValueError):
         tiny(num_classes=10)(x, t)  # no null class without label dropout
 
@@ -691,9 +746,12 @@ def test_sampling_is_per_sample_reproducible():
     b = d.p_sample_loop(model, (1, 4, 8, 8), generators=gens([9]), model_kwargs=dict(y=torch.tensor([3])), device="cpu")
     assert torch.allclose(a[2:], b, rtol=1e-4, atol=1e-4)  # sample 9 does not depend on its batch
     x_T = torch.randn(3, 4, 8, 8)
-    c1 = d.p_sample_loop(model, x_T.shape, noise=x_T, sampler="ddim", **kw)
-    c2 = d.p_sample_loop(model, x_T.shape, noise=x_T, sampler="ddim", **kw)
-    assert torch.equal(c1, c2)  # DDIM with eta = 0 is a deterministic map of x_T
+    c1 = d.p_sample_loop(model, x_T.shape, noise=x_T, sampler="ddim", generators=gens([1, 2, 3]), **kw)
+    c2 = d.p_sample_loop(model, x_T.shape, noise=x_T, sampler="ddim", generators=gens([4, 5, 6]), **kw)
+    assert torch.equal(c1, c2)  # DDIM with eta = 0 is a deterministic map of x_T: the step noise is never used
+    d1 = d.p_sample_loop(model, x_T.shape, noise=x_T, generators=gens([1, 2, 3]), **kw)
+    d2 = d.p_sample_loop(model, x_T.shape, noise=x_T, generators=gens([4, 5, 6]), **kw)
+    assert not torch.allclose(d1, d2, atol=1e-3)  # while DDPM draws fresh noise at every step
     with pytest.raises(ValueError, match="unknown sampler"):
         d.p_sample_loop(model, x_T.shape, sampler="euler", **kw)
 
@@ -1892,9 +1950,9 @@ def test_text_coco_training_is_the_same_on_two_processes(clip_dir, tmp_path):
     out = run_sample(train.latest_checkpoint(str(tmp_path / "one")), tmp_path / "s", "--prompts", str(tmp_path / "prompts.txt"), n=2)
     model = train.build_model(argparse.Namespace(**one["args"]))
     model.load_state_dict(one["ema"])
-    context, mask = train.TextEncoder(clip_dir).encode(["fog", "a bright square"])
-    diffusion = train.build_diffusion(argparse.Namespace(**one["args"]), str(SAMPLE_STEPS))
-    assert np.array_equal(out["arr_0"], train.generate(model.eval(), diffusion, context, range(2), context_mask=mask).numpy())
+    reference = text_reference(model.eval(), argparse.Namespace(**one["args"]), ["fog", "a bright square"], range(2),
+                               encoder=clip_dir, mask=True)
+    assert np.array_equal(out["arr_0"], reference)
     os.remove(os.path.join(images, "003.png"))
     with pytest.raises(SystemExit, match=r"1 of the 8 images of .*captions.json are not in .*images \(e.g. 003.png\)"):
         run_train(tmp_path, *args[len(TINY_TRAIN):], name="bad")
@@ -1902,11 +1960,23 @@ def test_text_coco_training_is_the_same_on_two_processes(clip_dir, tmp_path):
         train.load_clip(str(tmp_path / "nowhere"))
 
 
-def text_reference(model, args, captions, seeds, cfg_scale=1.0):
-    """Samples straight through train.generate, the captions encoded here by the demo's encoder."""
-    context, _ = train.TextEncoder(train.DEMO_TEXT_ENCODER).encode(captions)
+def text_reference(model, args, captions, seeds, cfg_scale=1.0, encoder=None, mask=False):
+    """Samples straight from dtr's sampler (not through train.generate): the captions encoded here, CFG by hand."""
+    context, key_mask = train.TextEncoder(encoder or train.DEMO_TEXT_ENCODER).encode(captions)
+    kwargs = dict(y=context, **({"context_mask": key_mask} if mask else {}))
     diffusion = train.build_diffusion(args, str(SAMPLE_STEPS))
-    return train.generate(model, diffusion, context, seeds, cfg_scale).numpy()
+    n, c = len(captions), model.in_channels
+
+    def guided(x, t, **kw):  # [cond | null context] in one batch; sigma channels from the conditional half
+        both = model(torch.cat([x, x]), torch.cat([t, t]), force_drop_ids=torch.arange(2 * n) >= n,
+                     **{k: torch.cat([v, v]) for k, v in kw.items()})
+        cond, uncond = both.chunk(2)
+        return torch.cat([uncond[:, :c] + cfg_scale * (cond[:, :c] - uncond[:, :c]), cond[:, c:]], dim=1)
+
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    x = diffusion.p_sample_loop(model if cfg_scale == 1.0 else guided, (n, c, 8, 8), model_kwargs=kwargs,
+                                generators=gens, clip_denoised=True)
+    return (127.5 * x + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 def test_text_sampling_prompts_and_coco_captions(text_run, tmp_path):
