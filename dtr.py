@@ -1,7 +1,7 @@
 """Denoising Task Routing for Diffusion Models (Park et al., ICLR 2024) in one file.
 
 Each diffusion timestep t is a task. A fixed binary mask m_t selects the channels that enter every residual
-block, z' = z + Block(m_t * z) (Eq. 3), so neighbouring timesteps share channels and distant ones do not.
+block, z' = z + Block(m_t * z), so neighbouring timesteps share channels and distant ones do not.
 Reading order follows the paper: routing masks -> routed DiT (class- or text-conditional) -> routed ADM (UNet) ->
 Gaussian diffusion -> ANT-UW.
 
@@ -328,7 +328,7 @@ class DiTBlock(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         h = x if mask is None else x * mask[:, None]  # m_t * z
         h = h + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(h), shift_msa, scale_msa))  # Eq. (5)
-        if context is not None:  # inside the routed block: Eq. (8) wraps self-attention, cross-attention and MLP
+        if context is not None:  # inside the routed block: the routing wraps self-attention, cross-attention and MLP
             h = h + self.cross_attn(self.norm_cross(h), context, context_mask)
         h = h + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(h), shift_mlp, scale_mlp))
         if mask is None:
@@ -533,7 +533,7 @@ class Upsample(nn.Module):
 
 
 class ResBlock(nn.Module):
-    """ADM residual block, routed: z' = skip(z) + Block(m_t * SiLU(GN(z))) (Eq. 3, Pseudo Code 2)."""
+    """ADM residual block, routed by Eq. (3): z' = skip(z) + Block(m_t * SiLU(GN(z))) (Pseudo Code 2)."""
 
     def __init__(self, channels, emb_channels, dropout, out_channels=None, use_scale_shift_norm=False,
                  updown=None):  # "up" / "down": resample both paths 2x (resblock_updown), None: keep the size
@@ -550,8 +550,8 @@ class ResBlock(nn.Module):
         """x (N, C, H, W), embedding emb (N, E), routing mask (N, C) or None -> (N, C_out, H', W')."""
         # The mask follows GroupNorm (App. A.1), so GN's statistics still see every channel of z: an inactive channel
         # can shift the normalisation of active channels in its group, but never enters the conv itself.
-        h = route(self.in_layers[1](self.in_layers[0](x)), mask)  # m_t * SiLU(GN(z))
-        h = self.in_layers[2](resample(h, self.updown))  # (N, C_out, H', W')
+        norm_act, conv = self.in_layers[:2], self.in_layers[2]  # guided-diffusion's layout: [GN, SiLU, conv]
+        h = conv(resample(route(norm_act(x), mask), self.updown))  # conv(m_t * SiLU(GN(z))): (N, C_out, H', W')
         e = self.emb_layers(emb).to(h.dtype)[:, :, None, None]
         if self.use_scale_shift_norm:  # AdaGN: GN(h) * (1 + scale) + shift
             scale, shift = e.chunk(2, dim=1)
@@ -562,7 +562,7 @@ class ResBlock(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-    """Spatial self-attention block, routed: z' = z + proj(attn(qkv(m_t * GN(z)))) (Eq. 3)."""
+    """Spatial self-attention block, routed like ResBlock: z' = z + proj(attn(qkv(m_t * GN(z)))) (App. A.1)."""
 
     def __init__(self, channels, num_heads=1, num_head_channels=-1, use_new_attention_order=False):
         super().__init__()
@@ -782,6 +782,11 @@ def discretized_gaussian_log_likelihood(x, means, log_scales):
     return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
 
 
+def extract(table, t, ndim=4):
+    """A schedule table (T,) at timesteps t (N,), as float32 (N, 1, ..., 1) to broadcast against ndim-D tensors."""
+    return table.to(t.device)[t].float().reshape(-1, *[1] * (ndim - 1))
+
+
 def randn(shape, generators=None, device=None):
     """Standard normal (N, ...) noise; with one torch.Generator per sample, sample i's noise depends on its own alone."""
     if generators is None:
@@ -811,21 +816,16 @@ class GaussianDiffusion:
         # when sampling, as no noise is added at t=0)
         post_log_var = np.log(np.append(post_var[1], post_var[1:])) if len(betas) > 1 else np.log(betas)
         large_var = np.append(post_var[1], betas[1:]) if len(betas) > 1 else betas
-        tables = dict(
-            betas=betas, alphas_cumprod=acp, alphas_cumprod_prev=acp_prev, snrs=acp / (1.0 - acp),
-            sqrt_alphas_cumprod=np.sqrt(acp), sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - acp),
-            sqrt_recip_alphas_cumprod=np.sqrt(1.0 / acp), sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / acp - 1),
-            posterior_variance=post_var, posterior_log_variance_clipped=post_log_var,
-            posterior_mean_coef1=betas * np.sqrt(acp_prev) / (1.0 - acp),
-            posterior_mean_coef2=(1.0 - acp_prev) * np.sqrt(1.0 - betas) / (1.0 - acp),
-            log_betas=np.log(betas), fixed_large_variance=large_var, fixed_large_log_variance=np.log(large_var),
-        )
-        for name, arr in tables.items():
-            setattr(self, name, torch.from_numpy(np.asarray(arr, dtype=np.float64)))
-
-    def _at(self, name, t, ndim=4):
-        """Table `name` at timesteps t (N,), as float32 (N, 1, ..., 1) for broadcasting against ndim-D tensors."""
-        return getattr(self, name).to(t.device)[t].float().reshape(-1, *[1] * (ndim - 1))
+        table = lambda a: torch.from_numpy(np.asarray(a, dtype=np.float64))  # (T,) float64
+        self.betas, self.log_betas = table(betas), table(np.log(betas))
+        self.alphas_cumprod, self.alphas_cumprod_prev, self.snrs = table(acp), table(acp_prev), table(acp / (1.0 - acp))
+        self.sqrt_alphas_cumprod, self.sqrt_one_minus_alphas_cumprod = table(np.sqrt(acp)), table(np.sqrt(1.0 - acp))
+        self.sqrt_recip_alphas_cumprod = table(np.sqrt(1.0 / acp))
+        self.sqrt_recipm1_alphas_cumprod = table(np.sqrt(1.0 / acp - 1))
+        self.posterior_variance, self.posterior_log_variance_clipped = table(post_var), table(post_log_var)
+        self.posterior_mean_coef1 = table(betas * np.sqrt(acp_prev) / (1.0 - acp))
+        self.posterior_mean_coef2 = table((1.0 - acp_prev) * np.sqrt(1.0 - betas) / (1.0 - acp))
+        self.fixed_large_variance, self.fixed_large_log_variance = table(large_var), table(np.log(large_var))
 
     def _model(self, model, x, t, model_kwargs):
         """The network always sees original timesteps (respacing maps its step index back)."""
@@ -835,22 +835,22 @@ class GaussianDiffusion:
     def q_sample(self, x_start, t, noise=None):
         """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps."""
         noise = torch.randn_like(x_start) if noise is None else noise
-        return self._at("sqrt_alphas_cumprod", t, x_start.ndim) * x_start + self._at("sqrt_one_minus_alphas_cumprod", t, x_start.ndim) * noise
+        return extract(self.sqrt_alphas_cumprod, t, x_start.ndim) * x_start + extract(self.sqrt_one_minus_alphas_cumprod, t, x_start.ndim) * noise
 
     def q_posterior_mean_variance(self, x_start, x_t, t):
         """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0)."""
         n = x_t.ndim
-        mean = self._at("posterior_mean_coef1", t, n) * x_start + self._at("posterior_mean_coef2", t, n) * x_t
-        return mean, self._at("posterior_variance", t, n), self._at("posterior_log_variance_clipped", t, n)
+        mean = extract(self.posterior_mean_coef1, t, n) * x_start + extract(self.posterior_mean_coef2, t, n) * x_t
+        return mean, extract(self.posterior_variance, t, n), extract(self.posterior_log_variance_clipped, t, n)
 
     def predict_xstart_from_eps(self, x_t, t, eps):
         """x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
-        return self._at("sqrt_recip_alphas_cumprod", t, x_t.ndim) * x_t - self._at("sqrt_recipm1_alphas_cumprod", t, x_t.ndim) * eps
+        return extract(self.sqrt_recip_alphas_cumprod, t, x_t.ndim) * x_t - extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.ndim) * eps
 
     def predict_eps_from_xstart(self, x_t, t, x_start):
         """Inverse of predict_xstart_from_eps."""
         n = x_t.ndim
-        return (self._at("sqrt_recip_alphas_cumprod", t, n) * x_t - x_start) / self._at("sqrt_recipm1_alphas_cumprod", t, n)
+        return (extract(self.sqrt_recip_alphas_cumprod, t, n) * x_t - x_start) / extract(self.sqrt_recipm1_alphas_cumprod, t, n)
 
     # -- reverse process ---------------------------------------------------------
     def p_mean_variance(self, model, x, t, clip_denoised=False, model_kwargs=None, model_output=None):
@@ -860,11 +860,12 @@ class GaussianDiffusion:
         if self.learn_sigma:  # learned range: v in [-1, 1] interpolates log beta_t and log beta~_t (IDDPM)
             out, v = out.split(c, dim=1)
             frac = (v + 1) / 2
-            log_var = frac * self._at("log_betas", t, x.ndim) + (1 - frac) * self._at("posterior_log_variance_clipped", t, x.ndim)
+            log_var = frac * extract(self.log_betas, t, x.ndim) + (1 - frac) * extract(self.posterior_log_variance_clipped, t, x.ndim)
             variance = torch.exp(log_var)
         else:  # fixed: beta~_t (small) or beta_t with beta~_1 at t = 0 (large)
-            names = ("posterior_variance", "posterior_log_variance_clipped") if self.sigma_small else ("fixed_large_variance", "fixed_large_log_variance")
-            variance, log_var = (self._at(name, t, x.ndim).expand_as(x) for name in names)
+            tables = (self.posterior_variance, self.posterior_log_variance_clipped) if self.sigma_small else \
+                (self.fixed_large_variance, self.fixed_large_log_variance)
+            variance, log_var = (extract(table, t, x.ndim).expand_as(x) for table in tables)
         x0 = out if self.predict_xstart else self.predict_xstart_from_eps(x, t, out)
         x0 = x0.clamp(-1, 1) if clip_denoised else x0
         mean, _, _ = self.q_posterior_mean_variance(x0, x, t)
@@ -878,10 +879,10 @@ class GaussianDiffusion:
         return {"sample": out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * noise, "pred_xstart": out["pred_xstart"]}
 
     def ddim_sample(self, model, x, t, clip_denoised=False, model_kwargs=None, noise=None, eta=0.0):
-        """One DDIM step (Song et al. Eq. 12); eta = 0 is deterministic."""
+        """One DDIM step (Song et al., 2021, their Eq. (12)); eta = 0 is deterministic."""
         out = self.p_mean_variance(model, x, t, clip_denoised, model_kwargs)
         eps = self.predict_eps_from_xstart(x, t, out["pred_xstart"])
-        abar, abar_prev = self._at("alphas_cumprod", t, x.ndim), self._at("alphas_cumprod_prev", t, x.ndim)
+        abar, abar_prev = extract(self.alphas_cumprod, t, x.ndim), extract(self.alphas_cumprod_prev, t, x.ndim)
         sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)
         mean = out["pred_xstart"] * torch.sqrt(abar_prev) + torch.sqrt(1 - abar_prev - sigma**2) * eps
         nonzero = (t != 0).float().reshape(-1, *[1] * (x.ndim - 1))
@@ -913,7 +914,7 @@ class GaussianDiffusion:
     # -- training ----------------------------------------------------------------
     def snr(self, t):
         """Signal-to-noise ratio abar_t / (1 - abar_t) at timesteps t (N,), float32."""
-        return self._at("snrs", t, 1)
+        return extract(self.snrs, t, 1)
 
     def mse_weight(self, t):
         """Per-sample weight (N,) of the MSE term: constant, Min-SNR-gamma or P2."""
