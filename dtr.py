@@ -9,6 +9,9 @@ Gaussian diffusion -> ANT-UW.
     python dtr.py bench --model DiT-S/2 --image-size 32 --batch-size 8   # DTR's cost (paper Tab. 7)
 """
 import argparse
+import contextlib
+import hashlib
+import json
 import math
 import os
 import statistics
@@ -17,6 +20,7 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -990,14 +994,269 @@ def uncertainty_weighted_loss(loss, t, log_vars, num_timesteps):
 
 
 #################################################################################
-#                        Command line: mask pictures and benchmark              #
+#            Runs: model arguments, checkpoints and sampling with CFG           #
 #################################################################################
 
-def create_model(name, **kwargs):
-    """A model from the registries by name, e.g. create_model('DiT-S/2', input_size=32, routing='dtr')."""
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
-    return MODELS[name](**kwargs)
+# What defines the network and its diffusion: saved in every checkpoint as "model_args" (the text_* entries are None
+# for class-conditional models), compared on resume, and all sample.py needs to rebuild the model.
+MODEL_ARGS = ("model", "image_size", "vae", "num_classes", "learn_sigma", "class_dropout_prob", "routing", "alpha",
+              "beta", "routing_seed", "num_timesteps", "noise_schedule", "context_dim", "text_digest", "text_length",
+              "text_mask")
+MASK_KEY = ".routing._unit_mapping"  # the official DTR code stores each block's masks in its state dict
+VAE_SCALE = 0.18215  # Stable Diffusion's latent scale
+VAE_FACTOR = 8  # the VAE's spatial downsampling
+
+
+class InputError(ValueError):
+    """Unusable input (a flag, file or checkpoint): each script's main() reports it as one line and exits 1."""
+
+
+def latent_size(model_args):
+    """Side of the network's input: the image side, or the VAE latent side."""
+    return model_args["image_size"] // VAE_FACTOR if model_args["vae"] else model_args["image_size"]
+
+
+def build_model(model_args, **kwargs):
+    """The network `model_args` describe (text-to-image when context_dim is set); kwargs: e.g. use_checkpoint."""
+    m = model_args
+    if m["context_dim"] is not None and m["model"] not in DiT_models:
+        raise InputError(f"text-to-image needs a DiT model, not {m['model']}")
+    conditional = m["num_classes"] > 1 or m["context_dim"] is not None
+    text = {} if m["context_dim"] is None else {"context_dim": m["context_dim"]}
+    return create_model(
+        m["model"], input_size=latent_size(m), in_channels=4 if m["vae"] else 3, num_classes=m["num_classes"],
+        learn_sigma=m["learn_sigma"], class_dropout_prob=m["class_dropout_prob"] if conditional else 0.0,
+        routing=m["routing"], alpha=m["alpha"], beta=m["beta"], num_tasks=m["num_timesteps"],
+        routing_seed=m["routing_seed"], **text, **kwargs)
+
+
+def build_diffusion(model_args, respacing="", **loss_kw):
+    """The diffusion `model_args` describe, respaced to `respacing` ('' = all T steps); loss_kw: its loss weight."""
+    return create_diffusion(respacing, noise_schedule=model_args["noise_schedule"],
+                            learn_sigma=model_args["learn_sigma"], diffusion_steps=model_args["num_timesteps"],
+                            **loss_kw)
+
+
+def unwrap_state_dict(sd):
+    """A model state dict without the prefixes DDP (module.) and torch.compile (_orig_mod.) add to its keys."""
+    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in sd.items()}
+
+
+def read_checkpoint(path):
+    """The object torch.save wrote to `path`, memory-mapped (an optimizer state is never read whole)."""
+    if not os.path.isfile(path):
+        raise InputError(f"checkpoint {path} not found")
+    try:  # train.py checkpoints hold argument dicts and RNG states, not only tensors: load only files you trust
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as e:
+        raise InputError(f"cannot read checkpoint {path} ({type(e).__name__}: {first_line(e)})") from None
+
+
+def checkpoint_model_args(ckpt):
+    """A train.py checkpoint's model_args; checkpoints written before they were saved carry them in "args"."""
+    if isinstance(ckpt.get("model_args"), dict):
+        return dict(ckpt["model_args"])
+    args = ckpt.get("args")
+    if not (isinstance(args, dict) and "routing" in args):
+        return None
+    return {k: args.get(k) for k in (*MODEL_ARGS, "text_encoder")}
+
+
+def to_uint8(x):
+    """Images in [-1, 1] (N, 3, H, W) -> uint8 (N, H, W, 3), quantised as clamp(127.5 x + 128, 0, 255) like DiT."""
+    return (127.5 * x + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+@torch.no_grad()
+def generate(model, diffusion, labels, seeds, *, cfg_scale=1.0, guided_channels=None, vae=None, device="cpu",
+             sampler="ddpm", eta=0.0, progress=False, context_mask=None):
+    """uint8 images (N, H, W, 3): sample i depends only on seeds[i] (and labels[i]), never on the batch it is in.
+
+    labels: class labels (N,), text tokens (N, L, C) (with an optional key mask context_mask (N, L)), or None."""
+    gens = [torch.Generator(device).manual_seed(int(s)) for s in seeds]
+    shape = (len(seeds), model.in_channels, model.input_size, model.input_size)
+    cond = {"y": None if labels is None else torch.as_tensor(labels, device=device)}
+    if context_mask is not None:
+        cond["context_mask"] = torch.as_tensor(context_mask, device=device)
+    net = model
+    if labels is not None and cfg_scale != 1.0:  # classifier-free guidance: [cond | uncond] as one batch, in which
+        def net(x, t, **cond):  # the model drops the second half's condition itself (null class or null context)
+            both = {k: torch.cat([v, v]) for k, v in cond.items()}
+            return model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), cfg_scale=cfg_scale,
+                                          guided_channels=guided_channels, **both)[: len(x)]
+    x = diffusion.p_sample_loop(net, shape, model_kwargs=cond, device=device, progress=progress, generators=gens,
+                                sampler=sampler, eta=eta, clip_denoised=vae is None)  # pixels: clip x0 as ADM does
+    if vae is not None:
+        x = vae.decode(x / VAE_SCALE).sample
+    return to_uint8(x)
+
+
+#################################################################################
+#         Latent space and text: Stable Diffusion's VAE, CLIP (optional)        #
+#################################################################################
+
+COCO_TEXT_ENCODER = "openai/clip-vit-large-patch14"  # CLIP ViT-L/14's text encoder: 77 tokens of width 768
+DEMO_TEXT_ENCODER = "builtin:tiny-clip"  # tiny_clip() below: random, offline, deterministic
+
+
+def load_vae(kind, path=None, device="cpu"):
+    """Stable Diffusion's AutoencoderKL (sd-vae-ft-ema / -mse), from a local path or the hub; diffusers is optional."""
+    try:
+        from diffusers.models import AutoencoderKL
+    except ImportError:
+        raise InputError("--vae needs the optional package diffusers: pip install diffusers")
+    if path is not None and not os.path.isdir(path):
+        raise InputError(f"cannot load the VAE from {path!r}: not a directory (an AutoencoderKL saved with save_pretrained)")
+    source = path or f"stabilityai/sd-vae-ft-{kind}"
+    try:
+        return AutoencoderKL.from_pretrained(source).to(device).eval().requires_grad_(False)
+    except Exception as e:  # offline, missing or broken files
+        raise InputError(f"cannot load the VAE from {source!r} ({type(e).__name__}); pass --vae-path DIR with a local copy")
+
+
+
+def tiny_clip(seed=0):
+    """(tokenizer, model): a 2-layer, 64-wide CLIP text encoder with random weights and a character-level tokenizer.
+
+    Built offline and deterministically from `seed` (the global RNG is left alone): the text demo's encoder, and
+    a stand-in for CLIP in tests. Random, it knows no language, but it maps different captions to different tokens."""
+    import tempfile
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    chars = [chr(c) for c in range(33, 127)]  # printable ASCII is its own byte-level symbol; spaces split words
+    vocab = {w: i for i, w in enumerate(["<|startoftext|>", "<|endoftext|>", *chars, *(c + "</w>" for c in chars)])}
+    with tempfile.TemporaryDirectory() as d:  # no merges: every word is spelled out character by character
+        with open(os.path.join(d, "vocab.json"), "w") as f:
+            json.dump(vocab, f)
+        with open(os.path.join(d, "merges.txt"), "w") as f:
+            f.write("#version: 0.2\n")
+        tokenizer = CLIPTokenizer.from_pretrained(d, model_max_length=32)
+    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, max_position_embeddings=32, bos_token_id=0, eos_token_id=1,
+                            pad_token_id=1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return tokenizer, CLIPTextModel(config)
+
+
+def load_clip(name):
+    """(tokenizer, model) of a CLIP text encoder: a save_pretrained directory, a hub name, or DEMO_TEXT_ENCODER."""
+    try:
+        from transformers import CLIPTextModel, CLIPTokenizer
+    except ImportError:
+        raise InputError("text-to-image needs the optional package transformers: pip install transformers")
+    if name == DEMO_TEXT_ENCODER:
+        return tiny_clip()
+    try:
+        return CLIPTokenizer.from_pretrained(name), CLIPTextModel.from_pretrained(name)
+    except Exception as e:  # offline, missing or broken files
+        raise InputError(f"cannot load a CLIP text encoder from {name!r} ({type(e).__name__}); pass --text-encoder DIR, "
+             f"a local copy (tokenizer and CLIPTextModel saved with save_pretrained)")
+
+
+def text_digest(tokenizer, model, length):
+    """A short hash of the tokenizer's vocabulary, the sequence length and every weight: the encoder's identity."""
+    h = hashlib.sha256(json.dumps([tokenizer.get_vocab(), length], sort_keys=True).encode())
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class TextEncoder:
+    """Captions -> (token embeddings (N, L, C) float32, key mask (N, L) bool): CLIP's frozen last hidden state.
+
+    Captions are padded (or cut) to the encoder's full length L (77 for CLIP), so a caption's tokens never depend on
+    the others in its batch; the mask marks the real tokens (start, words, end) for models trained with --text-mask.
+    With a cache folder, each caption's embedding is written there once (atomically) and read back afterwards."""
+
+    def __init__(self, name, device="cpu", cache=None):
+        self.tokenizer, model = load_clip(name)
+        self.model = model.to(device).eval().requires_grad_(False)
+        self.length = min(self.tokenizer.model_max_length, model.config.max_position_embeddings)
+        self.dim, self.device, self.cache = model.config.hidden_size, device, cache
+        self.digest = text_digest(self.tokenizer, model, self.length)
+
+    @torch.no_grad()
+    def encode(self, captions):
+        """Run the encoder on a list of captions."""
+        tokens = self.tokenizer(list(captions), padding="max_length", max_length=self.length, truncation=True,
+                                return_tensors="pt")
+        hidden = self.model(input_ids=tokens.input_ids.to(self.device)).last_hidden_state.float()
+        return hidden, tokens.attention_mask.to(self.device).bool()
+
+    def cache_file(self, caption):
+        """DIR/ab/abcdef....pt: named by the encoder and the caption."""
+        key = hashlib.sha256(f"{self.digest}\n{caption}".encode()).hexdigest()
+        return os.path.join(self.cache, key[:2], f"{key}.pt")
+
+    def __call__(self, captions):
+        """Embeddings and key masks of a list of captions, from the cache where it has them."""
+        if self.cache is None:
+            return self.encode(captions)
+        found = {}
+        new = [c for c in dict.fromkeys(captions) if not os.path.exists(self.cache_file(c))]
+        if new:
+            hidden, mask = self.encode(new)
+            for c, h, m in zip(new, hidden.cpu(), mask.cpu()):
+                found[c] = entry = {"hidden": h.clone(), "mask": m.clone()}  # clones: save the row, not the batch
+                os.makedirs(os.path.dirname(self.cache_file(c)), exist_ok=True)
+                atomic_write(self.cache_file(c), lambda tmp: torch.save(entry, tmp))
+        for c in captions:
+            if c not in found:
+                found[c] = torch.load(self.cache_file(c), map_location="cpu", weights_only=True)
+        hidden = torch.stack([found[c]["hidden"] for c in captions]).to(self.device)
+        return hidden, torch.stack([found[c]["mask"] for c in captions]).to(self.device)
+
+
+
+def read_coco_captions(path):
+    """[(file_name, [captions])] from a COCO captions_*.json, in the order of its images (those without captions left
+    out); InputError with a one-line reason for anything else."""
+    try:
+        with open(path) as f:
+            coco = json.load(f)
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot read captions {path} ({type(e).__name__}: {first_line(e)})") from None
+    if not (isinstance(coco, dict) and isinstance(coco.get("images"), list) and isinstance(coco.get("annotations"), list)):
+        raise InputError(f"{path} is not a COCO captions file: it needs lists 'images' and 'annotations'")
+    names, captions = {}, {}
+    for j, image in enumerate(coco["images"]):
+        if not isinstance(image, dict) or not isinstance(image.get("file_name"), str) or "id" not in image:
+            raise InputError(f"{path}: images[{j}] needs an 'id' and a 'file_name'")
+        if image["id"] in names:
+            raise InputError(f"{path}: images[{j}] repeats image id {image['id']!r}")
+        names[image["id"]] = image["file_name"]
+    for j, ann in enumerate(coco["annotations"]):
+        if not isinstance(ann, dict) or not isinstance(ann.get("caption"), str) or "image_id" not in ann:
+            raise InputError(f"{path}: annotations[{j}] needs an 'image_id' and a 'caption' string")
+        if ann["image_id"] not in names:
+            raise InputError(f"{path}: annotations[{j}] names image {ann['image_id']!r}, which is not among the images")
+        caption = " ".join(ann["caption"].split())  # COCO captions carry stray spaces and newlines
+        if not caption:
+            raise InputError(f"{path}: annotations[{j}] has an empty caption")
+        captions.setdefault(ann["image_id"], []).append(caption)
+    if not captions:
+        raise InputError(f"{path} holds no captions")
+    return [(name, captions[i]) for i, name in names.items() if i in captions]
+
+
+
+#################################################################################
+#              Processes and files: torchrun, atomic writes, errors             #
+#################################################################################
+
+def setup_distributed(timeout=None):
+    """(rank, world_size, device) from the torchrun environment; one process without it. timeout: of collectives."""
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
+    local = int(os.environ["LOCAL_RANK"])  # the device follows the local rank, never the global one
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo", **({} if timeout is None else {"timeout": timeout}))
+    return dist.get_rank(), dist.get_world_size(), device
+
 
 
 def atomic_write(path, write):
@@ -1010,6 +1269,38 @@ def atomic_write(path, write):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_text(path, text):
+    """Write a str to a file (closed before returning, so an atomic_write rename sees all of it)."""
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def first_line(e):
+    """An exception's message cut to its first line ('' if it has none)."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else ""
+
+
+@contextlib.contextmanager
+def one_line_errors(script):
+    """Turn an InputError into one line on stderr and exit status 1 (printed by rank 0 alone under torchrun)."""
+    try:
+        yield
+    except InputError as e:
+        raise SystemExit(f"{script}: error: {e}" if os.environ.get("RANK", "0") == "0" else 1) from None
+
+
+#################################################################################
+#                        Command line: mask pictures and benchmark              #
+#################################################################################
+
+def create_model(name, **kwargs):
+    """A model from the registries by name, e.g. create_model('DiT-S/2', input_size=32, routing='dtr')."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    return MODELS[name](**kwargs)
 
 
 def draw_masks(masks):
