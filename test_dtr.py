@@ -1211,7 +1211,31 @@ def test_train_demo_defaults_and_outputs(tmp_path):
     log = open(os.path.join(exp, "log.txt")).read()
     assert "steps/s" in log and "t quarters" in log and json.load(open(os.path.join(exp, "args.json")))["lr"] == 2e-3
     grid = np.array(Image.open(os.path.join(exp, "samples_0000003.png")))
-    assert grid.shape == (6 * 9 + 1, 8 * 9 + 1, 3)  # one row per class, 8 columns, 1-pixel padding
+    tile = 8 * 8 + 1  # 8-pixel samples upscaled 8x (8 columns of 64 pixels: 512 wide), 1-pixel padding
+    assert grid.shape == (6 * tile + 1, 8 * tile + 1, 3)  # one row per class, 8 columns
+
+
+@pytest.mark.parametrize("size,factor", [(8, 8), (16, 4), (80, 1)])
+def test_train_grid_is_upscaled_nearest_neighbour(tmp_path, monkeypatch, size, factor):
+    samples = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (48, size, size, 3), dtype=np.uint8))
+    calls = []
+
+    def fake_generate(model, diffusion, labels, seeds, *rest, **kw):
+        calls.append(labels)
+        return samples[list(seeds)]
+
+    monkeypatch.setattr(train, "generate", fake_generate)
+    args = train.resolve_preset(train.parser().parse_args(["--grid-steps", "2", "--image-size", str(size)]))
+    args.num_classes, args.context_dim = 6, None
+    grid = np.array(Image.open(train.save_grid(args, str(tmp_path), 7, torch.nn.Identity(), None, "cpu")))
+    tile = size * factor + 1  # the smallest integer factor that makes 8 columns at least 512 pixels wide
+    assert grid.shape == (6 * tile + 1, 8 * tile + 1, 3) and 512 <= 8 * size * factor < 512 + 8 * size
+    assert calls == [torch.arange(6).repeat_interleave(8).tolist()]  # a row per class
+    assert (grid[::tile] == 0).all() and (grid[:, ::tile] == 0).all()  # 1-pixel black lines between the tiles
+    for i, sample in enumerate(samples.numpy()):
+        row, col = divmod(i, 8)
+        block = grid[row * tile + 1:(row + 1) * tile, col * tile + 1:(col + 1) * tile]  # (S f, S f, 3)
+        assert (block.reshape(size, factor, size, factor, 3) == sample[:, None, :, None]).all()  # f x f constant blocks
 
 
 def test_train_shapes_data_is_deterministic_and_classed():
@@ -1247,6 +1271,101 @@ def test_train_resume_is_bit_exact(tmp_path):
     assert torch.equal(full["opt"]["state"][0]["exp_avg_sq"], resumed["opt"]["state"][0]["exp_avg_sq"])
     with pytest.raises(SystemExit, match="routing is 'dtr' there but 'random' now"):
         run_train(tmp_path, "--steps", "5", "--routing", "random", "--resume", resume_from, name="re")
+
+
+def adamw_step(p, m, v, step, lr, weight_decay, betas=(0.9, 0.999), eps=1e-8):
+    """p after an AdamW step (Loshchilov & Hutter, torch's defaults) whose updated moments are m, v: float64."""
+    m_hat, v_hat = m.double() / (1 - betas[0] ** step), v.double() / (1 - betas[1] ** step)
+    return p.double() * (1 - lr * weight_decay) - lr * m_hat / (v_hat.sqrt() + eps)
+
+
+def test_train_resume_applies_optimiser_flags(tmp_path):
+    exp, before = run_train(tmp_path, "--steps", "2", "--ckpt-every", "2", "--loss-weight", "ant-uw")
+    assert [(g["lr"], g["weight_decay"]) for g in before["opt"]["param_groups"]] == [(2e-3, 0.0), (0.025, 0.0)]
+    flags = ["--lr", "4e-3", "--weight-decay", "0.1", "--uw-lr", "0.05", "--ema-decay", "0.5"]
+    run_train(tmp_path, "--steps", "3", "--loss-weight", "ant-uw", *flags, "--resume",
+              os.path.join(exp, "checkpoints", "0000002.pt"))
+    after = torch.load(os.path.join(exp, "checkpoints", "0000003.pt"), weights_only=False)
+    groups = after["opt"]["param_groups"]
+    assert [(g["lr"], g["weight_decay"]) for g in groups] == [(4e-3, 0.1), (0.05, 0.0)]
+    # step 3 used them: AdamW from the saved moments, lr 4e-3 and weight decay 0.1 (the ANT-UW group: 0.05, none)
+    model = train.build_model(argparse.Namespace(**after["args"]))
+    names = [n for n, p in model.named_parameters() if p.requires_grad]  # the optimiser's indices, in order
+    state = after["opt"]["state"]
+    for i in (0, len(names) - 1):
+        m, v = state[i]["exp_avg"], state[i]["exp_avg_sq"]
+        new = adamw_step(before["model"][names[i]], m, v, 3, lr=4e-3, weight_decay=0.1)
+        old = adamw_step(before["model"][names[i]], m, v, 3, lr=2e-3, weight_decay=0.0)
+        assert torch.allclose(after["model"][names[i]].double(), new, rtol=0, atol=1e-6), names[i]
+        assert not torch.allclose(new, old, rtol=0, atol=1e-4)
+    uw = adamw_step(before["uw"], state[len(names)]["exp_avg"], state[len(names)]["exp_avg_sq"], 3, lr=0.05,
+                    weight_decay=0.0)
+    assert torch.allclose(after["uw"].double(), uw, rtol=0, atol=1e-6)
+    for k in names:  # EMA decay 0.5
+        assert torch.allclose(after["ema"][k], 0.5 * before["ema"][k] + 0.5 * after["model"][k], atol=1e-7), k
+    log = open(os.path.join(exp, "log.txt")).read()
+    changed = [line for line in log.splitlines() if "changed on resume:" in line]
+    assert len(changed) == 1 and all(f in changed[0] for f in (
+        "--lr 0.004 (was 0.002)", "--weight-decay 0.1 (was 0.0)", "--uw-lr 0.05 (was 0.025)",
+        "--ema-decay 0.5 (was 0.995)", "--steps 3 (was 2)"))
+
+
+@pytest.fixture(scope="module")
+def resume_ckpts(tmp_path_factory):
+    """Step-2 checkpoints of a tiny ANT-UW run and of a tiny constant-weight run, by --loss-weight."""
+    root = tmp_path_factory.mktemp("resume")
+    runs = {w: run_train(root, "--steps", "2", "--ckpt-every", "2", "--loss-weight", w, name=w)[0]
+            for w in ("ant-uw", "constant")}
+    return {w: os.path.join(exp, "checkpoints", "0000002.pt") for w, exp in runs.items()}
+
+
+@pytest.mark.parametrize("weight,flags,message", [
+    ("ant-uw", ["--seed", "1"], "seed is 0 there but 1 now"),
+    ("ant-uw", ["--global-batch-size", "16"], "global_batch_size is 8 there but 16 now"),
+    ("ant-uw", ["--flip-prob", "0"], "flip_prob is 0.5 there but 0.0 now"),
+    ("ant-uw", ["--demo-images-per-class", "5"], "demo_images_per_class is 4 there but 5 now"),
+    ("ant-uw", ["--uw-clusters", "4"], "uw_clusters is 8 there but 4 now"),
+    ("ant-uw", ["--loss-weight", "constant"], "loss_weight is 'ant-uw' there but 'constant' now"),  # ANT-UW off
+    ("constant", ["--loss-weight", "ant-uw"], "loss_weight is 'constant' there but 'ant-uw' now"),  # ANT-UW on
+    ("constant", ["--min-snr-gamma", "3"], "min_snr_gamma is 5.0 there but 3.0 now"),
+    ("constant", ["--p2-gamma", "0.5"], "p2_gamma is 1.0 there but 0.5 now"),
+    ("constant", ["--p2-k", "2"], "p2_k is 1.0 there but 2.0 now"),
+    ("constant", ["--class-dropout-prob", "0.2"], "class_dropout_prob is 0.1 there but 0.2 now")])
+def test_train_resume_refuses_data_and_loss_changes(resume_ckpts, tmp_path, weight, flags, message):
+    path = resume_ckpts[weight]
+    with pytest.raises(SystemExit, match=re.escape(f"--resume {path}: {message}")) as e:
+        run_train(tmp_path, "--steps", "3", "--loss-weight", weight, *flags, "--resume", path)
+    assert "\n" not in str(e.value) and not (tmp_path / "r").exists()  # one line, before anything is written
+
+
+def test_train_resume_auto_takes_the_newest_run_of_the_same_model(tmp_path):
+    def ckpt(exp, step):
+        return os.path.join(exp, "checkpoints", f"{step:07d}.pt")
+
+    dtr_exp, _ = run_train(tmp_path, "--steps", "2", "--ckpt-every", "2")
+    random_exp, _ = run_train(tmp_path, "--steps", "2", "--ckpt-every", "2", "--routing", "random")  # newer
+    exp, _ = run_train(tmp_path, "--steps", "3", "--resume", "auto")
+    assert exp == dtr_exp and torch.load(ckpt(exp, 3), weights_only=False)["step"] == 3
+    assert not os.path.exists(ckpt(random_exp, 3))
+    exp, _ = run_train(tmp_path, "--steps", "1", "--resume", "auto", "--beta", "0.5")  # no run of this model yet
+    assert exp not in (dtr_exp, random_exp) and len(os.listdir(tmp_path / "r")) == 3
+    assert "experiment " in open(os.path.join(exp, "log.txt")).read()
+
+
+def test_train_fp16_resume_restores_the_grad_scaler(tmp_path):
+    flags = ["--steps", "4", "--ckpt-every", "2", "--precision", "fp16"]
+    exp, full = run_train(tmp_path, *flags)
+    path = os.path.join(exp, "checkpoints", "0000002.pt")
+    half = torch.load(path, weights_only=False)
+    assert half["scaler"]["scale"] == 2.0**16 and half["scaler"]["_growth_tracker"] == 2  # 2 steps, no overflow
+    _, resumed = run_train(tmp_path, *flags, "--resume", path)  # rewrites step 4 of the same experiment
+    assert resumed["scaler"] == full["scaler"]
+    assert all(torch.equal(full["model"][k], resumed["model"][k]) for k in full["model"])
+    half["scaler"]["scale"] = 1024.0  # a scale that overflows brought down: kept, not reset to 2**16
+    torch.save(half, path)
+    run_train(tmp_path, "--steps", "3", "--precision", "fp16", "--resume", path)
+    after = torch.load(os.path.join(exp, "checkpoints", "0000003.pt"), weights_only=False)
+    assert (after["scaler"]["scale"], after["scaler"]["_growth_tracker"]) == (1024.0, 3)
 
 
 def test_train_two_processes_match_one(tmp_path):
@@ -1292,6 +1411,15 @@ def test_train_nan_loss_stops_and_keeps_last_good(tmp_path):
     assert all(torch.isfinite(v).all() for v in last["model"].values())
 
 
+def test_train_loader_error_without_a_message_is_one_line(tmp_path, monkeypatch):
+    def broken(self, i):
+        raise RuntimeError()  # str(e) == ""
+
+    monkeypatch.setattr(train.ImageData, "__getitem__", broken)
+    with pytest.raises(SystemExit, match=r"error: cannot load a batch \(RuntimeError\)$"):
+        run_train(tmp_path, "--steps", "1")
+
+
 def glob_ckpts(tmp_path):
     import glob
     return glob.glob(str(tmp_path / "r" / "*" / "checkpoints" / "*.pt"))
@@ -1327,7 +1455,10 @@ def test_train_center_crop_like_adm():
 
 @pytest.mark.parametrize("case,message", [
     ("empty", "no images found"), ("corrupt", "cannot read image"), ("npz_dtype", "arr_0 must be non-empty uint8"),
-    ("size", "not divisible by 2"), ("missing", "does not exist"), ("small", "fewer than one global batch")])
+    ("size", "not divisible by 2"), ("missing", "does not exist"), ("small", "fewer than one global batch"),
+    ("beta", "--beta 0.005 leaves no active channel in DiT-T/2's 128-channel blocks"),
+    ("clusters", "--uw-clusters 8 must be between 1 and --num-timesteps 4"),
+    ("grid", "--grid-steps 8 must be between 1 and --num-timesteps 4")])
 def test_train_bad_input_one_line(tmp_path, case, message):
     data = str(tmp_path / "data")
     extra = ["--data", data, "--num-workers", "0", "--model", "DiT-T/2"]
@@ -1344,22 +1475,52 @@ def test_train_bad_input_one_line(tmp_path, case, message):
         extra = ["--image-size", "9"]
     elif case == "small":
         extra = ["--demo-images-per-class", "1"]
+    elif case == "beta":
+        extra = ["--beta", "0.005"]  # int(0.005 * 128) = 0
+    elif case == "clusters":
+        extra = ["--loss-weight", "ant-uw", "--num-timesteps", "4"]
+    elif case == "grid":
+        extra = ["--num-timesteps", "4", "--grid-steps", "8"]
     r = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *TINY_TRAIN, "--steps", "1",
                         "--results-dir", str(tmp_path / "res"), *extra], capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and message in r.stderr
     lines = [line for line in r.stderr.replace("\r", "\n").splitlines() if "error" in line]
     assert len(lines) == 1 and lines[0].startswith("train.py: error:"), r.stderr  # one line (besides the bar)
+    if case in ("beta", "clusters", "grid"):  # found before any training
+        assert not (tmp_path / "res").exists()
 
 
-def test_train_latent_mode_with_a_tiny_vae(tmp_path):
+def test_train_latent_mode_with_a_tiny_vae(tmp_path, monkeypatch):
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
     vae = diffusers.AutoencoderKL(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4, latent_channels=4,
                                   down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
     vae.save_pretrained(tmp_path / "vae")
+    seen, real = [], dtr.GaussianDiffusion.training_losses
+
+    def spy(self, model, x_start, *rest, **kw):  # the latents the model is trained on
+        seen.append(x_start.detach().clone())
+        return real(self, model, x_start, *rest, **kw)
+
+    monkeypatch.setattr(dtr.GaussianDiffusion, "training_losses", spy)
     _, ckpt = run_train(tmp_path, "--vae", "ema", "--vae-path", str(tmp_path / "vae"), "--image-size", "32",
                         "--steps", "1", "--ckpt-every", "1")
     assert ckpt["model"]["x_embedder.proj.weight"].shape[1] == 4 and ckpt["model"]["pos_embed"].shape[1] == 4  # 4x4 latents
+    # step 0 by hand: the first global batch of epoch 0 (a permutation seeded by seed * 2**20 + epoch), then the
+    # step's draws from a generator seeded by seed * 2**32 + step: timesteps, noise, flips, label drops, posterior
+    images, _ = train.make_shapes(4, 32, seed=0)  # (24, 3, 32, 32) uint8
+    index = torch.randperm(24, generator=torch.Generator().manual_seed(0))[:8]
+    g = torch.Generator().manual_seed(0)
+    dtr.sample_timesteps(8, 1000, None, "cpu", g), torch.randn(8, 4, 4, 4, generator=g)
+    flip = torch.rand(8, generator=g) < 0.5
+    torch.rand(8, generator=g)
+    eps = torch.randn(8, 4, 4, 4, generator=g)
+    x = images[index].float() / 127.5 - 1
+    x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    with torch.no_grad():
+        post = vae.eval().encode(x).latent_dist
+    assert post.std.min() > 0.1  # the draw matters
+    assert torch.allclose(seen[0], (post.mean + post.std * eps) * 0.18215, rtol=0, atol=1e-6)
     with pytest.raises(SystemExit, match="cannot load the VAE"):
         train.load_vae("ema", str(tmp_path / "nowhere"))
 
@@ -1903,7 +2064,7 @@ def test_text_demo_training_cache_and_grid(text_run, tmp_path):
     prompts = [c[0] for c in train.SHAPE_CAPTIONS]
     assert open(os.path.join(exp, "samples_0000002.txt")).read().splitlines() == prompts
     grid = np.array(Image.open(os.path.join(exp, "samples_0000002.png")))
-    assert grid.shape == (6 * 9 + 1, 8 * 9 + 1, 3)  # one row per prompt
+    assert grid.shape == (6 * 65 + 1, 8 * 65 + 1, 3)  # one row per prompt; 8-pixel samples upscaled 8x, padding 1
     files = sorted(cache.glob("*/*.pt"))
     assert 6 <= len(files) <= 12  # one per distinct caption: the 6 grid prompts and those drawn in training
     hidden, mask = enc.encode(prompts)

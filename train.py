@@ -40,6 +40,13 @@ DEMO = dict(model="DiT-T/2", image_size=16, global_batch_size=64, lr=2e-3, ema_d
 MODEL_ARGS = ("model", "image_size", "vae", "num_classes", "learn_sigma", "class_dropout_prob", "routing", "alpha",
               "beta", "routing_seed", "num_timesteps", "noise_schedule", "context_dim")
 TEXT_ARGS = ("text_digest", "text_length", "text_mask")
+# Arguments a resumed run must also keep: the data order and the per-step random draws (seed, global batch, flips,
+# the demo's data) and the loss. A resume is bit-exact only with them unchanged, and a run that changed them halfway
+# would be neither of the two experiments. Every other flag (lr, weight decay, uw-lr, EMA decay, steps, log, checkpoint
+# and sample intervals, precision, compile, workers, ...) is applied on resume and its change is logged.
+RESUME_FIXED = ("seed", "global_batch_size", "flip_prob", "demo_images_per_class", "loss_weight", "min_snr_gamma",
+                "p2_gamma", "p2_k", "uw_clusters")
+GRID_MIN_WIDTH = 512  # training grids are upscaled (nearest neighbour, integer factor) to at least this many pixels
 COCO_TEXT_ENCODER = "openai/clip-vit-large-patch14"  # CLIP ViT-L/14's text encoder: 77 tokens of width 768
 DEMO_TEXT_ENCODER = "builtin:tiny-clip"  # tiny_clip() below: random, offline, deterministic
 MASK_KEY = ".routing._unit_mapping"  # the official DTR code stores each block's masks in its state dict
@@ -467,10 +474,25 @@ def load_checkpoint(path):
         fail(f"cannot load checkpoint {path} ({type(e).__name__})")
 
 
-def latest_checkpoint(results_dir):
-    """The newest checkpoint of the newest experiment under results_dir (None if there is none)."""
-    found = sorted(glob.glob(os.path.join(results_dir, "*", "checkpoints", "*.pt")))
-    return found[-1] if found else None
+def latest_checkpoint(results_dir, args=None):
+    """The newest checkpoint of the newest experiment under results_dir (None if there is none); with `args`, of the
+    newest experiment whose args.json has their model arguments (MODEL_ARGS), never another model's or routing's."""
+    keys = () if args is None else MODEL_ARGS + (TEXT_ARGS if getattr(args, "context_dim", None) is not None else ())
+    for exp in sorted(glob.glob(os.path.join(results_dir, "*")), reverse=True):
+        found = sorted(glob.glob(os.path.join(exp, "checkpoints", "*.pt")))
+        saved = read_args(exp) if keys else {}
+        if found and saved is not None and all(saved.get(k) == getattr(args, k) for k in keys):
+            return found[-1]
+    return None
+
+
+def read_args(exp):
+    """The args.json of an experiment directory, or None if it has none (or an unreadable one)."""
+    try:
+        with open(os.path.join(exp, "args.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
 def new_experiment_dir(args):
@@ -524,6 +546,10 @@ def train(args):
     if args.global_batch_size % world:
         fail(f"global batch size {args.global_batch_size} is not divisible by the world size {world}")
     local_batch = args.global_batch_size // world
+    if args.loss_weight == "ant-uw" and not 1 <= args.uw_clusters <= args.num_timesteps:
+        fail(f"--uw-clusters {args.uw_clusters} must be between 1 and --num-timesteps {args.num_timesteps}")
+    if not 1 <= args.grid_steps <= args.num_timesteps:  # the sample grid respaces the T training steps
+        fail(f"--grid-steps {args.grid_steps} must be between 1 and --num-timesteps {args.num_timesteps}")
     if args.loss_weight == "ant-uw" and local_batch % args.uw_clusters:
         fail(f"per-rank batch {local_batch} is not divisible by the {args.uw_clusters} ANT-UW timestep clusters")
     if device.type == "cuda":
@@ -539,19 +565,28 @@ def train(args):
         args.context_dim, args.text_digest, args.text_length = text.dim, text.digest, text.length
     if len(dataset) < args.global_batch_size:
         fail(f"{len(dataset)} images are fewer than one global batch of {args.global_batch_size}")
-    ckpt = None
+    ckpt, changed = None, []
     if args.resume:
-        path = latest_checkpoint(args.results_dir) if args.resume == "auto" else args.resume
+        path = latest_checkpoint(args.results_dir, args) if args.resume == "auto" else args.resume
         ckpt = load_checkpoint(path) if path else None
         if ckpt is not None:
             args.resume = path
-            for k in MODEL_ARGS + (TEXT_ARGS if text else ()):
+            for k in MODEL_ARGS + RESUME_FIXED + (TEXT_ARGS if text else ()):
                 if ckpt["args"].get(k) != getattr(args, k):
                     fail(f"--resume {path}: {k} is {ckpt['args'].get(k)!r} there but {getattr(args, k)!r} now")
+            changed = [f"--{k.replace('_', '-')} {v} (was {ckpt['args'].get(k)})" for k, v in vars(args).items()
+                       if k != "resume" and ckpt["args"].get(k) != v]  # applied: logged once the log exists
     if args.vae and args.image_size % VAE_FACTOR:
         fail(f"--image-size {args.image_size} is not divisible by the VAE factor {VAE_FACTOR}")
 
-    model = build_model(args).to(device)
+    try:
+        model = build_model(args).to(device)
+    except ValueError as e:  # bad routing arguments (beta, alpha), widths that do not split into heads
+        fail(str(e))
+    starved = [m.shape[1] for m in model.router.buffers() if not m.any(1).all()]  # (T, C) tables with an empty row
+    if starved:
+        fail(f"--beta {args.beta} leaves no active channel in {args.model}'s {min(starved)}-channel blocks "
+             f"(int(beta * C) = 0): it must be at least 1/{min(starved)}")
     multiple = size_multiple(model)
     if latent_size(args) % multiple:
         fail(f"input side {latent_size(args)} is not divisible by {multiple}, which {args.model} needs")
@@ -574,7 +609,9 @@ def train(args):
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["opt"])
+        opt.param_groups[0].update(lr=args.lr, weight_decay=args.weight_decay)  # this run's flags, not the saved ones
         if uw is not None:
+            opt.param_groups[1]["lr"] = args.uw_lr
             uw.data.copy_(ckpt["uw"])
         step = ckpt["step"]
         if len(ckpt["rng"]) == world:
@@ -597,6 +634,8 @@ def train(args):
         f"routing {args.routing} (alpha {args.alpha}, beta {args.beta}), {len(dataset):,} images, "
         f"{condition}, {sum(p.numel() for p in model.parameters()):,} parameters, "
         f"{world} process(es) x batch {local_batch} on {device}")
+    if changed:
+        log(f"changed on resume: {', '.join(changed)}")
 
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=StepBatches(len(dataset), args.global_batch_size, rank, world, args.seed, step),
@@ -604,6 +643,8 @@ def train(args):
     amp = dict(device_type=device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision),
                enabled=args.precision != "fp32")
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+    if ckpt is not None and scaler.is_enabled() and ckpt.get("scaler"):  # fp16 on: the loss scale and its growth count
+        scaler.load_state_dict(ckpt["scaler"])
     shape = (model.in_channels, latent_size(args), latent_size(args))
     part = slice(rank * local_batch, (rank + 1) * local_batch)
     stats = torch.zeros(2, 4, device=device)  # loss sum and sample count per timestep quarter
@@ -615,8 +656,9 @@ def train(args):
         while step < args.steps:
             try:
                 x, y = next(batches)
-            except Exception as e:  # unreadable images, also from loader workers: one line
-                fail(str(e).strip().splitlines()[-1])
+            except Exception as e:  # unreadable images, also from loader workers: one line (its type if it has none)
+                lines = str(e).strip().splitlines()
+                fail(lines[-1] if lines else f"cannot load a batch ({type(e).__name__})")
             r = {k: v[part] for k, v in step_randomness(args, step, shape, device).items()}
             x = x.to(device, non_blocking=True).float() / 127.5 - 1  # uint8 -> [-1, 1]
             x = torch.where(r["flip"][:, None, None, None], x.flip(3), x)  # random horizontal flip
@@ -654,7 +696,7 @@ def train(args):
                 log_progress(log, args, step, stats, uw, world, (step - start_step) / (time.perf_counter() - start))
                 start, start_step = time.perf_counter(), step
             if step % args.ckpt_every == 0 or step == args.steps:
-                path = save_checkpoint(args, exp, step, model, ema, opt, uw, world, device, rank)
+                path = save_checkpoint(args, exp, step, model, ema, opt, uw, world, device, rank, scaler)
                 log(f"saved {path}")
             if rank == 0 and (args.sample_every and step % args.sample_every == 0 or step == args.steps):
                 path = save_grid(args, exp, step, ema, vae, device, text, captions)
@@ -700,20 +742,24 @@ def log_progress(log, args, step, stats, uw, world, steps_per_sec):
     stats.zero_()
 
 
-def save_checkpoint(args, exp, step, model, ema, opt, uw, world, device, rank):
+def save_checkpoint(args, exp, step, model, ema, opt, uw, world, device, rank, scaler=None):
     """Everything needed to resume bit-exactly, written atomically by rank 0 (all ranks join the RNG gather)."""
     rng = rng_states(world, device)
     path = os.path.join(exp, "checkpoints", f"{step:07d}.pt") if rank == 0 else None
     if rank == 0:
         state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "args": vars(args),
                  "step": step, "uw": None if uw is None else uw.detach().cpu(), "rng": rng,
+                 "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,  # fp16
                  "data": {"step": step, "seed": args.seed, "global_batch_size": args.global_batch_size}}
         dtr.atomic_write(path, lambda tmp: torch.save(state, tmp))
     return path
 
 
 def save_grid(args, exp, step, ema, vae, device, text=None, captions=None):
-    """A grid of EMA samples next to the checkpoints: a row per class (up to 8), or per prompt (text; listed in .txt)."""
+    """A grid of EMA samples next to the checkpoints: a row per class (up to 8), or per prompt (text; listed in .txt).
+
+    Each sample is upscaled by an integer factor (nearest neighbour) so the 8 columns are at least GRID_MIN_WIDTH
+    pixels wide; tiles are separated by 1-pixel black lines."""
     from torchvision.utils import save_image
     path = os.path.join(exp, f"samples_{step:07d}.png")
     rows = min(args.num_classes, 8) if args.num_classes > 1 else 8
@@ -727,6 +773,8 @@ def save_grid(args, exp, step, ema, vae, device, text=None, captions=None):
     ema.eval()
     images = generate(ema, build_diffusion(args, str(args.grid_steps)), labels, range(rows * 8),
                       args.grid_cfg_scale if args.class_dropout_prob > 0 else 1.0, vae, device, context_mask=mask)
+    factor = max(1, math.ceil(GRID_MIN_WIDTH / (8 * images.shape[2])))
+    images = images.repeat_interleave(factor, dim=1).repeat_interleave(factor, dim=2)  # (N, H f, W f, 3)
     grid = images.permute(0, 3, 1, 2).float() / 255
     dtr.atomic_write(path, lambda tmp: save_image(grid, tmp, nrow=8, padding=1, format="png"))
     return path
