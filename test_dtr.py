@@ -1456,7 +1456,7 @@ def test_train_center_crop_like_adm():
 @pytest.mark.parametrize("case,message", [
     ("empty", "no images found"), ("corrupt", "cannot read image"), ("npz_dtype", "arr_0 must be non-empty uint8"),
     ("size", "not divisible by 2"), ("missing", "does not exist"), ("small", "fewer than one global batch"),
-    ("beta", "--beta 0.005 leaves no active channel in DiT-T/2's 128-channel blocks"),
+    ("beta", "activation ratio beta=0.005 leaves none of 128 channels active"),
     ("clusters", "--uw-clusters 8 must be between 1 and --num-timesteps 4"),
     ("grid", "--grid-steps 8 must be between 1 and --num-timesteps 4")])
 def test_train_bad_input_one_line(tmp_path, case, message):

@@ -583,10 +583,6 @@ def train(args):
         model = build_model(args).to(device)
     except ValueError as e:  # bad routing arguments (beta, alpha), widths that do not split into heads
         fail(str(e))
-    starved = [m.shape[1] for m in model.router.buffers() if not m.any(1).all()]  # (T, C) tables with an empty row
-    if starved:
-        fail(f"--beta {args.beta} leaves no active channel in {args.model}'s {min(starved)}-channel blocks "
-             f"(int(beta * C) = 0): it must be at least 1/{min(starved)}")
     multiple = size_multiple(model)
     if latent_size(args) % multiple:
         fail(f"input side {latent_size(args)} is not divisible by {multiple}, which {args.model} needs")
