@@ -12,6 +12,7 @@ uint8 NHWC, arr_1: int64 labels, or captions: str for text models), the format o
 import argparse
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -31,6 +32,10 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # A bare state dict is read as a facebookresearch/DiT checkpoint: DiT's diffusion and no routing.
 PLAIN_ARGS = dict(vae_path=None, routing="none", alpha=4.0, beta=0.8, routing_seed=0, num_timesteps=1000,
                   noise_schedule="linear", loss_weight="constant", min_snr_gamma=5.0, p2_gamma=1.0, p2_k=1.0)
+# The official DTR code (byeongjun-park/DTR) fixes alpha and the number of diffusion steps in code, not in its config;
+# its config's default schedule is cosine. Its routing.init_method names our routing kinds.
+OFFICIAL_ALPHA, OFFICIAL_STEPS, OFFICIAL_SCHEDULE = 4.0, 1000, "cosine"
+OFFICIAL_ROUTINGS = {"DTR": "dtr", "random": "random"}
 
 
 def is_main():
@@ -60,11 +65,14 @@ def read_checkpoint(path):
     try:  # train.py checkpoints hold argument dicts and RNG states, not only tensors: load only files you trust
         return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
     except Exception as e:
+        if isinstance(e, ModuleNotFoundError) and (e.name or "").split(".")[0] == "omegaconf":
+            fail(f"{path} holds the official DTR code's hydra config (an omegaconf DictConfig): pip install omegaconf")
         fail(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
 
 
-def plain_args(state, model, image_size, vae):
-    """Training arguments of a bare DiT state dict, read off its shapes: classes, null class, sigma, latent or pixel."""
+def plain_args(state, model, image_size, vae, config=None):
+    """Training arguments of a state dict without train.py's, read off its shapes (classes, null class, sigma, latent
+    or pixel); routing and schedule from the official DTR code's `config` if given, else from its masks if any."""
     if model is None or image_size is None:
         fail("the checkpoint holds no training arguments; name its --model and --image-size")
     if model not in dtr.DiT_models:
@@ -77,19 +85,96 @@ def plain_args(state, model, image_size, vae):
         fail(f"the checkpoint is not a DiT state dict (no {e.args[0]})")
     if c_in not in (3, 4):
         fail(f"the checkpoint's DiT takes {c_in} input channels; expected 4 (VAE latents) or 3 (pixels)")
-    routing = "dtr" if any(k.endswith(train.MASK_KEY) for k in state) else "none"  # official DTR: alpha 4, beta 0.8
-    return dict(PLAIN_ARGS, model=model, image_size=image_size, vae=(vae or "ema") if c_in == 4 else None,
+    args = dict(PLAIN_ARGS, model=model, image_size=image_size, vae=(vae or "ema") if c_in == 4 else None,
                 num_classes=max(rows - 1, 1), class_dropout_prob=0.1 if rows > 1 else 0.0,  # DiT: null row if > 1 class
-                learn_sigma=c_out == 2 * c_in, routing=routing)
+                learn_sigma=c_out == 2 * c_in)
+    if config is not None:
+        return dict(args, **config_args(config))
+    masks = {k: v for k, v in state.items() if k.endswith(train.MASK_KEY)}
+    return dict(args, **mask_args(masks)) if masks else args
+
+
+def setting(config, path):
+    """The value at a dotted path ('general.schedule_name') of the official DTR code's hydra config."""
+    node = config
+    for key in path.split("."):
+        if not hasattr(node, "keys") or key not in node:
+            fail(f"the checkpoint's config has no {path}")
+        node = node[key]  # a DictConfig resolves interpolations such as ${data.num_classes} here
+    return node
+
+
+def config_args(config):
+    """Routing, schedule and classes of an official DTR checkpoint, from the hydra config its train.py saves with it."""
+    kind = setting(config, "models.routing.init_method")
+    if kind not in OFFICIAL_ROUTINGS:
+        fail(f"the checkpoint's config has routing init_method {kind!r}; expected {' or '.join(OFFICIAL_ROUTINGS)}")
+    beta, tasks = float(setting(config, "models.routing.sharing_ratio")), setting(config, "models.routing.taskcount")
+    if not 0 < beta <= 1:
+        fail(f"the checkpoint's config has sharing_ratio (beta) {beta}; expected a value in (0, 1]")
+    if tasks != OFFICIAL_STEPS:  # the official diffusion always has 1000 steps; masks of other lengths do not fit it
+        fail(f"the checkpoint's config has taskcount {tasks}; the official code samples {OFFICIAL_STEPS} steps")
+    schedule = setting(config, "general.schedule_name")
+    if schedule not in ("linear", "cosine"):
+        fail(f"the checkpoint's config has schedule_name {schedule!r}; expected 'linear' or 'cosine'")
+    classes = 1 if setting(config, "data.is_uncond") else int(setting(config, "data.num_classes"))
+    return dict(routing=OFFICIAL_ROUTINGS[kind], alpha=OFFICIAL_ALPHA, beta=beta, num_timesteps=tasks,
+                noise_schedule=schedule, num_classes=classes, class_dropout_prob=0.1 if classes > 1 else 0.0)
+
+
+def mask_beta(active, channels):
+    """The shortest decimal beta in (0, 1] with int(beta * C) == active (the official code keeps int(C * beta))."""
+    for decimals in range(1, 7):
+        low = math.floor(active / channels * 10**decimals)
+        for beta in (low / 10**decimals, (low + 1) / 10**decimals):
+            if 0 < beta <= 1 and int(beta * channels) == active:
+                return beta
+    return (active + 0.5) / channels
+
+
+def mask_alpha(table, beta):
+    """The alpha whose DTR masks are `table` (T, C) bool, or None. Tries 4 (the official code's), then 0.01..10 from
+    the coarsest decimals: any alpha that gives the same masks gives the same model."""
+    tasks, channels = table.shape
+    start = table.int().argmax(dim=1).numpy()  # (T,) first active channel of each row
+    frac, free = np.linspace(0, 1, tasks), channels - int(beta * channels)
+    for alpha in dict.fromkeys([OFFICIAL_ALPHA] + [k / 100 for step in (100, 10, 1) for k in range(step, 1001, step)]):
+        # dtr_masks' offsets, computed as it does; only a match is then checked in full
+        if np.array_equal((frac**alpha * free).round(), start) and torch.equal(
+                dtr.dtr_masks(tasks, channels, alpha, beta).bool(), table):
+            return alpha
+    return None
+
+
+def mask_args(masks):
+    """Routing and schedule of an official DTR state dict without its config, from its masks {key: (T, C)}: beta from
+    the row sums, DTR with the alpha that reproduces them, else R-TR (its masks are then used as they are)."""
+    tables = [m != 0 for m in masks.values()]
+    counts = torch.cat([t.sum(dim=1) for t in tables]).unique()
+    if len(counts) != 1 or not counts.item():
+        fail("the checkpoint's routing masks do not keep one number of channels per task; cannot tell its beta")
+    tasks, channels = tables[0].shape
+    if tasks != OFFICIAL_STEPS:
+        fail(f"the checkpoint's routing masks have {tasks} tasks; the official code samples {OFFICIAL_STEPS} steps")
+    beta = mask_beta(counts.item(), channels)
+    same = all(t.shape == tables[0].shape and torch.equal(t, tables[0]) for t in tables)
+    alpha = mask_alpha(tables[0], beta) if same else None
+    routing = f"DTR with alpha {alpha:g}" if alpha is not None else "R-TR with the checkpoint's own masks (not DTR's)"
+    warn(f"the checkpoint has the official DTR code's masks but no config: assuming {routing}, beta {beta:g} (from the "
+         f"masks), the {OFFICIAL_SCHEDULE} schedule (the official default) and {OFFICIAL_STEPS} steps")
+    return dict(routing="dtr" if alpha is not None else "random", alpha=OFFICIAL_ALPHA if alpha is None else alpha,
+                beta=beta, num_timesteps=OFFICIAL_STEPS, noise_schedule=OFFICIAL_SCHEDULE)
 
 
 def load_checkpoint(path, weights="ema", model=None, image_size=None, vae=None, vae_path=None, text_encoder=None):
-    """(training arguments, state dict) of a train.py checkpoint, a DiT training checkpoint or a bare state dict."""
+    """(training arguments, state dict) of a train.py checkpoint, an official DTR or DiT training checkpoint, or a bare
+    state dict."""
     ckpt = read_checkpoint(path)
     if not isinstance(ckpt, dict):
         fail(f"{path} is not a checkpoint (a {type(ckpt).__name__})")
     given = ckpt.get("args")
     given = vars(given) if isinstance(given, argparse.Namespace) else given  # facebookresearch/DiT saves a Namespace
+    config = ckpt.get("config")  # the official DTR code saves its hydra config
     if weights in ckpt and isinstance(ckpt[weights], dict):
         state = ckpt[weights]
     elif all(isinstance(v, torch.Tensor) for v in ckpt.values()):
@@ -110,19 +195,38 @@ def load_checkpoint(path, weights="ema", model=None, image_size=None, vae=None, 
         given = given or {}
         if text_encoder is not None:
             fail("--text-encoder applies to text-to-image models; this checkpoint's model is not one")
-        args = plain_args(state, model or given.get("model"), image_size or given.get("image_size"), vae)
+        if config is not None:  # official DTR: model, image size and VAE from its config
+            given = {name: setting(config, key) for name, key in (("model", "models.name"),
+                                                                  ("image_size", "general.image_size"))}
+            for flag, name in ((model, "model"), (image_size, "image_size")):
+                if flag is not None and flag != given[name]:
+                    fail(f"--{name.replace('_', '-')} {flag} contradicts the checkpoint's {given[name]}")
+            vae = vae or setting(config, "general.vae")
+        args = plain_args(state, model or given.get("model"), image_size or given.get("image_size"), vae, config)
     return argparse.Namespace(**dict(args, vae_path=vae_path or args.get("vae_path"))), state
 
 
 def check_masks(model, state):
-    """Drop the official DTR code's stored masks, after checking that they are the masks this model derives."""
+    """Drop the official DTR code's stored masks, after checking that they are the masks this model derives; R-TR
+    masks, which the official code draws from numpy's unseeded global generator, are adopted as this model's instead."""
     stored = {k: state.pop(k) for k in [k for k in state if k.endswith(train.MASK_KEY)]}
-    tables = list(model.router.buffers())
+    tables, router = list(model.router.buffers()), model.router
+    adopt = router.kind == "random"
+    if adopt and stored and len(stored) != router.num_blocks:
+        fail(f"the checkpoint has R-TR masks for {len(stored)} of its model's {router.num_blocks} blocks")
     for key, masks in stored.items():
         i = int(key.split(".")[1])  # blocks.{i}.routing._unit_mapping
-        ours = tables[model.router.table_of_block[i]] if tables else None
-        if ours is None or masks.shape != ours.shape or not torch.equal(masks != 0, ours):
-            fail(f"the checkpoint's {key} differs from this model's {model.router.kind} masks")
+        ours = tables[router.table_of_block[i]] if tables and i < router.num_blocks else None
+        if adopt and ours is not None:
+            if masks.shape != ours.shape:
+                fail(f"the checkpoint's {key} has shape {tuple(masks.shape)}; this model's R-TR masks have "
+                     f"{tuple(ours.shape)}")
+            active = int(ours[0].sum())  # int(beta * C), as ours are drawn
+            if not ((masks == 0) | (masks == 1)).all() or not (masks.sum(dim=1) == active).all():
+                fail(f"the checkpoint's {key} is not a 0/1 table with {active} (= int(beta*C)) ones in every row")
+            ours.copy_(masks != 0)
+        elif ours is None or masks.shape != ours.shape or not torch.equal(masks != 0, ours):
+            fail(f"the checkpoint's {key} differs from this model's {router.kind} masks")
 
 
 def load_model(args, state, device):
@@ -193,10 +297,12 @@ def shard_ranges(num_samples, shard_size):
 
 
 def default_out(args, model_args):
-    """samples/<model>-<checkpoint>-<weights>-<sampler><steps>-cfg<scale>-seed<seed>."""
+    """samples/<model>-<checkpoint>-<weights>-<sampler><steps>-cfg<scale>[g<guided channels>]-seed<seed>."""
     return os.path.join("samples", "-".join([
         model_args.model.replace("/", "-"), os.path.splitext(os.path.basename(args.ckpt))[0], args.weights,
-        f"{args.sampler}{args.num_sampling_steps}", f"cfg{args.cfg_scale}", f"seed{args.seed}"]))
+        f"{args.sampler}{args.num_sampling_steps}",
+        f"cfg{args.cfg_scale}" + ("" if args.guided_channels is None else f"g{args.guided_channels}"),
+        f"seed{args.seed}"]))
 
 
 def paths(out, num_samples, image_size):
@@ -213,8 +319,8 @@ def shard_file(files, k):
 
 def run_settings(args, model_args, captions=None):
     """Everything that decides the images (and so must match when resuming); not the ranks or the batch size."""
-    keys = ("weights", "num_samples", "seed", "class_labels", "cfg_scale", "sampler", "num_sampling_steps", "eta",
-            "precision", "shard_size", "save_png")
+    keys = ("weights", "num_samples", "seed", "class_labels", "cfg_scale", "guided_channels", "sampler",
+            "num_sampling_steps", "eta", "precision", "shard_size", "save_png")
     settings = dict(ckpt=os.path.abspath(args.ckpt), model_args=vars(model_args), **{k: getattr(args, k) for k in keys})
     if captions is not None:  # text models: every sample's caption
         settings["captions_sha256"] = hashlib.sha256("\n".join(captions).encode()).hexdigest()
@@ -262,6 +368,11 @@ def save_npz(path, arrays):
 def merge_shards(path, shard_files, ranges, image_shape, keys=()):
     """Stream the shards into one uncompressed ADM .npz (arr_0 uint8 NHWC, then the per-sample arrays `keys`, e.g.
     arr_1 int64 labels or captions str) -> its first 64 images."""
+    missing = [f for f in shard_files if not os.path.isfile(f)]
+    if missing:  # e.g. ranks on other machines wrote theirs to a folder this one cannot see
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        fail(f"shard {missing[0]}{more} is missing: put --out on a filesystem every rank shares, or rerun with "
+             f"--resume to sample the missing shards here")
     first, extras = [], {k: [] for k in keys}
 
     def write(tmp):
@@ -336,6 +447,11 @@ def check_args(args, model_args):
         fail("pass --resume or --overwrite, not both")
     if args.cfg_scale < 0:
         fail(f"--cfg-scale must be >= 0 (1: no guidance), got {args.cfg_scale}")
+    channels = 4 if model_args.vae else 3  # the eps channels: VAE latents or RGB
+    if args.guided_channels is not None and not 1 <= args.guided_channels <= channels:
+        fail(f"--guided-channels must be in 1..{channels} (the model's noise channels), got {args.guided_channels}")
+    if args.guided_channels is not None and args.cfg_scale == 1:
+        warn("--cfg-scale 1 runs no guidance; --guided-channels ignored")
     text = getattr(model_args, "context_dim", None) is not None
     conditional = model_args.num_classes > 1 or text
     if args.cfg_scale != 1 and not (conditional and model_args.class_dropout_prob > 0):
@@ -374,7 +490,8 @@ def sample_shards(model, diffusion, vae, condition, record, shards, ranges, file
             y, mask = condition(i)
             with autocast:
                 batches.append(train.generate(model, diffusion, y, args.seed + i, args.cfg_scale, vae, device,
-                                              args.sampler, args.eta, context_mask=mask).numpy())
+                                              args.sampler, args.eta, context_mask=mask,
+                                              guided_channels=args.guided_channels).numpy())
             bar.update(len(i))
         images = np.concatenate(batches)  # (n, H, W, 3) uint8
         if args.save_png:
@@ -464,9 +581,10 @@ def parser():
     """The command line; a bad argument stops with one line, like every other bad input."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.error = fail  # one line instead of usage + message
-    p.add_argument("--ckpt", required=True, help="a train.py checkpoint (or a facebookresearch/DiT state dict)")
+    p.add_argument("--ckpt", required=True,
+                   help="a train.py checkpoint, an official DTR one, or a facebookresearch/DiT state dict")
     p.add_argument("--weights", choices=["ema", "model"], default="ema")
-    p.add_argument("--model", default=None, help="only for checkpoints without training arguments (DiT's)")
+    p.add_argument("--model", default=None, help="only for checkpoints without training arguments or config (DiT's)")
     p.add_argument("--image-size", type=int, default=None, help="only for checkpoints without training arguments")
     p.add_argument("--vae", choices=["ema", "mse"], default=None, help="latent models' decoder (default: its own)")
     p.add_argument("--vae-path", default=None, help="a local copy of the VAE (diffusers format)")
@@ -476,6 +594,8 @@ def parser():
     p.add_argument("--num-sampling-steps", type=int, default=250)
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0: deterministic)")
     p.add_argument("--cfg-scale", type=float, default=1.0, help="1: no guidance (the paper's FID: 1.5)")
+    p.add_argument("--guided-channels", type=int, default=None,
+                   help="guide only the first N noise channels (default: all; facebookresearch/DiT's FIDs: 3)")
     p.add_argument("--class-labels", type=int, nargs="+", default=None,
                         help="sample i gets label[i %% len]; default: uniform random labels from --seed")
     p.add_argument("--prompts", default=None, help="text models: prompts, one a line; sample i gets line i %% len")

@@ -1584,20 +1584,48 @@ def run_sample(ckpt, out, *flags, n=6):
         return {k: z[k] for k in z.files}
 
 
-def reference_samples(model, labels, seeds, cfg_scale=1.0, sampler="ddpm", noise=None):
-    """Samples straight from dtr's sampler (not through train.generate): per-sample generators, CFG by hand."""
-    diffusion = train.build_diffusion(argparse.Namespace(**ckpt_args()), str(SAMPLE_STEPS))
-    n, y = len(seeds), torch.as_tensor(labels)
+@torch.no_grad()
+def reference_samples(model, labels, seeds, cfg_scale=1.0, sampler="ddpm", noise=None, schedule="linear", guided=None,
+                      vae=None):
+    """Samples straight from dtr's sampler over T = 1000 (not through train.generate or forward_with_cfg): per-sample
+    generators, CFG written out here on the first `guided` eps channels (default: all), latents decoded by hand."""
+    diffusion = dtr.create_diffusion(str(SAMPLE_STEPS), noise_schedule=schedule,
+                                     learn_sigma=model.out_channels == 2 * model.in_channels)
+    n, c, side = len(seeds), model.in_channels, model.input_size
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    if cfg_scale == 1.0:
-        x = diffusion.p_sample_loop(model, (n, 3, 8, 8), noise=noise, model_kwargs=dict(y=y),
-                                    generators=None if noise is not None else gens, sampler=sampler, clip_denoised=True)
-    else:  # batch [cond | null]; the second half's draws are ignored by forward_with_cfg
-        gens += [torch.Generator().manual_seed(10**6 + i) for i in range(n)]
-        y2 = torch.cat([y, torch.full_like(y, 4)])
-        x = diffusion.p_sample_loop(model.forward_with_cfg, (2 * n, 3, 8, 8), generators=gens, sampler=sampler,
-                                    model_kwargs=dict(y=y2, cfg_scale=cfg_scale), clip_denoised=True)[:n]
+    net = model
+    if cfg_scale != 1.0:  # one batch [cond | null class]; the unguided channels keep the conditional output
+        g = c if guided is None else guided
+
+        def net(x, t, y):
+            null = torch.full_like(y, model.num_classes)
+            cond, uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)
+            return torch.cat([uncond[:, :g] + cfg_scale * (cond[:, :g] - uncond[:, :g]), cond[:, g:]], dim=1)
+    y = None if labels is None else torch.as_tensor(labels)
+    x = diffusion.p_sample_loop(net, (n, c, side, side), noise=noise, model_kwargs=dict(y=y), sampler=sampler,
+                                generators=None if noise is not None else gens, clip_denoised=vae is None)
+    if vae is not None:  # latents: Stable Diffusion's VAE scale
+        x = vae.decode(x / 0.18215).sample
     return (127.5 * x + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+class TinyDecoder(torch.nn.Module):
+    """A stand-in for Stable Diffusion's VAE (no diffusers): decode = a fixed random 1x1 conv of asinh(latents) (random
+    models' latents are large; asinh keeps most pixels off 0 and 255), upsampled 8x."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = randomize(torch.nn.Conv2d(4, 3, 1), scale=0.05, seed=3)
+
+    def decode(self, z):
+        return argparse.Namespace(sample=F.interpolate(self.conv(torch.asinh(z)), scale_factor=8))
+
+
+def fake_vae(monkeypatch):
+    """Make sample.py's VAE a TinyDecoder -> (the decoder, the list of VAE kinds sample.py asked for)."""
+    decoder, kinds = TinyDecoder(), []
+    monkeypatch.setattr(train, "load_vae", lambda kind, path=None, device="cpu": kinds.append(kind) or decoder)
+    return decoder, kinds
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -1737,6 +1765,27 @@ def test_sample_resume_skips_finished_shards(fitted_dit, tmp_path, monkeypatch):
     assert np.array_equal(redone["arr_0"], full["arr_0"])
 
 
+def test_sample_missing_shard_is_one_line_and_resume_fills_it(fitted_dit, tmp_path, monkeypatch):
+    ckpt, _ = fitted_dit
+    full = run_sample(ckpt, tmp_path / "full")
+    out, sample_shards = tmp_path / "out", sample.sample_shards
+
+    def elsewhere(model, diffusion, vae, condition, record, shards, *a, **kw):  # shard 1 went to another machine's disk
+        return sample_shards(model, diffusion, vae, condition, record, [k for k in shards if k != 1], *a, **kw)
+
+    monkeypatch.setattr(sample, "sample_shards", elsewhere)
+    with pytest.raises(SystemExit) as e:
+        run_sample(ckpt, out, "--shard-size", "2")
+    shard = out / ".shards" / "shard-000001.npz"
+    assert str(e.value.code) == (f"sample.py: error: shard {shard} is missing: put --out on a filesystem every rank "
+                                 "shares, or rerun with --resume to sample the missing shards here")
+    assert sorted(os.listdir(out / ".shards")) == ["shard-000000.npz", "shard-000002.npz"]  # nothing lost
+    assert not os.path.exists(out / "samples_6x8x8x3.npz")
+    monkeypatch.setattr(sample, "sample_shards", sample_shards)
+    resumed = run_sample(ckpt, out, "--shard-size", "2", "--resume")
+    assert np.array_equal(resumed["arr_0"], full["arr_0"]) and np.array_equal(resumed["arr_1"], full["arr_1"])
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Other checkpoints: unconditional ADM, bare DiT state dicts, latent models
 # --------------------------------------------------------------------------------------------------------------------
@@ -1744,13 +1793,12 @@ def test_sample_resume_skips_finished_shards(fitted_dit, tmp_path, monkeypatch):
 def test_sample_unconditional_adm_ignores_labels(tmp_path, capsys):
     args = ckpt_args(model="ADM-T", image_size=16, num_classes=1, class_dropout_prob=0.0, noise_schedule="cosine")
     torch.manual_seed(0)
-    model = train.build_model(argparse.Namespace(**args))
+    model = perturbed(train.build_model(argparse.Namespace(**args)), std=0.05).eval()  # zero-init layers contribute
     ckpt = save_train_ckpt(tmp_path / "adm.pt", args, model.state_dict())
     out = run_sample(ckpt, tmp_path / "out", "--class-labels", "3", n=3)
     assert sorted(out) == ["arr_0"] and out["arr_0"].shape == (3, 16, 16, 3) and out["arr_0"].dtype == np.uint8
     assert "sample.py: warning: the model is unconditional; --class-labels ignored" in capsys.readouterr().err
-    diffusion = train.build_diffusion(argparse.Namespace(**args), str(SAMPLE_STEPS))
-    assert np.array_equal(out["arr_0"], train.generate(model, diffusion, None, range(3)).numpy())
+    assert np.array_equal(out["arr_0"], reference_samples(model, None, range(3), schedule="cosine"))
 
 
 def test_sample_bare_dit_state_dicts(fitted_dit, tmp_path):
@@ -1767,10 +1815,13 @@ def test_sample_bare_dit_state_dicts(fitted_dit, tmp_path):
     assert not np.array_equal(no_routing["arr_0"], dtr_run["arr_0"])
     masks = dtr.dtr_masks(1000, 128)  # the official DTR code keeps each block's masks in its state dict
     torch.save({**state, **{f"blocks.{i}.routing._unit_mapping": masks for i in range(4)}}, bare)
-    assert np.array_equal(run_sample(bare, tmp_path / "official", "--model", "DiT-T/2", "--image-size", "8")["arr_0"],
-                          dtr_run["arr_0"])
-    torch.save({**state, **{f"blocks.{i}.routing._unit_mapping": masks.flip(1) for i in range(4)}}, bare)
-    with pytest.raises(SystemExit, match="blocks.0.routing._unit_mapping differs from this model's dtr masks"):
+    cosine = save_train_ckpt(tmp_path / "cosine.pt", ckpt_args(noise_schedule="cosine"), model.state_dict())
+    official = run_sample(bare, tmp_path / "official", "--model", "DiT-T/2", "--image-size", "8")["arr_0"]
+    assert np.array_equal(official, run_sample(cosine, tmp_path / "cosine")["arr_0"])  # no config: the official default
+    assert not np.array_equal(official, dtr_run["arr_0"])
+    masks[999, 0] = 1  # a row with one channel more than the others (its window is at the right end)
+    torch.save({**state, **{f"blocks.{i}.routing._unit_mapping": masks for i in range(4)}}, bare)
+    with pytest.raises(SystemExit, match="routing masks do not keep one number of channels per task"):
         run_sample(bare, tmp_path / "wrong", "--model", "DiT-T/2", "--image-size", "8")
 
 
@@ -1783,13 +1834,174 @@ def test_sample_latent_checkpoint_decodes_through_the_vae(tmp_path):
     vae.save_pretrained(tmp_path / "vae")  # a local, tiny stand-in for sd-vae-ft-ema (8x downsampling, 4 channels)
     args = ckpt_args(image_size=32, vae="ema")
     torch.manual_seed(0)
-    model = train.build_model(argparse.Namespace(**args))
+    model = randomize(train.build_model(argparse.Namespace(**args))).eval()  # zero-init layers contribute
     ckpt = save_train_ckpt(tmp_path / "latent.pt", args, model.state_dict())
     out = run_sample(ckpt, tmp_path / "out", "--vae-path", str(tmp_path / "vae"), "--class-labels", "1", n=2)
     assert out["arr_0"].shape == (2, 32, 32, 3) and out["arr_1"].tolist() == [1, 1]
-    diffusion = train.build_diffusion(argparse.Namespace(**args), str(SAMPLE_STEPS))
-    vae = train.load_vae("ema", str(tmp_path / "vae"))
-    assert np.array_equal(out["arr_0"], train.generate(model, diffusion, [1, 1], range(2), vae=vae).numpy())
+    # decoded by hand (reference_samples: vae.decode(x / 0.18215)) with the VAE built above, not the one read back
+    assert np.array_equal(out["arr_0"], reference_samples(model, [1, 1], range(2), vae=vae.eval()))
+
+
+def test_sample_guided_channels_leave_the_rest_unguided(tmp_path, monkeypatch):
+    args = ckpt_args(image_size=64, vae="ema")  # 4 latent channels, 8x8
+    torch.manual_seed(0)
+    model = randomize(train.build_model(argparse.Namespace(**args))).eval()
+    ckpt = save_train_ckpt(tmp_path / "latent.pt", args, model.state_dict())
+    decoder, _ = fake_vae(monkeypatch)
+    labels = ["--class-labels", "1", "2", "--cfg-scale", "4"]
+    three = run_sample(ckpt, tmp_path / "three", *labels, "--guided-channels", "3", n=4)
+    every = run_sample(ckpt, tmp_path / "all", *labels, n=4)
+    # the reference guides eps channels 0-2 and keeps channel 3 (and sigma) from the conditional half
+    assert np.array_equal(three["arr_0"], reference_samples(model, [1, 2] * 2, range(4), 4, guided=3, vae=decoder))
+    assert np.array_equal(every["arr_0"], reference_samples(model, [1, 2] * 2, range(4), 4, vae=decoder))
+    assert (three["arr_0"] != every["arr_0"]).mean() > 0.05
+    with open(tmp_path / "three" / "run.json") as f:
+        assert json.load(f)["guided_channels"] == 3
+    with pytest.raises(SystemExit, match=r"--guided-channels must be in 1..4 \(the model's noise channels\), got 5"):
+        run_sample(ckpt, tmp_path / "five", *labels, "--guided-channels", "5")
+
+
+# -- official DTR checkpoints (byeongjun-park/DTR): {"model", "ema", "opt", "config"[, "uw"]}, masks in the weights ----
+
+def official_config(**routing):
+    """The official DTR code's hydra config as its train.py saves it (base_config.yaml + data/ImageNet.yaml +
+    models/DiT.yaml, with the fields it fills in), for a 4-class DiT-T/2 on 64x64 images, cosine, beta 0.6, VAE mse."""
+    from omegaconf import OmegaConf
+    return OmegaConf.create({
+        "general": {"data_path": "/data/imagenet/train", "iterations": 400000, "num_workers": 16,
+                    "global_batch_size": 256, "global_seed": 0, "gpu_offset": 0, "mixed_precision": True,
+                    "image_size": 64, "schedule_name": "cosine", "loss_weight_type": "constant", "vae": "mse"},
+        "optim": {"lr": 1e-4, "weight_decay": 0.0},
+        "data": {"name": "ImageNet", "num_classes": 4, "is_uncond": False},
+        "models": {"name": "DiT-T/2", "param": {"num_classes": "${data.num_classes}", "latent_size": 8},
+                   "routing": {"sharing_ratio": 0.6, "taskcount": 1000, "init_method": "DTR", **routing}},
+        "logs": {"log_every": 100, "ckpt_every": 50000, "project_name": "${data.name}",
+                 "results_dir": "results/${data.name}/${general.schedule_name}_scheduling/${models.routing.init_method}"
+                                "_${models.routing.sharing_ratio}_${general.loss_weight_type}"},
+        "eval": {"per_proc_batch_size": 200, "num_fid_samples": 50000, "cfg_scale": 1.5, "num_sampling_steps": 250}})
+
+
+def official_dit(routing="dtr", **kw):
+    """Our DiT with the settings of official_config, random weights (no zero-initialised layer left), eval mode."""
+    torch.manual_seed(0)
+    model = dtr.DiT_models["DiT-T/2"](input_size=8, in_channels=4, num_classes=4, routing=routing, beta=0.6, **kw)
+    return randomize(model).eval()
+
+
+def save_official_ckpt(path, state, masks, config):
+    """A checkpoint as the official code's save_checkpoint writes it: its DiT's state dict holds a float mask table
+    blocks.{i}.routing._unit_mapping (T, C) per block; the weights are named as facebookresearch/DiT's (and ours)."""
+    weights = {**state, **{f"blocks.{i}.routing._unit_mapping": m.float() for i, m in enumerate(masks)}}
+    torch.save({"model": weights, "ema": weights, "opt": {}, "config": config}, path)
+    return path
+
+
+def test_sample_official_dtr_checkpoint_reads_its_config(tmp_path, monkeypatch):
+    pytest.importorskip("omegaconf")
+    model = official_dit()
+    masks = [reference_dtr(1000, 128, 4.0, 0.6)] * 4  # the official code: alpha 4, one table per block
+    ckpt = save_official_ckpt(tmp_path / "0050000.pt", model.state_dict(), masks, official_config())
+    args, _ = sample.load_checkpoint(str(ckpt))  # no --model / --image-size needed
+    assert (args.model, args.image_size, args.vae, args.num_classes, args.class_dropout_prob, args.learn_sigma) == \
+        ("DiT-T/2", 64, "mse", 4, 0.1, True)
+    assert (args.routing, args.alpha, args.beta, args.num_timesteps, args.noise_schedule) == ("dtr", 4.0, 0.6, 1000,
+                                                                                               "cosine")
+    kept = np.arange(SAMPLE_STEPS) * 111  # 10 of 1000 steps, evenly: 0, 111, ..., 999
+    abar = np.cumprod(1 - dtr.get_named_beta_schedule("cosine", 1000))[kept]
+    betas = train.build_diffusion(args, str(SAMPLE_STEPS)).betas.numpy()  # what sample.py samples with
+    assert np.array_equal(betas, 1 - abar / np.append(1, abar[:-1]))
+    decoder, kinds = fake_vae(monkeypatch)
+    out = run_sample(ckpt, tmp_path / "out", "--cfg-scale", "1.5", n=4)
+    assert kinds == ["mse"] and out["arr_0"].shape == (4, 64, 64, 3)
+    with open(tmp_path / "out" / "run.json") as f:
+        assert json.load(f)["model_args"]["noise_schedule"] == "cosine"
+    reference = reference_samples(model, out["arr_1"], range(4), 1.5, schedule="cosine", vae=decoder)
+    assert np.array_equal(out["arr_0"], reference)
+    assert not np.array_equal(reference, reference_samples(model, out["arr_1"], range(4), 1.5, vae=decoder))  # linear
+    with pytest.raises(SystemExit, match="--image-size 256 contradicts the checkpoint's 64"):
+        sample.load_checkpoint(str(ckpt), image_size=256)
+    save_official_ckpt(ckpt, model.state_dict(), [masks[0].flip(1)] * 4, official_config())
+    with pytest.raises(SystemExit, match="blocks.0.routing._unit_mapping differs from this model's dtr masks"):
+        run_sample(ckpt, tmp_path / "flipped", n=1)
+
+
+def test_sample_official_rtr_checkpoint_keeps_its_masks(tmp_path, monkeypatch):
+    pytest.importorskip("omegaconf")
+    # The official R-TR masks come from numpy's unseeded global generator: int(0.6 * 128) = 76 random channels a row.
+    rng = np.random.default_rng(7)
+    masks = [torch.zeros(1000, 128).scatter_(1, torch.from_numpy(rng.random((1000, 128)).argsort(1)[:, :76]), 1.0)
+             for _ in range(4)]
+    model = official_dit("random")
+    ours = [table.clone() for table in model.router.buffers()]  # seeded masks, not the checkpoint's
+    ckpt = save_official_ckpt(tmp_path / "rtr.pt", model.state_dict(), masks, official_config(init_method="random"))
+    for table, m in zip(model.router.buffers(), masks):  # the reference: our R-TR DiT running the official masks
+        table.copy_(m.bool())
+    decoder, _ = fake_vae(monkeypatch)
+    out = run_sample(ckpt, tmp_path / "out", "--cfg-scale", "1.5", n=4)
+    assert np.array_equal(out["arr_0"], reference_samples(model, out["arr_1"], range(4), 1.5, schedule="cosine",
+                                                          vae=decoder))
+    for table, m in zip(model.router.buffers(), ours):
+        table.copy_(m)
+    assert not np.array_equal(out["arr_0"], reference_samples(model, out["arr_1"], range(4), 1.5, schedule="cosine",
+                                                              vae=decoder))
+    masks[2][5, masks[2][5].argmin()] = 1  # a row with 77 channels
+    save_official_ckpt(ckpt, model.state_dict(), masks, official_config(init_method="random"))
+    with pytest.raises(SystemExit, match=r"blocks.2.routing._unit_mapping is not a 0/1 table with 76 \(= int\(beta"):
+        run_sample(ckpt, tmp_path / "bad", n=1)
+
+
+def test_sample_official_state_dict_without_config(tmp_path, monkeypatch, capsys):
+    # An EMA dict alone (e.g. taken out of an official checkpoint): beta and alpha from its masks, the cosine default.
+    model = official_dit(alpha=2.0)
+    masks = [reference_dtr(1000, 128, 2.0, 0.6)] * 4
+    weights = {**model.state_dict(), **{f"blocks.{i}.routing._unit_mapping": m for i, m in enumerate(masks)}}
+    torch.save({"ema": weights}, tmp_path / "ema.pt")
+    decoder, _ = fake_vae(monkeypatch)
+    out = run_sample(tmp_path / "ema.pt", tmp_path / "out", "--model", "DiT-T/2", "--image-size", "64", n=3)
+    err = capsys.readouterr().err.splitlines()
+    assert "sample.py: warning: the checkpoint has the official DTR code's masks but no config: assuming DTR with " \
+           "alpha 2, beta 0.6 (from the masks), the cosine schedule (the official default) and 1000 steps" in err
+    with open(tmp_path / "out" / "run.json") as f:
+        settings = json.load(f)["model_args"]
+    assert (settings["routing"], settings["alpha"], settings["beta"], settings["noise_schedule"]) == ("dtr", 2.0, 0.6,
+                                                                                                       "cosine")
+    assert np.array_equal(out["arr_0"], reference_samples(model, out["arr_1"], range(3), schedule="cosine",
+                                                          vae=decoder))
+    # masks that are not DTR's for any alpha (here R-TR's, one table per block) are used as they are
+    rng = np.random.default_rng(1)
+    masks = [torch.zeros(1000, 128).scatter_(1, torch.from_numpy(rng.random((1000, 128)).argsort(1)[:, :76]), 1.0)
+             for _ in range(4)]
+    torch.save({**model.state_dict(), **{f"blocks.{i}.routing._unit_mapping": m for i, m in enumerate(masks)}},
+               tmp_path / "rtr.pt")
+    args, state = sample.load_checkpoint(str(tmp_path / "rtr.pt"), model="DiT-T/2", image_size=64)
+    assert "assuming R-TR with the checkpoint's own masks (not DTR's), beta 0.6" in capsys.readouterr().err
+    assert (args.routing, args.beta, args.noise_schedule) == ("random", 0.6, "cosine")
+    loaded = sample.load_model(args, state, "cpu")
+    assert all(torch.equal(table, m.bool()) for table, m in zip(loaded.router.buffers(), masks))
+
+
+def test_sample_official_masks_give_beta_and_alpha():
+    for active, channels, beta in ((921, 1152, 0.8), (460, 1152, 0.4), (102, 128, 0.8), (76, 128, 0.6), (64, 64, 1.0)):
+        assert sample.mask_beta(active, channels) == beta
+    for channels in (7, 128, 384, 1152):  # every count has a beta that reproduces it
+        assert all(int(sample.mask_beta(n, channels) * channels) == n for n in range(1, channels + 1))
+    for alpha in (4.0, 1.0, 2.0, 0.5, 1.5, 3.25):
+        assert sample.mask_alpha(reference_dtr(1000, 384, alpha, 0.8).bool(), 0.8) == alpha
+    assert sample.mask_alpha(reference_dtr(1000, 384, 4.0, 0.8).flip(1).bool(), 0.8) is None
+
+
+def test_sample_official_checkpoint_without_omegaconf_is_one_line(tmp_path, monkeypatch):
+    pytest.importorskip("omegaconf")  # to write the checkpoint
+    model = official_dit()
+    ckpt = save_official_ckpt(tmp_path / "official.pt", model.state_dict(), [reference_dtr(1000, 128, 4.0, 0.6)] * 4,
+                              official_config())
+    for name in [m for m in sys.modules if m.split(".")[0] == "omegaconf"]:
+        monkeypatch.setitem(sys.modules, name, None)  # as if omegaconf were not installed: its import fails
+    with pytest.raises(SystemExit) as e:
+        run_sample(ckpt, tmp_path / "out")
+    assert str(e.value.code) == (f"sample.py: error: {ckpt} holds the official DTR code's hydra config (an omegaconf "
+                                 "DictConfig): pip install omegaconf")
+    assert not os.path.exists(tmp_path / "out")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -1820,6 +2032,7 @@ def bad_ckpts(tmp_path_factory):
     ("no-null.pt", ["--sampler", "euler"], "invalid choice: 'euler'"),
     ("no-null.pt", ["--num-sampling-steps", "1001"], "must be in 1..1000"),
     ("no-null.pt", ["--eta", "0.5"], "applies to --sampler ddim only"),
+    ("no-null.pt", ["--guided-channels", "0"], "--guided-channels must be in 1..3"),
 ])
 def test_sample_bad_input_is_one_line(bad_ckpts, tmp_path, ckpt, flags, message):
     argv = ["--ckpt", str(bad_ckpts / ckpt), "--out", str(tmp_path / "out"), *flags]

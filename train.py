@@ -300,10 +300,11 @@ def to_uint8(x):
 
 @torch.no_grad()
 def generate(model, diffusion, labels, seeds, cfg_scale=1.0, vae=None, device="cpu", sampler="ddpm", eta=0.0,
-             progress=False, context_mask=None):
+             progress=False, context_mask=None, guided_channels=None):
     """uint8 images (N, H, W, 3): sample i depends only on seeds[i] (and labels[i]), never on the batch it is in.
 
-    labels: class labels (N,), text tokens (N, L, C) (with an optional key mask context_mask (N, L)), or None."""
+    labels: class labels (N,), text tokens (N, L, C) (with an optional key mask context_mask (N, L)), or None;
+    guided_channels: guide only the first that many eps channels (None: all)."""
     gens = [torch.Generator(device).manual_seed(int(s)) for s in seeds]
     shape = (len(seeds), model.in_channels, model.input_size, model.input_size)
     cond = {"y": None if labels is None else torch.as_tensor(labels, device=device)}
@@ -313,7 +314,8 @@ def generate(model, diffusion, labels, seeds, cfg_scale=1.0, vae=None, device="c
     if labels is not None and cfg_scale != 1.0:  # classifier-free guidance: [cond | uncond] as one batch, in which
         def net(x, t, **cond):  # the model drops the second half's condition itself (null class or null context)
             both = {k: torch.cat([v, v]) for k, v in cond.items()}
-            return model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), cfg_scale=cfg_scale, **both)[: len(x)]
+            return model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), cfg_scale=cfg_scale,
+                                          guided_channels=guided_channels, **both)[: len(x)]
     x = diffusion.p_sample_loop(net, shape, model_kwargs=cond, device=device, progress=progress, generators=gens,
                                 sampler=sampler, eta=eta, clip_denoised=vae is None)  # pixels: clip x0 as ADM does
     if vae is not None:
