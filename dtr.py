@@ -15,7 +15,6 @@ import json
 import math
 import os
 import statistics
-import sys
 import time
 
 import numpy as np
@@ -26,6 +25,10 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 ROUTINGS = ("dtr", "random", "cdtr", "ercdt", "none")
+
+
+class InputError(ValueError):
+    """Unusable input (a flag, file or checkpoint): each script's main() reports it as one line and exits 1."""
 
 
 #################################################################################
@@ -47,7 +50,7 @@ def dtr_masks(num_tasks, channels, alpha=4.0, beta=0.8):
 def active_channels(channels, beta):
     """C_beta = int(beta * C), the channels each task uses; at least one, or the blocks would see nothing."""
     if int(beta * channels) == 0:
-        raise ValueError(f"activation ratio beta={beta} leaves none of {channels} channels active (int(beta*C) = 0)")
+        raise InputError(f"activation ratio beta={beta} leaves none of {channels} channels active (int(beta*C) = 0)")
     return int(beta * channels)
 
 
@@ -87,11 +90,11 @@ def cluster_masks(num_tasks, channels, kind="cdtr", num_clusters=8, alpha=4.0, b
 def routing_masks(kind, num_tasks, channels, alpha=4.0, beta=0.8, seed=0, num_clusters=8):
     """Masks (T, C) of any routing kind: dtr, random (R-TR), cdtr, ercdt, or none (all ones, i.e. beta = 1)."""
     if kind not in ROUTINGS:
-        raise ValueError(f"unknown routing kind {kind!r}; choose one of {', '.join(ROUTINGS)}")
+        raise InputError(f"unknown routing kind {kind!r}; choose one of {', '.join(ROUTINGS)}")
     if not 0 < beta <= 1:
-        raise ValueError(f"activation ratio beta must be in (0, 1], got {beta}")
+        raise InputError(f"activation ratio beta must be in (0, 1], got {beta}")
     if not alpha > 0:
-        raise ValueError(f"shifting exponent alpha must be > 0, got {alpha}")
+        raise InputError(f"shifting exponent alpha must be > 0, got {alpha}")
     if kind == "dtr":
         return dtr_masks(num_tasks, channels, alpha, beta)
     if kind == "random":
@@ -438,14 +441,14 @@ class DiT(GuidedModel):
         if self.num_classes == 1:
             return torch.zeros(n, dtype=torch.long, device=device)
         if self.y_embedder.dropout_prob == 0:
-            raise ValueError("a class-conditional DiT needs labels y (it has no null class without label dropout)")
+            raise InputError("a class-conditional DiT needs labels y (it has no null class without label dropout)")
         return torch.full((n,), self.num_classes, dtype=torch.long, device=device)
 
     def context(self, y, mask, n, force_drop_ids=None):
         """Text tokens (N, L, C) and key mask to attend to: y with caption drops to the null token; y=None: all null."""
         if not hasattr(self, "null_context"):
             if y is None or (force_drop_ids is not None and force_drop_ids.any()):
-                raise ValueError("this text DiT was built without caption dropout: it has no null context")
+                raise InputError("this text DiT was built without caption dropout: it has no null context")
             return y, mask
         if y is None:
             return self.null_context.expand(n, 1, self.context_dim), None
@@ -573,7 +576,7 @@ class AttentionBlock(nn.Module):
         self.channels, self.new_order = channels, use_new_attention_order
         self.num_heads = num_heads if num_head_channels == -1 else channels // num_head_channels
         if channels % self.num_heads or (num_head_channels != -1 and channels % num_head_channels):
-            raise ValueError(f"{channels} channels cannot be split into heads ({num_heads=}, {num_head_channels=})")
+            raise InputError(f"{channels} channels cannot be split into heads ({num_heads=}, {num_head_channels=})")
         self.norm = GroupNorm32(channels)
         self.qkv = nn.Conv1d(channels, 3 * channels, 1)
         self.proj_out = zero_module(nn.Conv1d(channels, channels, 1))
@@ -666,7 +669,7 @@ class ADM(GuidedModel):
         """Labels (N,) to embed: y, with training-time drops to the null class; y=None is all-null."""
         if y is None:
             if self.class_dropout_prob == 0:
-                raise ValueError("a class-conditional ADM needs labels y (it has no null class without label dropout)")
+                raise InputError("a class-conditional ADM needs labels y (it has no null class without label dropout)")
             return torch.full((n,), self.num_classes, dtype=torch.long, device=self.label_emb.weight.device)
         return drop_labels(y, self.num_classes, self.class_dropout_prob if self.training else 0.0, force_drop_ids)
 
@@ -738,7 +741,7 @@ def get_named_beta_schedule(name, num_timesteps):
         alpha_bar = lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
         steps = [(i / num_timesteps, (i + 1) / num_timesteps) for i in range(num_timesteps)]
         return np.array([min(1 - alpha_bar(b) / alpha_bar(a), 0.999) for a, b in steps], dtype=np.float64)
-    raise ValueError(f"unknown noise schedule {name!r}; choose 'linear' or 'cosine'")
+    raise InputError(f"unknown noise schedule {name!r}; choose 'linear' or 'cosine'")
 
 
 def space_timesteps(num_timesteps, section_counts):
@@ -748,7 +751,7 @@ def space_timesteps(num_timesteps, section_counts):
         for stride in range(1, num_timesteps):
             if len(range(0, num_timesteps, stride)) == count:
                 return set(range(0, num_timesteps, stride))
-        raise ValueError(f"cannot create exactly {count} steps with an integer stride")
+        raise InputError(f"cannot create exactly {count} steps with an integer stride")
     if isinstance(section_counts, str):
         section_counts = [int(x) for x in section_counts.split(",")]
     size_per, extra = divmod(num_timesteps, len(section_counts))
@@ -756,7 +759,7 @@ def space_timesteps(num_timesteps, section_counts):
     for i, count in enumerate(section_counts):
         size = size_per + (i < extra)
         if size < count:
-            raise ValueError(f"cannot divide a section of {size} steps into {count}")
+            raise InputError(f"cannot divide a section of {size} steps into {count}")
         stride, pos = 1 if count <= 1 else (size - 1) / (count - 1), 0.0
         for _ in range(count):  # accumulated like guided-diffusion, so rounding ties fall the same way
             kept.append(start + round(pos))
@@ -806,7 +809,7 @@ class GaussianDiffusion:
     def __init__(self, betas, timestep_map=None, learn_sigma=True, sigma_small=False, predict_xstart=False,
                  loss_weight="constant", min_snr_gamma=5.0, p2_gamma=1.0, p2_k=1.0):
         if loss_weight not in self.LOSS_WEIGHTS:
-            raise ValueError(f"unknown loss weight {loss_weight!r}; choose one of {', '.join(self.LOSS_WEIGHTS)}")
+            raise InputError(f"unknown loss weight {loss_weight!r}; choose one of {', '.join(self.LOSS_WEIGHTS)}")
         betas = np.asarray(betas, dtype=np.float64)  # schedules in float64, as guided-diffusion and DiT
         self.num_timesteps = len(betas)
         self.timestep_map = torch.as_tensor(np.arange(len(betas)) if timestep_map is None else timestep_map).long()
@@ -899,7 +902,7 @@ class GaussianDiffusion:
                       progress=False, generators=None, sampler="ddpm", eta=0.0):
         """Sample (N, C, H, W) from x_T ~ N(0, I) (or `noise`); per-sample `generators` make every draw reproducible."""
         if sampler not in ("ddpm", "ddim"):
-            raise ValueError(f"unknown sampler {sampler!r}; choose 'ddpm' or 'ddim'")
+            raise InputError(f"unknown sampler {sampler!r}; choose 'ddpm' or 'ddim'")
         device = device if device is not None else noise.device if noise is not None else "cpu"
         x = randn(shape, generators, device) if noise is None else noise.to(device)
         steps = range(self.num_timesteps - 1, -1, -1)
@@ -973,7 +976,7 @@ def sample_timesteps(batch_size, num_timesteps, num_clusters=None, device=None, 
     if num_clusters is None:
         return torch.randint(0, num_timesteps, (batch_size,), device=device, generator=generator)
     if batch_size % num_clusters:
-        raise ValueError(f"batch size {batch_size} is not divisible by the number of timestep clusters {num_clusters}")
+        raise InputError(f"batch size {batch_size} is not divisible by the number of timestep clusters {num_clusters}")
     # Interleaved (the official code concatenates cluster blocks), so every K consecutive samples -- e.g. each
     # rank's share of a global batch -- hold one timestep per cluster.
     lo, hi = torch.tensor(timestep_clusters(num_clusters, num_timesteps), device=device).T
@@ -1007,10 +1010,6 @@ VAE_SCALE = 0.18215  # Stable Diffusion's latent scale
 VAE_FACTOR = 8  # the VAE's spatial downsampling
 
 
-class InputError(ValueError):
-    """Unusable input (a flag, file or checkpoint): each script's main() reports it as one line and exits 1."""
-
-
 def latent_size(model_args):
     """Side of the network's input: the image side, or the VAE latent side."""
     return model_args["image_size"] // VAE_FACTOR if model_args["vae"] else model_args["image_size"]
@@ -1021,11 +1020,10 @@ def build_model(model_args, **kwargs):
     m = model_args
     if m["context_dim"] is not None and m["model"] not in DiT_models:
         raise InputError(f"text-to-image needs a DiT model, not {m['model']}")
-    conditional = m["num_classes"] > 1 or m["context_dim"] is not None
     text = {} if m["context_dim"] is None else {"context_dim": m["context_dim"]}
     return create_model(
         m["model"], input_size=latent_size(m), in_channels=4 if m["vae"] else 3, num_classes=m["num_classes"],
-        learn_sigma=m["learn_sigma"], class_dropout_prob=m["class_dropout_prob"] if conditional else 0.0,
+        learn_sigma=m["learn_sigma"], class_dropout_prob=m["class_dropout_prob"],
         routing=m["routing"], alpha=m["alpha"], beta=m["beta"], num_tasks=m["num_timesteps"],
         routing_seed=m["routing_seed"], **text, **kwargs)
 
@@ -1049,17 +1047,29 @@ def read_checkpoint(path):
     try:  # train.py checkpoints hold argument dicts and RNG states, not only tensors: load only files you trust
         return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
     except Exception as e:
+        if isinstance(e, ModuleNotFoundError) and (e.name or "").split(".")[0] == "omegaconf":
+            raise InputError(f"{path} holds the official DTR code's hydra config (an omegaconf DictConfig): "
+                             f"pip install omegaconf") from None
         raise InputError(f"cannot read checkpoint {path} ({type(e).__name__}: {first_line(e)})") from None
 
 
+def model_args(args):
+    """A run's model_args from its arguments (Namespace or dict): MODEL_ARGS and where the text encoder came from."""
+    get = args.get if isinstance(args, dict) else lambda k: getattr(args, k, None)
+    return {k: get(k) for k in (*MODEL_ARGS, "text_encoder")}
+
+
 def checkpoint_model_args(ckpt):
-    """A train.py checkpoint's model_args; checkpoints written before they were saved carry them in "args"."""
+    """A train.py checkpoint's model_args (None for other checkpoints); older ones carry them in "args"."""
     if isinstance(ckpt.get("model_args"), dict):
         return dict(ckpt["model_args"])
     args = ckpt.get("args")
     if not (isinstance(args, dict) and "routing" in args):
         return None
-    return {k: args.get(k) for k in (*MODEL_ARGS, "text_encoder")}
+    old = model_args(args)
+    if old["num_classes"] == 1 and old["context_dim"] is None:  # they recorded the flag, but dropped no labels
+        old["class_dropout_prob"] = 0.0
+    return old
 
 
 def to_uint8(x):
@@ -1283,13 +1293,18 @@ def first_line(e):
     return lines[0] if lines else ""
 
 
+def exit_one_line(script, msg):
+    """Exit with status 1 after one line on stderr, printed by rank 0 alone under torchrun."""
+    raise SystemExit(f"{script}: error: {msg}" if os.environ.get("RANK", "0") == "0" else 1)
+
+
 @contextlib.contextmanager
 def one_line_errors(script):
-    """Turn an InputError into one line on stderr and exit status 1 (printed by rank 0 alone under torchrun)."""
+    """Each script's main() runs in this: an InputError becomes one line on stderr and exit status 1."""
     try:
         yield
     except InputError as e:
-        raise SystemExit(f"{script}: error: {e}" if os.environ.get("RANK", "0") == "0" else 1) from None
+        exit_one_line(script, e)
 
 
 #################################################################################
@@ -1299,7 +1314,7 @@ def one_line_errors(script):
 def create_model(name, **kwargs):
     """A model from the registries by name, e.g. create_model('DiT-S/2', input_size=32, routing='dtr')."""
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+        raise InputError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
     return MODELS[name](**kwargs)
 
 
@@ -1354,7 +1369,9 @@ def bench_main(args):
 
 
 def main(args):
-    {"masks": masks_main, "bench": bench_main}[args.command](args)
+    """Run a subcommand; bad arguments stop with one line and exit status 1."""
+    with one_line_errors("dtr.py"):
+        {"masks": masks_main, "bench": bench_main}[args.command](args)
 
 
 if __name__ == "__main__":
@@ -1375,7 +1392,4 @@ if __name__ == "__main__":
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default=None)
-    try:
-        main(parser.parse_args())
-    except ValueError as e:  # bad arguments: one line, non-zero exit
-        sys.exit(f"dtr.py: error: {e}")
+    main(parser.parse_args())

@@ -10,6 +10,7 @@ same images for any number of ranks and any batch size. The images go to DIR/sam
 uint8 NHWC, arr_1: int64 labels, or captions: str for text models), the format openai's ADM evaluator and fid.py read.
 """
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -26,12 +27,11 @@ import torch
 import torch.distributed as dist
 
 import dtr
-import train
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # A bare state dict is read as a facebookresearch/DiT checkpoint: DiT's diffusion and no routing.
-PLAIN_ARGS = dict(vae_path=None, routing="none", alpha=4.0, beta=0.8, routing_seed=0, num_timesteps=1000,
-                  noise_schedule="linear", loss_weight="constant", min_snr_gamma=5.0, p2_gamma=1.0, p2_k=1.0)
+PLAIN_ARGS = dict(dtr.model_args({}), vae_path=None, routing="none", alpha=4.0, beta=0.8, routing_seed=0,
+                  num_timesteps=1000, noise_schedule="linear")
 # The official DTR code (byeongjun-park/DTR) fixes alpha and the number of diffusion steps in code, not in its config;
 # its config's default schedule is cosine. Its routing.init_method names our routing kinds.
 OFFICIAL_ALPHA, OFFICIAL_STEPS, OFFICIAL_SCHEDULE = 4.0, 1000, "cosine"
@@ -41,11 +41,6 @@ OFFICIAL_ROUTINGS = {"DTR": "dtr", "random": "random"}
 def is_main():
     """True on rank 0 under torchrun, and in a single process."""
     return os.environ.get("RANK", "0") == "0"
-
-
-def fail(msg):
-    """Stop with one line on stderr (from rank 0 only) and a non-zero exit."""
-    raise SystemExit(f"sample.py: error: {msg}" if is_main() else 1)
 
 
 def warn(msg):
@@ -58,39 +53,27 @@ def warn(msg):
 #                      Checkpoint -> model, diffusion and VAE                   #
 #################################################################################
 
-def read_checkpoint(path):
-    """The object torch.save wrote to `path` (memory-mapped: the optimizer state is never read into memory)."""
-    if not os.path.isfile(path):
-        fail(f"checkpoint {path} not found")
-    try:  # train.py checkpoints hold argument dicts and RNG states, not only tensors: load only files you trust
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-    except Exception as e:
-        if isinstance(e, ModuleNotFoundError) and (e.name or "").split(".")[0] == "omegaconf":
-            fail(f"{path} holds the official DTR code's hydra config (an omegaconf DictConfig): pip install omegaconf")
-        fail(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
-
-
 def plain_args(state, model, image_size, vae, config=None):
     """Training arguments of a state dict without train.py's, read off its shapes (classes, null class, sigma, latent
     or pixel); routing and schedule from the official DTR code's `config` if given, else from its masks if any."""
     if model is None or image_size is None:
-        fail("the checkpoint holds no training arguments; name its --model and --image-size")
+        raise dtr.InputError("the checkpoint holds no training arguments; name its --model and --image-size")
     if model not in dtr.DiT_models:
-        fail(f"a checkpoint without training arguments is read as facebookresearch/DiT's; {model!r} is not a DiT")
+        raise dtr.InputError(f"a checkpoint without training arguments is read as facebookresearch/DiT's; {model!r} is not a DiT")
     try:
         c_in, patch = state["x_embedder.proj.weight"].shape[1:3]
         c_out = state["final_layer.linear.weight"].shape[0] // patch**2
         rows = state["y_embedder.embedding_table.weight"].shape[0]
     except KeyError as e:
-        fail(f"the checkpoint is not a DiT state dict (no {e.args[0]})")
+        raise dtr.InputError(f"the checkpoint is not a DiT state dict (no {e.args[0]})")
     if c_in not in (3, 4):
-        fail(f"the checkpoint's DiT takes {c_in} input channels; expected 4 (VAE latents) or 3 (pixels)")
+        raise dtr.InputError(f"the checkpoint's DiT takes {c_in} input channels; expected 4 (VAE latents) or 3 (pixels)")
     args = dict(PLAIN_ARGS, model=model, image_size=image_size, vae=(vae or "ema") if c_in == 4 else None,
                 num_classes=max(rows - 1, 1), class_dropout_prob=0.1 if rows > 1 else 0.0,  # DiT: null row if > 1 class
                 learn_sigma=c_out == 2 * c_in)
     if config is not None:
         return dict(args, **config_args(config))
-    masks = {k: v for k, v in state.items() if k.endswith(train.MASK_KEY)}
+    masks = {k: v for k, v in state.items() if k.endswith(dtr.MASK_KEY)}
     return dict(args, **mask_args(masks)) if masks else args
 
 
@@ -99,7 +82,7 @@ def setting(config, path):
     node = config
     for key in path.split("."):
         if not hasattr(node, "keys") or key not in node:
-            fail(f"the checkpoint's config has no {path}")
+            raise dtr.InputError(f"the checkpoint's config has no {path}")
         node = node[key]  # a DictConfig resolves interpolations such as ${data.num_classes} here
     return node
 
@@ -108,15 +91,15 @@ def config_args(config):
     """Routing, schedule and classes of an official DTR checkpoint, from the hydra config its train.py saves with it."""
     kind = setting(config, "models.routing.init_method")
     if kind not in OFFICIAL_ROUTINGS:
-        fail(f"the checkpoint's config has routing init_method {kind!r}; expected {' or '.join(OFFICIAL_ROUTINGS)}")
+        raise dtr.InputError(f"the checkpoint's config has routing init_method {kind!r}; expected {' or '.join(OFFICIAL_ROUTINGS)}")
     beta, tasks = float(setting(config, "models.routing.sharing_ratio")), setting(config, "models.routing.taskcount")
     if not 0 < beta <= 1:
-        fail(f"the checkpoint's config has sharing_ratio (beta) {beta}; expected a value in (0, 1]")
+        raise dtr.InputError(f"the checkpoint's config has sharing_ratio (beta) {beta}; expected a value in (0, 1]")
     if tasks != OFFICIAL_STEPS:  # the official diffusion always has 1000 steps; masks of other lengths do not fit it
-        fail(f"the checkpoint's config has taskcount {tasks}; the official code samples {OFFICIAL_STEPS} steps")
+        raise dtr.InputError(f"the checkpoint's config has taskcount {tasks}; the official code samples {OFFICIAL_STEPS} steps")
     schedule = setting(config, "general.schedule_name")
     if schedule not in ("linear", "cosine"):
-        fail(f"the checkpoint's config has schedule_name {schedule!r}; expected 'linear' or 'cosine'")
+        raise dtr.InputError(f"the checkpoint's config has schedule_name {schedule!r}; expected 'linear' or 'cosine'")
     classes = 1 if setting(config, "data.is_uncond") else int(setting(config, "data.num_classes"))
     return dict(routing=OFFICIAL_ROUTINGS[kind], alpha=OFFICIAL_ALPHA, beta=beta, num_timesteps=tasks,
                 noise_schedule=schedule, num_classes=classes, class_dropout_prob=0.1 if classes > 1 else 0.0)
@@ -152,10 +135,10 @@ def mask_args(masks):
     tables = [m != 0 for m in masks.values()]
     counts = torch.cat([t.sum(dim=1) for t in tables]).unique()
     if len(counts) != 1 or not counts.item():
-        fail("the checkpoint's routing masks do not keep one number of channels per task; cannot tell its beta")
+        raise dtr.InputError("the checkpoint's routing masks do not keep one number of channels per task; cannot tell its beta")
     tasks, channels = tables[0].shape
     if tasks != OFFICIAL_STEPS:
-        fail(f"the checkpoint's routing masks have {tasks} tasks; the official code samples {OFFICIAL_STEPS} steps")
+        raise dtr.InputError(f"the checkpoint's routing masks have {tasks} tasks; the official code samples {OFFICIAL_STEPS} steps")
     beta = mask_beta(counts.item(), channels)
     same = all(t.shape == tables[0].shape and torch.equal(t, tables[0]) for t in tables)
     alpha = mask_alpha(tables[0], beta) if same else None
@@ -167,11 +150,11 @@ def mask_args(masks):
 
 
 def load_checkpoint(path, weights="ema", model=None, image_size=None, vae=None, vae_path=None, text_encoder=None):
-    """(training arguments, state dict) of a train.py checkpoint, an official DTR or DiT training checkpoint, or a bare
-    state dict."""
-    ckpt = read_checkpoint(path)
+    """(model_args with vae_path, state dict) of a train.py checkpoint, an official DTR or DiT training checkpoint, or a
+    bare state dict; the flags fill what the checkpoint does not say."""
+    ckpt = dtr.read_checkpoint(path)
     if not isinstance(ckpt, dict):
-        fail(f"{path} is not a checkpoint (a {type(ckpt).__name__})")
+        raise dtr.InputError(f"{path} is not a checkpoint (a {type(ckpt).__name__})")
     given = ckpt.get("args")
     given = vars(given) if isinstance(given, argparse.Namespace) else given  # facebookresearch/DiT saves a Namespace
     config = ckpt.get("config")  # the official DTR code saves its hydra config
@@ -180,65 +163,67 @@ def load_checkpoint(path, weights="ema", model=None, image_size=None, vae=None, 
     elif all(isinstance(v, torch.Tensor) for v in ckpt.values()):
         state = ckpt
     else:
-        fail(f"{path} has no {weights!r} weights (keys: {', '.join(map(str, ckpt))})")
-    state = train.unwrap_state_dict(state)
-    if isinstance(given, dict) and "routing" in given:  # train.py: everything is in the checkpoint
+        raise dtr.InputError(f"{path} has no {weights!r} weights (keys: {', '.join(map(str, ckpt))})")
+    state = dtr.unwrap_state_dict(state)
+    trained = dtr.checkpoint_model_args(ckpt)
+    if trained is not None:  # train.py: everything is in the checkpoint
         for flag, name in ((model, "model"), (image_size, "image_size")):
-            if flag is not None and flag != given[name]:
-                fail(f"--{name.replace('_', '-')} {flag} contradicts the checkpoint's {given[name]}")
-        if vae is not None and given["vae"] is None:
-            fail("--vae applies to latent models; this checkpoint's model works on pixels")
-        if text_encoder is not None and given.get("context_dim") is None:
-            fail("--text-encoder applies to text-to-image models; this checkpoint's model is not one")
-        args = dict(given, vae=vae or given["vae"], **({"text_encoder": text_encoder} if text_encoder else {}))
+            if flag is not None and flag != trained[name]:
+                raise dtr.InputError(f"--{name.replace('_', '-')} {flag} contradicts the checkpoint's {trained[name]}")
+        if vae is not None and trained["vae"] is None:
+            raise dtr.InputError("--vae applies to latent models; this checkpoint's model works on pixels")
+        if text_encoder is not None and trained["context_dim"] is None:
+            raise dtr.InputError("--text-encoder applies to text-to-image models; this checkpoint's model is not one")
+        args = dict(trained, vae=vae or trained["vae"], vae_path=given.get("vae_path"),
+                    text_encoder=text_encoder or trained["text_encoder"])
     else:
         given = given or {}
         if text_encoder is not None:
-            fail("--text-encoder applies to text-to-image models; this checkpoint's model is not one")
+            raise dtr.InputError("--text-encoder applies to text-to-image models; this checkpoint's model is not one")
         if config is not None:  # official DTR: model, image size and VAE from its config
             given = {name: setting(config, key) for name, key in (("model", "models.name"),
                                                                   ("image_size", "general.image_size"))}
             for flag, name in ((model, "model"), (image_size, "image_size")):
                 if flag is not None and flag != given[name]:
-                    fail(f"--{name.replace('_', '-')} {flag} contradicts the checkpoint's {given[name]}")
+                    raise dtr.InputError(f"--{name.replace('_', '-')} {flag} contradicts the checkpoint's {given[name]}")
             vae = vae or setting(config, "general.vae")
         args = plain_args(state, model or given.get("model"), image_size or given.get("image_size"), vae, config)
-    return argparse.Namespace(**dict(args, vae_path=vae_path or args.get("vae_path"))), state
+    return dict(args, vae_path=vae_path or args.get("vae_path")), state
 
 
 def check_masks(model, state):
     """Drop the official DTR code's stored masks, after checking that they are the masks this model derives; R-TR
     masks, which the official code draws from numpy's unseeded global generator, are adopted as this model's instead."""
-    stored = {k: state.pop(k) for k in [k for k in state if k.endswith(train.MASK_KEY)]}
+    stored = {k: state.pop(k) for k in [k for k in state if k.endswith(dtr.MASK_KEY)]}
     tables, router = list(model.router.buffers()), model.router
     adopt = router.kind == "random"
     if adopt and stored and len(stored) != router.num_blocks:
-        fail(f"the checkpoint has R-TR masks for {len(stored)} of its model's {router.num_blocks} blocks")
+        raise dtr.InputError(f"the checkpoint has R-TR masks for {len(stored)} of its model's {router.num_blocks} blocks")
     for key, masks in stored.items():
         i = int(key.split(".")[1])  # blocks.{i}.routing._unit_mapping
         ours = tables[router.table_of_block[i]] if tables and i < router.num_blocks else None
         if adopt and ours is not None:
             if masks.shape != ours.shape:
-                fail(f"the checkpoint's {key} has shape {tuple(masks.shape)}; this model's R-TR masks have "
+                raise dtr.InputError(f"the checkpoint's {key} has shape {tuple(masks.shape)}; this model's R-TR masks have "
                      f"{tuple(ours.shape)}")
             active = int(ours[0].sum())  # int(beta * C), as ours are drawn
             if not ((masks == 0) | (masks == 1)).all() or not (masks.sum(dim=1) == active).all():
-                fail(f"the checkpoint's {key} is not a 0/1 table with {active} (= int(beta*C)) ones in every row")
+                raise dtr.InputError(f"the checkpoint's {key} is not a 0/1 table with {active} (= int(beta*C)) ones in every row")
             ours.copy_(masks != 0)
         elif ours is None or masks.shape != ours.shape or not torch.equal(masks != 0, ours):
-            fail(f"the checkpoint's {key} differs from this model's {router.kind} masks")
+            raise dtr.InputError(f"the checkpoint's {key} differs from this model's {router.kind} masks")
 
 
-def load_model(args, state, device):
-    """The model `args` describe with the weights `state`, for inference on `device`."""
-    model = train.build_model(args)
+def load_model(model_args, state, device):
+    """The model `model_args` describe with the weights `state`, for inference on `device`."""
+    model = dtr.build_model(model_args)
     check_masks(model, state)
     own = model.state_dict()
     missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
     shapes = [k for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
     if missing or unexpected or shapes:
         example = (missing or unexpected or shapes)[0]
-        fail(f"the checkpoint's weights do not fit {args.model}: {len(missing)} missing, {len(unexpected)} unexpected, "
+        raise dtr.InputError(f"the checkpoint's weights do not fit {model_args['model']}: {len(missing)} missing, {len(unexpected)} unexpected, "
              f"{len(shapes)} mis-shaped keys (e.g. {example})")
     model.load_state_dict(state)
     return model.to(device).eval().requires_grad_(False)
@@ -262,9 +247,9 @@ def read_prompts(path):
         with open(path, encoding="utf-8") as f:
             prompts = [line.strip() for line in f if line.strip()]
     except (OSError, UnicodeDecodeError) as e:
-        fail(f"cannot read prompts {path} ({type(e).__name__})")
+        raise dtr.InputError(f"cannot read prompts {path} ({type(e).__name__})")
     if not prompts:
-        fail(f"{path} holds no prompts")
+        raise dtr.InputError(f"{path} holds no prompts")
     return prompts
 
 
@@ -284,10 +269,7 @@ def text_captions(args):
     """Every sample's caption (N,) str, from --prompts or --captions."""
     if args.prompts is not None:
         return make_captions(args.num_samples, args.seed, prompts=read_prompts(args.prompts))
-    try:
-        coco = [captions for _, captions in train.read_coco_captions(args.captions)]
-    except ValueError as e:
-        fail(str(e))
+    coco = [captions for _, captions in dtr.read_coco_captions(args.captions)]
     return make_captions(args.num_samples, args.seed, coco=coco)
 
 
@@ -299,7 +281,7 @@ def shard_ranges(num_samples, shard_size):
 def default_out(args, model_args):
     """samples/<model>-<checkpoint>-<weights>-<sampler><steps>-cfg<scale>[g<guided channels>]-seed<seed>."""
     return os.path.join("samples", "-".join([
-        model_args.model.replace("/", "-"), os.path.splitext(os.path.basename(args.ckpt))[0], args.weights,
+        model_args["model"].replace("/", "-"), os.path.splitext(os.path.basename(args.ckpt))[0], args.weights,
         f"{args.sampler}{args.num_sampling_steps}",
         f"cfg{args.cfg_scale}" + ("" if args.guided_channels is None else f"g{args.guided_channels}"),
         f"seed{args.seed}"]))
@@ -321,7 +303,7 @@ def run_settings(args, model_args, captions=None):
     """Everything that decides the images (and so must match when resuming); not the ranks or the batch size."""
     keys = ("weights", "num_samples", "seed", "class_labels", "cfg_scale", "guided_channels", "sampler",
             "num_sampling_steps", "eta", "precision", "shard_size", "save_png")
-    settings = dict(ckpt=os.path.abspath(args.ckpt), model_args=vars(model_args), **{k: getattr(args, k) for k in keys})
+    settings = dict(ckpt=os.path.abspath(args.ckpt), model_args=model_args, **{k: getattr(args, k) for k in keys})
     if captions is not None:  # text models: every sample's caption
         settings["captions_sha256"] = hashlib.sha256("\n".join(captions).encode()).hexdigest()
     return json.loads(json.dumps(settings, default=str))
@@ -334,22 +316,22 @@ def prepare_out(out, files, settings, num_shards, resume=False, overwrite=False,
         for p in ours:
             shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
     elif ours and not resume:
-        fail(f"{out} already holds samples; pass --resume to finish an interrupted run or --overwrite to redo it")
+        raise dtr.InputError(f"{out} already holds samples; pass --resume to finish an interrupted run or --overwrite to redo it")
     elif ours:
         if not os.path.exists(files.settings):
-            fail(f"--resume: {out} holds samples but no run.json; pass --overwrite to redo them")
+            raise dtr.InputError(f"--resume: {out} holds samples but no run.json; pass --overwrite to redo them")
         with open(files.settings) as f:
             before = json.load(f)
         changed = [k for k in settings if before.get(k) != settings[k]]
         if changed:
-            fail(f"--resume: {out} was sampled with other settings ({', '.join(changed)}); use another --out")
+            raise dtr.InputError(f"--resume: {out} was sampled with other settings ({', '.join(changed)}); use another --out")
         if os.path.exists(files.npz):
             return None
     os.makedirs(files.shards, exist_ok=True)
     if save_png:
         os.makedirs(files.pngs, exist_ok=True)
     if not os.path.exists(files.settings):
-        dtr.atomic_write(files.settings, lambda tmp: train.write_text(tmp, json.dumps(settings, indent=2) + "\n"))
+        dtr.atomic_write(files.settings, lambda tmp: dtr.write_text(tmp, json.dumps(settings, indent=2) + "\n"))
     return [k for k in range(num_shards) if not os.path.exists(shard_file(files, k))]
 
 
@@ -371,7 +353,7 @@ def merge_shards(path, shard_files, ranges, image_shape, keys=()):
     missing = [f for f in shard_files if not os.path.isfile(f)]
     if missing:  # e.g. ranks on other machines wrote theirs to a folder this one cannot see
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        fail(f"shard {missing[0]}{more} is missing: put --out on a filesystem every rank shares, or rerun with "
+        raise dtr.InputError(f"shard {missing[0]}{more} is missing: put --out on a filesystem every rank shares, or rerun with "
              f"--resume to sample the missing shards here")
     first, extras = [], {k: [] for k in keys}
 
@@ -385,7 +367,7 @@ def merge_shards(path, shard_files, ranges, image_shape, keys=()):
                         images, index = z["arr_0"], z["index"]
                         expected = (end - start, *image_shape)
                         if images.shape != expected or not np.array_equal(index, np.arange(start, end)):
-                            fail(f"{shard} does not hold samples {start}..{end - 1}; delete it and --resume")
+                            raise dtr.InputError(f"{shard} does not hold samples {start}..{end - 1}; delete it and --resume")
                         f.write(np.ascontiguousarray(images, dtype=np.uint8).data)
                         for k in keys:
                             extras[k].append(z[k])
@@ -422,58 +404,59 @@ def from_rank0(fn, rank, world):
     if rank == 0:
         try:
             result = fn()
-        except SystemExit as e:
+        except dtr.InputError as e:
             result = e
     if world > 1:
         box = [result]
         dist.broadcast_object_list(box, src=0)
         result = box[0]
-    if isinstance(result, SystemExit):
-        raise result if rank == 0 else SystemExit(1)
+    if isinstance(result, dtr.InputError):
+        raise result
     return result
 
 
 def check_args(args, model_args):
     """Refuse sampling choices the model cannot honour: one clear line each."""
     if args.num_samples <= 0 or args.batch_size <= 0 or args.shard_size <= 0:
-        fail("--num-samples, --batch-size and --shard-size must be positive")
-    if not 0 < args.num_sampling_steps <= model_args.num_timesteps:
-        fail(f"--num-sampling-steps must be in 1..{model_args.num_timesteps}, got {args.num_sampling_steps}")
+        raise dtr.InputError("--num-samples, --batch-size and --shard-size must be positive")
+    if not 0 < args.num_sampling_steps <= model_args["num_timesteps"]:
+        raise dtr.InputError(f"--num-sampling-steps must be in 1..{model_args['num_timesteps']}, got {args.num_sampling_steps}")
     if args.eta < 0 or (args.eta and args.sampler != "ddim"):
-        fail("--eta must be >= 0 and applies to --sampler ddim only")
+        raise dtr.InputError("--eta must be >= 0 and applies to --sampler ddim only")
     if args.seed < 0:
-        fail(f"--seed must be >= 0, got {args.seed}")
+        raise dtr.InputError(f"--seed must be >= 0, got {args.seed}")
     if args.resume and args.overwrite:
-        fail("pass --resume or --overwrite, not both")
+        raise dtr.InputError("pass --resume or --overwrite, not both")
     if args.cfg_scale < 0:
-        fail(f"--cfg-scale must be >= 0 (1: no guidance), got {args.cfg_scale}")
-    channels = 4 if model_args.vae else 3  # the eps channels: VAE latents or RGB
+        raise dtr.InputError(f"--cfg-scale must be >= 0 (1: no guidance), got {args.cfg_scale}")
+    channels = 4 if model_args["vae"] else 3  # the eps channels: VAE latents or RGB
     if args.guided_channels is not None and not 1 <= args.guided_channels <= channels:
-        fail(f"--guided-channels must be in 1..{channels} (the model's noise channels), got {args.guided_channels}")
+        raise dtr.InputError(f"--guided-channels must be in 1..{channels} (the model's noise channels), got {args.guided_channels}")
     if args.guided_channels is not None and args.cfg_scale == 1:
         warn("--cfg-scale 1 runs no guidance; --guided-channels ignored")
-    text = getattr(model_args, "context_dim", None) is not None
-    conditional = model_args.num_classes > 1 or text
-    if args.cfg_scale != 1 and not (conditional and model_args.class_dropout_prob > 0):
+    text = model_args.get("context_dim", None) is not None
+    conditional = model_args["num_classes"] > 1 or text
+    if args.cfg_scale != 1 and not (conditional and model_args["class_dropout_prob"] > 0):
         why = ("is unconditional" if not conditional else "was trained without caption dropout (no null context)"
                if text else "was trained without label dropout (no null class)")
-        fail(f"--cfg-scale {args.cfg_scale} needs guidance, but the model {why}; use --cfg-scale 1")
+        raise dtr.InputError(f"--cfg-scale {args.cfg_scale} needs guidance, but the model {why}; use --cfg-scale 1")
     if text:
         if args.class_labels:
-            fail("--class-labels is for class-conditional models; this one is text-to-image (--prompts, --captions)")
+            raise dtr.InputError("--class-labels is for class-conditional models; this one is text-to-image (--prompts, --captions)")
         if (args.prompts is None) == (args.captions is None):
-            fail("a text-to-image model needs its captions: --prompts FILE or --captions COCO.json (one of them)")
+            raise dtr.InputError("a text-to-image model needs its captions: --prompts FILE or --captions COCO.json (one of them)")
         return
     if args.prompts is not None or args.captions is not None:
-        fail("--prompts and --captions are for text-to-image models; this one takes class labels")
-    bad = [y for y in args.class_labels or [] if not 0 <= y < model_args.num_classes]
+        raise dtr.InputError("--prompts and --captions are for text-to-image models; this one takes class labels")
+    bad = [y for y in args.class_labels or [] if not 0 <= y < model_args["num_classes"]]
     if conditional and bad:
-        fail(f"class label {bad[0]} is out of range 0..{model_args.num_classes - 1}")
+        raise dtr.InputError(f"class label {bad[0]} is out of range 0..{model_args['num_classes'] - 1}")
     if args.class_labels and not conditional:
         warn("the model is unconditional; --class-labels ignored")
 
 
-def sample_shards(model, diffusion, vae, condition, record, shards, ranges, files, args, device, progress):
+def sample_shards(model, diffusion, shards, *, args, ranges, files, condition, record, vae=None, device="cpu",
+                  progress=False):
     """Sample the shards `shards`, batch by batch, writing each to its own file once complete.
 
     condition(i) -> (y, context_mask) of the samples i; record(i) -> the arrays saved with their images."""
@@ -489,9 +472,9 @@ def sample_shards(model, diffusion, vae, condition, record, shards, ranges, file
             i = index[b: b + args.batch_size]
             y, mask = condition(i)
             with autocast:
-                batches.append(train.generate(model, diffusion, y, args.seed + i, args.cfg_scale, vae, device,
-                                              args.sampler, args.eta, context_mask=mask,
-                                              guided_channels=args.guided_channels).numpy())
+                batches.append(dtr.generate(model, diffusion, y, args.seed + i, cfg_scale=args.cfg_scale,
+                                            guided_channels=args.guided_channels, vae=vae, device=device,
+                                            sampler=args.sampler, eta=args.eta, context_mask=mask).numpy())
             bar.update(len(i))
         images = np.concatenate(batches)  # (n, H, W, 3) uint8
         if args.save_png:
@@ -502,12 +485,18 @@ def sample_shards(model, diffusion, vae, condition, record, shards, ranges, file
 
 def main(args):
     """Sample args.num_samples images on every rank of torchrun (or in one process) and merge them on rank 0."""
+    with dtr.one_line_errors("sample.py"):
+        sample(args)
+
+
+def sample(args):
+    """main's body; bad input raises dtr.InputError."""
     model_args, state = load_checkpoint(args.ckpt, args.weights, args.model, args.image_size, args.vae, args.vae_path,
                                         args.text_encoder)
     check_args(args, model_args)
-    captions = None if getattr(model_args, "context_dim", None) is None else text_captions(args)
+    captions = None if model_args.get("context_dim", None) is None else text_captions(args)
     # Ranks may finish up to a shard apart before the final barrier: allow more than the default 10-30 minutes.
-    rank, world, device = train.setup_distributed(timeout=timedelta(hours=2))
+    rank, world, device = dtr.setup_distributed(timeout=timedelta(hours=2))
     try:
         run(args, model_args, state, rank, world, device, captions)
     finally:
@@ -517,10 +506,10 @@ def main(args):
 
 def load_text_encoder(model_args, device):
     """The checkpoint's CLIP text encoder, checked to be the one its model was trained with."""
-    text = train.TextEncoder(model_args.text_encoder, device)
-    if text.digest != model_args.text_digest:
-        fail(f"the text encoder {model_args.text_encoder} is not the one the model was trained with (digest "
-             f"{text.digest}, trained with {model_args.text_digest}); pass that one with --text-encoder")
+    text = dtr.TextEncoder(model_args["text_encoder"], device)
+    if text.digest != model_args["text_digest"]:
+        raise dtr.InputError(f"the text encoder {model_args['text_encoder']} is not the one the model was trained with (digest "
+             f"{text.digest}, trained with {model_args['text_digest']}); pass that one with --text-encoder")
     return text
 
 
@@ -539,14 +528,14 @@ def conditioning(labels, captions, text, text_mask):
 def run(args, model_args, state, rank, world, device, captions=None):
     """The body of main, once every rank has joined; captions (N,) for text models."""
     model = load_model(model_args, state, device)
-    diffusion = train.build_diffusion(model_args, str(args.num_sampling_steps))
+    diffusion = dtr.build_diffusion(model_args, str(args.num_sampling_steps))
     text = None if captions is None else load_text_encoder(model_args, device)
-    conditional = model_args.num_classes > 1
-    labels = make_labels(model_args.num_classes, args.num_samples, args.seed, args.class_labels)
+    conditional = model_args["num_classes"] > 1
+    labels = make_labels(model_args["num_classes"], args.num_samples, args.seed, args.class_labels)
     labels = labels if conditional else None  # (N,) int64
-    condition, record = conditioning(labels, captions, text, getattr(model_args, "text_mask", False))
+    condition, record = conditioning(labels, captions, text, model_args.get("text_mask", False))
     out = args.out or default_out(args, model_args)
-    files = paths(out, args.num_samples, model_args.image_size)
+    files = paths(out, args.num_samples, model_args["image_size"])
     ranges = shard_ranges(args.num_samples, args.shard_size)
     settings = run_settings(args, model_args, captions)
     todo = from_rank0(lambda: prepare_out(out, files, settings, len(ranges), args.resume, args.overwrite,
@@ -555,18 +544,19 @@ def run(args, model_args, state, rank, world, device, captions=None):
         if rank == 0:
             print(f"{files.npz} is already complete")
         return
-    vae = train.load_vae(model_args.vae, model_args.vae_path, device) if model_args.vae else None
+    vae = dtr.load_vae(model_args["vae"], model_args["vae_path"], device) if model_args["vae"] else None
     if rank == 0 and len(todo) < len(ranges):
         print(f"resuming: {len(ranges) - len(todo)} of {len(ranges)} shards already done")
     mine = todo[rank::world]  # round-robin over the unfinished shards
     start_time = time.time()
-    sample_shards(model, diffusion, vae, condition, record, mine, ranges, files, args, device, progress=rank == 0)
+    sample_shards(model, diffusion, mine, args=args, ranges=ranges, files=files, condition=condition, record=record,
+                  vae=vae, device=device, progress=rank == 0)
     if world > 1:
         dist.barrier()
     seconds = time.time() - start_time
     if rank:
         return
-    image_shape = (model_args.image_size, model_args.image_size, 3)
+    image_shape = (model_args["image_size"], model_args["image_size"], 3)
     shards = [shard_file(files, k) for k in range(len(ranges))]
     extras = tuple(record(np.arange(0)))  # the names of the per-sample arrays saved with the images
     first = merge_shards(files.npz, shards, ranges, image_shape, extras)
@@ -580,7 +570,7 @@ def run(args, model_args, state, rank, world, device, captions=None):
 def parser():
     """The command line; a bad argument stops with one line, like every other bad input."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.error = fail  # one line instead of usage + message
+    p.error = functools.partial(dtr.exit_one_line, "sample.py")  # one line instead of usage + message
     p.add_argument("--ckpt", required=True,
                    help="a train.py checkpoint, an official DTR one, or a facebookresearch/DiT state dict")
     p.add_argument("--weights", choices=["ema", "model"], default="ema")

@@ -1204,9 +1204,9 @@ def test_train_demo_defaults_and_outputs(tmp_path):
         (1e-4, 256, 0.9999, 0.0, 0.1, "cosine", 1000, True, 0.5)
     exp, ckpt = run_train(tmp_path, "--steps", "3", "--ckpt-every", "2")
     assert sorted(os.listdir(os.path.join(exp, "checkpoints"))) == ["0000002.pt", "0000003.pt"]
-    assert ckpt["step"] == 3 and ckpt["args"]["num_classes"] == 6 and set(ckpt) >= {"model", "ema", "opt", "rng", "data"}
+    assert ckpt["step"] == 3 and ckpt["args"]["num_classes"] == 6 and set(ckpt) >= {"model", "ema", "opt", "rng", "model_args"}
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
-    model = train.build_model(argparse.Namespace(**ckpt["args"]))
+    model = dtr.build_model(dtr.model_args(ckpt["args"]))
     model.load_state_dict(ckpt["ema"], strict=True)  # loadable as a plain DiT state dict
     log = open(os.path.join(exp, "log.txt")).read()
     assert "steps/s" in log and "t quarters" in log and json.load(open(os.path.join(exp, "args.json")))["lr"] == 2e-3
@@ -1224,10 +1224,10 @@ def test_train_grid_is_upscaled_nearest_neighbour(tmp_path, monkeypatch, size, f
         calls.append(labels)
         return samples[list(seeds)]
 
-    monkeypatch.setattr(train, "generate", fake_generate)
+    monkeypatch.setattr(dtr, "generate", fake_generate)
     args = train.resolve_preset(train.parser().parse_args(["--grid-steps", "2", "--image-size", str(size)]))
     args.num_classes, args.context_dim = 6, None
-    grid = np.array(Image.open(train.save_grid(args, str(tmp_path), 7, torch.nn.Identity(), None, "cpu")))
+    grid = np.array(Image.open(train.save_training_grid(args, str(tmp_path), 7, torch.nn.Identity(), None, "cpu")))
     tile = size * factor + 1  # the smallest integer factor that makes 8 columns at least 512 pixels wide
     assert grid.shape == (6 * tile + 1, 8 * tile + 1, 3) and 512 <= 8 * size * factor < 512 + 8 * size
     assert calls == [torch.arange(6).repeat_interleave(8).tolist()]  # a row per class
@@ -1289,7 +1289,7 @@ def test_train_resume_applies_optimiser_flags(tmp_path):
     groups = after["opt"]["param_groups"]
     assert [(g["lr"], g["weight_decay"]) for g in groups] == [(4e-3, 0.1), (0.05, 0.0)]
     # step 3 used them: AdamW from the saved moments, lr 4e-3 and weight decay 0.1 (the ANT-UW group: 0.05, none)
-    model = train.build_model(argparse.Namespace(**after["args"]))
+    model = dtr.build_model(dtr.model_args(after["args"]))
     names = [n for n, p in model.named_parameters() if p.requires_grad]  # the optimiser's indices, in order
     state = after["opt"]["state"]
     for i in (0, len(names) - 1):
@@ -1396,10 +1396,11 @@ def test_train_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", crash)
     args = train.parser().parse_args([*TINY_TRAIN, "--steps", "2"])
-    model = train.build_model(argparse.Namespace(**{**vars(train.resolve_preset(args)), "num_classes": 6}))
-    opt = torch.optim.AdamW(model.parameters())
+    args = argparse.Namespace(**{**vars(train.resolve_preset(args)), "num_classes": 6})
+    model = dtr.build_model(dtr.model_args(args))
+    state = train.State(model, model, torch.optim.AdamW(model.parameters()), None, torch.amp.GradScaler("cpu", enabled=False), 2)
     with pytest.raises(KeyboardInterrupt):
-        train.save_checkpoint(args, exp, 2, model, model, opt, None, 1, torch.device("cpu"), 0)
+        train.save_checkpoint(args, train.Run(0, 1, torch.device("cpu"), slice(None)), exp, state)
     assert open(path, "rb").read() == good and os.listdir(os.path.dirname(path)) == ["0000002.pt"]
 
 
@@ -1521,8 +1522,8 @@ def test_train_latent_mode_with_a_tiny_vae(tmp_path, monkeypatch):
         post = vae.eval().encode(x).latent_dist
     assert post.std.min() > 0.1  # the draw matters
     assert torch.allclose(seen[0], (post.mean + post.std * eps) * 0.18215, rtol=0, atol=1e-6)
-    with pytest.raises(SystemExit, match="cannot load the VAE"):
-        train.load_vae("ema", str(tmp_path / "nowhere"))
+    with pytest.raises(dtr.InputError, match="cannot load the VAE"):
+        dtr.load_vae("ema", str(tmp_path / "nowhere"))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -1534,16 +1535,15 @@ COLOURS = torch.tensor([[0.8, -0.6, -0.6], [-0.6, 0.8, -0.6], [-0.6, -0.6, 0.8],
 
 
 def ckpt_args(**kw):
-    """A train.py checkpoint's "args": a 4-class pixel DiT-T/2 on 8x8 images with label dropout and DTR."""
-    args = dict(model="DiT-T/2", image_size=8, vae=None, vae_path=None, num_classes=4, learn_sigma=True,
-                class_dropout_prob=0.1, routing="dtr", alpha=4.0, beta=0.8, routing_seed=0, num_timesteps=1000,
-                noise_schedule="linear", loss_weight="constant", min_snr_gamma=5.0, p2_gamma=1.0, p2_k=1.0)
-    return {**args, **kw}
+    """A train.py checkpoint's model_args (dtr.MODEL_ARGS): a 4-class pixel DiT-T/2 on 8x8 images, label dropout, DTR."""
+    args = dict(model="DiT-T/2", image_size=8, vae=None, num_classes=4, learn_sigma=True, class_dropout_prob=0.1,
+                routing="dtr", alpha=4.0, beta=0.8, routing_seed=0, num_timesteps=1000, noise_schedule="linear")
+    return dtr.model_args({**args, **kw})
 
 
 def fit_colours(model, args, steps=60):
     """A few Adam steps on class-coloured 8x8 images, so that samples are images rather than saturated noise."""
-    diffusion = train.build_diffusion(argparse.Namespace(**args))
+    diffusion = dtr.build_diffusion(dtr.model_args(args))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
     for _ in range(steps):
@@ -1559,8 +1559,8 @@ def fit_colours(model, args, steps=60):
 
 def save_train_ckpt(path, args, ema, raw=None):
     """A checkpoint as train.py writes it."""
-    torch.save({"model": raw if raw is not None else ema, "ema": ema, "opt": {}, "args": args, "step": 0,
-                "uw": None, "rng": None, "data": None}, path)
+    torch.save({"model": raw if raw is not None else ema, "ema": ema, "opt": {}, "model_args": dtr.model_args(args),
+                "args": args, "step": 0, "uw": None, "rng": None, "scaler": None}, path)
     return str(path)
 
 
@@ -1568,7 +1568,7 @@ def save_train_ckpt(path, args, ema, raw=None):
 def fitted_dit(tmp_path_factory):
     """(checkpoint path, model) of the fitted_dit DiT; its raw weights are the untrained ones."""
     torch.manual_seed(0)
-    model = train.build_model(argparse.Namespace(**ckpt_args()))
+    model = dtr.build_model(dtr.model_args(ckpt_args()))
     raw = {k: v.clone() for k, v in model.state_dict().items()}
     fit_colours(model, ckpt_args())
     path = tmp_path_factory.mktemp("ckpt") / "fitted.pt"
@@ -1624,7 +1624,7 @@ class TinyDecoder(torch.nn.Module):
 def fake_vae(monkeypatch):
     """Make sample.py's VAE a TinyDecoder -> (the decoder, the list of VAE kinds sample.py asked for)."""
     decoder, kinds = TinyDecoder(), []
-    monkeypatch.setattr(train, "load_vae", lambda kind, path=None, device="cpu": kinds.append(kind) or decoder)
+    monkeypatch.setattr(dtr, "load_vae", lambda kind, path=None, device="cpu": kinds.append(kind) or decoder)
     return decoder, kinds
 
 
@@ -1734,7 +1734,7 @@ def test_sample_autocast_precision_is_close_to_fp32(fitted_dit, tmp_path, precis
 def test_sample_resume_skips_finished_shards(fitted_dit, tmp_path, monkeypatch):
     ckpt, _ = fitted_dit
     full = run_sample(ckpt, tmp_path / "full")
-    out, calls, generate = tmp_path / "out", [], train.generate
+    out, calls, generate = tmp_path / "out", [], dtr.generate
 
     def interrupted(*a, **kw):  # dies in the second batch, after the first shard was written
         calls.append(1)
@@ -1742,10 +1742,10 @@ def test_sample_resume_skips_finished_shards(fitted_dit, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return generate(*a, **kw)
 
-    monkeypatch.setattr(train, "generate", interrupted)
+    monkeypatch.setattr(dtr, "generate", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_sample(ckpt, out, "--shard-size", "2", "--batch-size", "2")
-    monkeypatch.setattr(train, "generate", generate)
+    monkeypatch.setattr(dtr, "generate", generate)
     shard = out / ".shards" / "shard-000000.npz"
     assert sorted(os.listdir(out / ".shards")) == ["shard-000000.npz"]
     with np.load(shard) as z:  # mark the finished shard, to see it reused rather than redone
@@ -1770,8 +1770,8 @@ def test_sample_missing_shard_is_one_line_and_resume_fills_it(fitted_dit, tmp_pa
     full = run_sample(ckpt, tmp_path / "full")
     out, sample_shards = tmp_path / "out", sample.sample_shards
 
-    def elsewhere(model, diffusion, vae, condition, record, shards, *a, **kw):  # shard 1 went to another machine's disk
-        return sample_shards(model, diffusion, vae, condition, record, [k for k in shards if k != 1], *a, **kw)
+    def elsewhere(model, diffusion, shards, **kw):  # shard 1 went to another machine's disk
+        return sample_shards(model, diffusion, [k for k in shards if k != 1], **kw)
 
     monkeypatch.setattr(sample, "sample_shards", elsewhere)
     with pytest.raises(SystemExit) as e:
@@ -1793,7 +1793,7 @@ def test_sample_missing_shard_is_one_line_and_resume_fills_it(fitted_dit, tmp_pa
 def test_sample_unconditional_adm_ignores_labels(tmp_path, capsys):
     args = ckpt_args(model="ADM-T", image_size=16, num_classes=1, class_dropout_prob=0.0, noise_schedule="cosine")
     torch.manual_seed(0)
-    model = perturbed(train.build_model(argparse.Namespace(**args)), std=0.05).eval()  # zero-init layers contribute
+    model = perturbed(dtr.build_model(dtr.model_args(args)), std=0.05).eval()  # zero-init layers contribute
     ckpt = save_train_ckpt(tmp_path / "adm.pt", args, model.state_dict())
     out = run_sample(ckpt, tmp_path / "out", "--class-labels", "3", n=3)
     assert sorted(out) == ["arr_0"] and out["arr_0"].shape == (3, 16, 16, 3) and out["arr_0"].dtype == np.uint8
@@ -1834,7 +1834,7 @@ def test_sample_latent_checkpoint_decodes_through_the_vae(tmp_path):
     vae.save_pretrained(tmp_path / "vae")  # a local, tiny stand-in for sd-vae-ft-ema (8x downsampling, 4 channels)
     args = ckpt_args(image_size=32, vae="ema")
     torch.manual_seed(0)
-    model = randomize(train.build_model(argparse.Namespace(**args))).eval()  # zero-init layers contribute
+    model = randomize(dtr.build_model(dtr.model_args(args))).eval()  # zero-init layers contribute
     ckpt = save_train_ckpt(tmp_path / "latent.pt", args, model.state_dict())
     out = run_sample(ckpt, tmp_path / "out", "--vae-path", str(tmp_path / "vae"), "--class-labels", "1", n=2)
     assert out["arr_0"].shape == (2, 32, 32, 3) and out["arr_1"].tolist() == [1, 1]
@@ -1845,7 +1845,7 @@ def test_sample_latent_checkpoint_decodes_through_the_vae(tmp_path):
 def test_sample_guided_channels_leave_the_rest_unguided(tmp_path, monkeypatch):
     args = ckpt_args(image_size=64, vae="ema")  # 4 latent channels, 8x8
     torch.manual_seed(0)
-    model = randomize(train.build_model(argparse.Namespace(**args))).eval()
+    model = randomize(dtr.build_model(dtr.model_args(args))).eval()
     ckpt = save_train_ckpt(tmp_path / "latent.pt", args, model.state_dict())
     decoder, _ = fake_vae(monkeypatch)
     labels = ["--class-labels", "1", "2", "--cfg-scale", "4"]
@@ -1902,13 +1902,14 @@ def test_sample_official_dtr_checkpoint_reads_its_config(tmp_path, monkeypatch):
     masks = [reference_dtr(1000, 128, 4.0, 0.6)] * 4  # the official code: alpha 4, one table per block
     ckpt = save_official_ckpt(tmp_path / "0050000.pt", model.state_dict(), masks, official_config())
     args, _ = sample.load_checkpoint(str(ckpt))  # no --model / --image-size needed
+    args = argparse.Namespace(**args)
     assert (args.model, args.image_size, args.vae, args.num_classes, args.class_dropout_prob, args.learn_sigma) == \
         ("DiT-T/2", 64, "mse", 4, 0.1, True)
     assert (args.routing, args.alpha, args.beta, args.num_timesteps, args.noise_schedule) == ("dtr", 4.0, 0.6, 1000,
                                                                                                "cosine")
     kept = np.arange(SAMPLE_STEPS) * 111  # 10 of 1000 steps, evenly: 0, 111, ..., 999
     abar = np.cumprod(1 - dtr.get_named_beta_schedule("cosine", 1000))[kept]
-    betas = train.build_diffusion(args, str(SAMPLE_STEPS)).betas.numpy()  # what sample.py samples with
+    betas = dtr.build_diffusion(dtr.model_args(args), str(SAMPLE_STEPS)).betas.numpy()  # what sample.py samples with
     assert np.array_equal(betas, 1 - abar / np.append(1, abar[:-1]))
     decoder, kinds = fake_vae(monkeypatch)
     out = run_sample(ckpt, tmp_path / "out", "--cfg-scale", "1.5", n=4)
@@ -1918,7 +1919,7 @@ def test_sample_official_dtr_checkpoint_reads_its_config(tmp_path, monkeypatch):
     reference = reference_samples(model, out["arr_1"], range(4), 1.5, schedule="cosine", vae=decoder)
     assert np.array_equal(out["arr_0"], reference)
     assert not np.array_equal(reference, reference_samples(model, out["arr_1"], range(4), 1.5, vae=decoder))  # linear
-    with pytest.raises(SystemExit, match="--image-size 256 contradicts the checkpoint's 64"):
+    with pytest.raises(dtr.InputError, match="--image-size 256 contradicts the checkpoint's 64"):
         sample.load_checkpoint(str(ckpt), image_size=256)
     save_official_ckpt(ckpt, model.state_dict(), [masks[0].flip(1)] * 4, official_config())
     with pytest.raises(SystemExit, match="blocks.0.routing._unit_mapping differs from this model's dtr masks"):
@@ -1973,10 +1974,10 @@ def test_sample_official_state_dict_without_config(tmp_path, monkeypatch, capsys
              for _ in range(4)]
     torch.save({**model.state_dict(), **{f"blocks.{i}.routing._unit_mapping": m for i, m in enumerate(masks)}},
                tmp_path / "rtr.pt")
-    args, state = sample.load_checkpoint(str(tmp_path / "rtr.pt"), model="DiT-T/2", image_size=64)
+    model_args, state = sample.load_checkpoint(str(tmp_path / "rtr.pt"), model="DiT-T/2", image_size=64)
     assert "assuming R-TR with the checkpoint's own masks (not DTR's), beta 0.6" in capsys.readouterr().err
-    assert (args.routing, args.beta, args.noise_schedule) == ("random", 0.6, "cosine")
-    loaded = sample.load_model(args, state, "cpu")
+    assert (model_args["routing"], model_args["beta"], model_args["noise_schedule"]) == ("random", 0.6, "cosine")
+    loaded = sample.load_model(model_args, state, "cpu")
     assert all(torch.equal(table, m.bool()) for table, m in zip(loaded.router.buffers(), masks))
 
 
@@ -2014,7 +2015,7 @@ def bad_ckpts(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad")
     (root / "corrupt.pt").write_bytes(b"PK\x03\x04 not a checkpoint")
     for name, kw in (("no-null", dict(class_dropout_prob=0.0)), ("uncond", dict(num_classes=1, class_dropout_prob=0))):
-        model = train.build_model(argparse.Namespace(**ckpt_args(**kw)))
+        model = dtr.build_model(dtr.model_args(ckpt_args(**kw)))
         save_train_ckpt(root / f"{name}.pt", ckpt_args(**kw), model.state_dict())
     return root
 
@@ -2180,7 +2181,7 @@ def test_coco_captions_parsing(tmp_path):
     path = tmp_path / "captions_train2014.json"
     path.write_text(json.dumps(COCO))
     # images in file order, several captions each (whitespace normalised), images without captions left out
-    assert train.read_coco_captions(str(path)) == [("a.png", ["x"]), ("b.png", ["A dog on a sofa.", "two dogs", "a sofa"])]
+    assert dtr.read_coco_captions(str(path)) == [("a.png", ["x"]), ("b.png", ["A dog on a sofa.", "two dogs", "a sofa"])]
 
 
 @pytest.mark.parametrize("edit,message", [
@@ -2200,7 +2201,7 @@ def test_coco_captions_bad_entries(tmp_path, edit, message):
     bad = edit(json.loads(json.dumps(COCO)))
     path.write_text(bad if isinstance(bad, str) else json.dumps(bad))
     with pytest.raises(ValueError, match=message) as e:
-        train.read_coco_captions(str(path))
+        dtr.read_coco_captions(str(path))
     assert "\n" not in str(e.value)
 
 
@@ -2212,11 +2213,11 @@ def test_text_demo_data_and_flags():
     picked = train.pick_captions(captions, torch.tensor([0, 0, 11]), u)
     assert picked == ["a red circle", "a picture of a red circle", "a picture of a cyan diamond"]
     args = train.resolve_preset(train.parser().parse_args(["--text-demo"]))
-    assert args.text_encoder == train.DEMO_TEXT_ENCODER and args.model == "DiT-T/2" and args.steps == 2400
+    assert args.text_encoder == dtr.DEMO_TEXT_ENCODER and args.model == "DiT-T/2" and args.steps == 2400
     coco = train.resolve_preset(train.parser().parse_args(["--data", "d", "--captions", "c.json"]))
     assert coco.text_encoder == "openai/clip-vit-large-patch14" and coco.global_batch_size == 256
     for argv, message in ((["--text-demo", "--data", "d"], "leave out --data"), (["--cache-text", "c"], "apply to text")):
-        with pytest.raises(SystemExit, match=message):
+        with pytest.raises(dtr.InputError, match=message):
             train.resolve_preset(train.parser().parse_args(argv))
 
 
@@ -2225,8 +2226,8 @@ def test_text_demo_data_and_flags():
 
 def fit_captions(model, args, steps=60):
     """A few Adam steps on 8x8 images coloured by the first 4 demo captions (10% dropped), so samples follow the text."""
-    diffusion = train.build_diffusion(args)
-    context, _ = train.TextEncoder(train.DEMO_TEXT_ENCODER).encode([c[0] for c in train.SHAPE_CAPTIONS[:4]])
+    diffusion = dtr.build_diffusion(dtr.model_args(args))
+    context, _ = dtr.TextEncoder(dtr.DEMO_TEXT_ENCODER).encode([c[0] for c in train.SHAPE_CAPTIONS[:4]])
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
     model.train()
@@ -2250,7 +2251,7 @@ def text_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("text")
     exp, ckpt = run_train(root, "--text-demo", "--cache-text", str(root / "cache"), "--steps", "2", "--ckpt-every", "2")
     args = argparse.Namespace(**ckpt["args"])
-    model = train.build_model(args)
+    model = dtr.build_model(dtr.model_args(args))
     model.load_state_dict(ckpt["ema"])
     fitted = fit_captions(model, args)
     path = save_train_ckpt(root / "fitted.pt", ckpt["args"], fitted.state_dict())
@@ -2262,7 +2263,7 @@ def clip_dir(tmp_path_factory):
     """Another tiny random CLIP text encoder, saved with save_pretrained: what --text-encoder DIR loads."""
     pytest.importorskip("transformers")
     path = tmp_path_factory.mktemp("clip") / "clip"
-    tokenizer, model = train.tiny_clip(seed=1)
+    tokenizer, model = dtr.tiny_clip(seed=1)
     tokenizer.save_pretrained(path)
     model.save_pretrained(path)
     return str(path)
@@ -2271,7 +2272,7 @@ def clip_dir(tmp_path_factory):
 def test_text_demo_training_cache_and_grid(text_run, tmp_path):
     ckpt_path, exp, cache = text_run[:3]
     ckpt = torch.load(ckpt_path, weights_only=False)
-    enc = train.TextEncoder(train.DEMO_TEXT_ENCODER)
+    enc = dtr.TextEncoder(dtr.DEMO_TEXT_ENCODER)
     assert (ckpt["args"]["context_dim"], ckpt["args"]["text_length"], ckpt["args"]["text_digest"]) == (64, 32, enc.digest)
     assert "y_embedder.embedding_table.weight" not in ckpt["ema"] and "null_context" in ckpt["ema"]
     prompts = [c[0] for c in train.SHAPE_CAPTIONS]
@@ -2322,7 +2323,7 @@ def test_text_coco_training_is_the_same_on_two_processes(clip_dir, tmp_path):
     assert "15 captions, text encoder" in open(os.path.join(one_exp, "log.txt")).read()
     (tmp_path / "prompts.txt").write_text("fog\na bright square\n")  # sampling with the key mask, through DIR
     out = run_sample(train.latest_checkpoint(str(tmp_path / "one")), tmp_path / "s", "--prompts", str(tmp_path / "prompts.txt"), n=2)
-    model = train.build_model(argparse.Namespace(**one["args"]))
+    model = dtr.build_model(dtr.model_args(one["args"]))
     model.load_state_dict(one["ema"])
     reference = text_reference(model.eval(), argparse.Namespace(**one["args"]), ["fog", "a bright square"], range(2),
                                encoder=clip_dir, mask=True)
@@ -2330,15 +2331,15 @@ def test_text_coco_training_is_the_same_on_two_processes(clip_dir, tmp_path):
     os.remove(os.path.join(images, "003.png"))
     with pytest.raises(SystemExit, match=r"1 of the 8 images of .*captions.json are not in .*images \(e.g. 003.png\)"):
         run_train(tmp_path, *args[len(TINY_TRAIN):], name="bad")
-    with pytest.raises(SystemExit, match="cannot load a CLIP text encoder from"):
-        train.load_clip(str(tmp_path / "nowhere"))
+    with pytest.raises(dtr.InputError, match="cannot load a CLIP text encoder from"):
+        dtr.load_clip(str(tmp_path / "nowhere"))
 
 
 def text_reference(model, args, captions, seeds, cfg_scale=1.0, encoder=None, mask=False):
     """Samples straight from dtr's sampler (not through train.generate): the captions encoded here, CFG by hand."""
-    context, key_mask = train.TextEncoder(encoder or train.DEMO_TEXT_ENCODER).encode(captions)
+    context, key_mask = dtr.TextEncoder(encoder or dtr.DEMO_TEXT_ENCODER).encode(captions)
     kwargs = dict(y=context, **({"context_mask": key_mask} if mask else {}))
-    diffusion = train.build_diffusion(args, str(SAMPLE_STEPS))
+    diffusion = dtr.build_diffusion(dtr.model_args(args), str(SAMPLE_STEPS))
     n, c = len(captions), model.in_channels
 
     def guided(x, t, **kw):  # [cond | null context] in one batch; sigma channels from the conditional half

@@ -13,107 +13,32 @@ fills every flag that was not given.
 """
 import argparse
 import glob
-import hashlib
 import json
 import math
 import os
-import sys
 import time
 from copy import deepcopy
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import dtr
-
-VAE_SCALE = 0.18215  # Stable Diffusion's latent scale
-VAE_FACTOR = 8  # the VAE's spatial downsampling
 
 PAPER = dict(model="DiT-L/2", image_size=256, global_batch_size=256, lr=1e-4, ema_decay=0.9999, steps=400_000,
              log_every=100, ckpt_every=50_000, sample_every=0, num_workers=4)
 DEMO = dict(model="DiT-T/2", image_size=16, global_batch_size=64, lr=2e-3, ema_decay=0.995, steps=2400,
             log_every=100, ckpt_every=800, sample_every=0, num_workers=0)
-# Arguments that define the model and the diffusion: a resumed run must agree on them (text runs: on TEXT_ARGS too).
-MODEL_ARGS = ("model", "image_size", "vae", "num_classes", "learn_sigma", "class_dropout_prob", "routing", "alpha",
-              "beta", "routing_seed", "num_timesteps", "noise_schedule", "context_dim")
-TEXT_ARGS = ("text_digest", "text_length", "text_mask")
-# Arguments a resumed run must also keep: the data order and the per-step random draws (seed, global batch, flips,
-# the demo's data) and the loss. A resume is bit-exact only with them unchanged, and a run that changed them halfway
-# would be neither of the two experiments. Every other flag (lr, weight decay, uw-lr, EMA decay, steps, log, checkpoint
-# and sample intervals, precision, compile, workers, ...) is applied on resume and its change is logged.
+# Arguments a resumed run must keep besides dtr.MODEL_ARGS: the data order and the per-step random draws (seed,
+# global batch, flips, the demo's data) and the loss. A resume is bit-exact only with them unchanged, and a run that
+# changed them halfway would be neither of the two experiments. Every other flag (lr, weight decay, uw-lr, EMA decay,
+# steps, log, checkpoint and sample intervals, precision, compile, workers, ...) is applied and its change logged.
 RESUME_FIXED = ("seed", "global_batch_size", "flip_prob", "demo_images_per_class", "loss_weight", "min_snr_gamma",
                 "p2_gamma", "p2_k", "uw_clusters")
 GRID_MIN_WIDTH = 512  # training grids are upscaled (nearest neighbour, integer factor) to at least this many pixels
-COCO_TEXT_ENCODER = "openai/clip-vit-large-patch14"  # CLIP ViT-L/14's text encoder: 77 tokens of width 768
-DEMO_TEXT_ENCODER = "builtin:tiny-clip"  # tiny_clip() below: random, offline, deterministic
-MASK_KEY = ".routing._unit_mapping"  # the official DTR code stores each block's masks in its state dict
-
-
-def write_text(path, text):
-    """Write a str to a file (closed before returning, so an atomic_write rename sees all of it)."""
-    with open(path, "w") as f:
-        f.write(text)
-
-
-def fail(msg):
-    """Stop with one line on stderr and a non-zero exit, named after the running script (sample.py uses our loaders)."""
-    raise SystemExit(f"{os.path.basename(sys.argv[0]) or 'train.py'}: error: {msg}")
-
-
-#################################################################################
-#                        Model, diffusion and VAE from arguments                #
-#################################################################################
-
-def latent_size(args):
-    """Side of the network's input: the image side, or the VAE latent side."""
-    return args.image_size // VAE_FACTOR if args.vae else args.image_size
-
-
-def build_model(args):
-    """The model that `args` (a training run's arguments) describe; text-to-image when args.context_dim is set."""
-    context_dim = getattr(args, "context_dim", None)
-    if context_dim is not None and args.model not in dtr.DiT_models:
-        fail(f"text-to-image needs a DiT model, not {args.model}")
-    conditional = args.num_classes > 1 or context_dim is not None
-    return dtr.create_model(
-        args.model, input_size=latent_size(args), in_channels=4 if args.vae else 3, num_classes=args.num_classes,
-        learn_sigma=args.learn_sigma, class_dropout_prob=args.class_dropout_prob if conditional else 0.0,
-        routing=args.routing, alpha=args.alpha, beta=args.beta, num_tasks=args.num_timesteps,
-        routing_seed=args.routing_seed, **({} if context_dim is None else {"context_dim": context_dim}))
-
-
-def build_diffusion(args, respacing=""):
-    """The diffusion `args` describe, respaced to `respacing` ('' = all T steps, for training)."""
-    weight = args.loss_weight if args.loss_weight in ("min-snr", "p2") else "constant"  # ANT-UW weighs clusters later
-    return dtr.create_diffusion(respacing, noise_schedule=args.noise_schedule, learn_sigma=args.learn_sigma,
-                                diffusion_steps=args.num_timesteps, loss_weight=weight,
-                                min_snr_gamma=args.min_snr_gamma, p2_gamma=args.p2_gamma, p2_k=args.p2_k)
-
-
-def size_multiple(model):
-    """What the network's input side must be a multiple of: DiT's patch size, or the UNet's total downsampling."""
-    if isinstance(model, dtr.DiT):
-        return model.patch_size
-    return 2 ** sum(isinstance(m, dtr.Downsample) or isinstance(m, dtr.ResBlock) and m.updown == "down"
-                    for m in model.modules())
-
-
-def load_vae(kind, path=None, device="cpu"):
-    """Stable Diffusion's AutoencoderKL (sd-vae-ft-ema / -mse), from a local path or the hub; diffusers is optional."""
-    try:
-        from diffusers.models import AutoencoderKL
-    except ImportError:
-        fail("--vae needs the optional package diffusers: pip install diffusers")
-    if path is not None and not os.path.isdir(path):
-        fail(f"cannot load the VAE from {path!r}: not a directory (an AutoencoderKL saved with save_pretrained)")
-    source = path or f"stabilityai/sd-vae-ft-{kind}"
-    try:
-        return AutoencoderKL.from_pretrained(source).to(device).eval().requires_grad_(False)
-    except Exception as e:  # offline, missing or broken files
-        fail(f"cannot load the VAE from {source!r} ({type(e).__name__}); pass --vae-path DIR with a local copy")
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 #################################################################################
@@ -178,7 +103,7 @@ class ImageData(torch.utils.data.Dataset):
                 with Image.open(path) as im:
                     return center_crop(im.convert("RGB"), self.size), label
             except Exception as e:
-                raise ValueError(f"cannot read image {path}: {e}") from None
+                raise dtr.InputError(f"cannot read image {path}: {e}") from None
         img = np.asarray(self.images[i])  # (H, W, 3)
         if img.shape[:2] != (self.size, self.size):
             return center_crop(Image.fromarray(img), self.size), int(self.labels[i])
@@ -192,14 +117,14 @@ def load_data(args):
         data = ImageData(images.permute(0, 2, 3, 1).numpy(), labels.numpy(), size=args.image_size)
         return data, 1 if args.unconditional else len(SHAPES)
     if not os.path.exists(args.data):
-        fail(f"--data {args.data} does not exist")
+        raise dtr.InputError(f"--data {args.data} does not exist")
     if args.data.endswith(".npz"):
         return load_npz(args)
     from torchvision.datasets import ImageFolder
     try:
         folder = ImageFolder(args.data)
     except (FileNotFoundError, OSError) as e:
-        fail(f"no images found in {args.data} ({e})")
+        raise dtr.InputError(f"no images found in {args.data} ({e})")
     classes = 1 if args.unconditional or len(folder.classes) == 1 else len(folder.classes)
     files = folder.samples if classes > 1 else [(p, 0) for p, _ in folder.samples]
     return ImageData(files=files, size=args.image_size), classes
@@ -211,45 +136,14 @@ def load_npz(args):
         z = np.load(args.data, mmap_mode="r")
         images, labels = z["arr_0"], (z["arr_1"] if "arr_1" in z.files else None)
     except Exception as e:
-        fail(f"cannot read {args.data} as an .npz with arr_0 ({type(e).__name__}: {e})")
+        raise dtr.InputError(f"cannot read {args.data} as an .npz with arr_0 ({type(e).__name__}: {e})")
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or len(images) == 0:
-        fail(f"{args.data}: arr_0 must be non-empty uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
+        raise dtr.InputError(f"{args.data}: arr_0 must be non-empty uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
     if labels is None or args.unconditional:
         return ImageData(images, np.zeros(len(images), dtype=np.int64), size=args.image_size), 1
     if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
-        fail(f"{args.data}: arr_1 must hold one non-negative integer label per image, got {labels.dtype} {labels.shape}")
+        raise dtr.InputError(f"{args.data}: arr_1 must hold one non-negative integer label per image, got {labels.dtype} {labels.shape}")
     return ImageData(images, labels, size=args.image_size), int(labels.max()) + 1
-
-
-def read_coco_captions(path):
-    """[(file_name, [captions])] from a COCO captions_*.json, in the order of its images (those without captions left
-    out); ValueError with a one-line reason for anything else."""
-    try:
-        with open(path) as f:
-            coco = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read captions {path} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
-    if not (isinstance(coco, dict) and isinstance(coco.get("images"), list) and isinstance(coco.get("annotations"), list)):
-        raise ValueError(f"{path} is not a COCO captions file: it needs lists 'images' and 'annotations'")
-    names, captions = {}, {}
-    for j, image in enumerate(coco["images"]):
-        if not isinstance(image, dict) or not isinstance(image.get("file_name"), str) or "id" not in image:
-            raise ValueError(f"{path}: images[{j}] needs an 'id' and a 'file_name'")
-        if image["id"] in names:
-            raise ValueError(f"{path}: images[{j}] repeats image id {image['id']!r}")
-        names[image["id"]] = image["file_name"]
-    for j, ann in enumerate(coco["annotations"]):
-        if not isinstance(ann, dict) or not isinstance(ann.get("caption"), str) or "image_id" not in ann:
-            raise ValueError(f"{path}: annotations[{j}] needs an 'image_id' and a 'caption' string")
-        if ann["image_id"] not in names:
-            raise ValueError(f"{path}: annotations[{j}] names image {ann['image_id']!r}, which is not among the images")
-        caption = " ".join(ann["caption"].split())  # COCO captions carry stray spaces and newlines
-        if not caption:
-            raise ValueError(f"{path}: annotations[{j}] has an empty caption")
-        captions.setdefault(ann["image_id"], []).append(caption)
-    if not captions:
-        raise ValueError(f"{path} holds no captions")
-    return [(name, captions[i]) for i, name in names.items() if i in captions]
 
 
 def load_text_data(args):
@@ -259,14 +153,11 @@ def load_text_data(args):
         data = ImageData(images.permute(0, 2, 3, 1).numpy(), np.arange(len(labels)), size=args.image_size)
         return data, [SHAPE_CAPTIONS[k] for k in labels.tolist()]
     if args.data is None or not os.path.isdir(args.data):
-        fail(f"--captions needs --data DIR, the folder of the images it names (got {args.data})")
-    try:
-        entries = read_coco_captions(args.captions)
-    except ValueError as e:
-        fail(str(e))
+        raise dtr.InputError(f"--captions needs --data DIR, the folder of the images it names (got {args.data})")
+    entries = dtr.read_coco_captions(args.captions)
     missing = [name for name, _ in entries if not os.path.isfile(os.path.join(args.data, name))]
     if missing:
-        fail(f"{len(missing)} of the {len(entries)} images of {args.captions} are not in {args.data} (e.g. {missing[0]})")
+        raise dtr.InputError(f"{len(missing)} of the {len(entries)} images of {args.captions} are not in {args.data} (e.g. {missing[0]})")
     files = [(os.path.join(args.data, name), i) for i, (name, _) in enumerate(entries)]  # label: the image's index
     return ImageData(files=files, size=args.image_size), [c for _, c in entries]
 
@@ -293,148 +184,182 @@ class StepBatches(torch.utils.data.Sampler):
             yield batch[self.rank * local:(self.rank + 1) * local].tolist()
 
 
-def to_uint8(x):
-    """Images in [-1, 1] (N, 3, H, W) -> uint8 (N, H, W, 3), quantised as clamp(127.5 x + 128, 0, 255) like DiT."""
-    return (127.5 * x + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
-
-
-@torch.no_grad()
-def generate(model, diffusion, labels, seeds, cfg_scale=1.0, vae=None, device="cpu", sampler="ddpm", eta=0.0,
-             progress=False, context_mask=None, guided_channels=None):
-    """uint8 images (N, H, W, 3): sample i depends only on seeds[i] (and labels[i]), never on the batch it is in.
-
-    labels: class labels (N,), text tokens (N, L, C) (with an optional key mask context_mask (N, L)), or None;
-    guided_channels: guide only the first that many eps channels (None: all)."""
-    gens = [torch.Generator(device).manual_seed(int(s)) for s in seeds]
-    shape = (len(seeds), model.in_channels, model.input_size, model.input_size)
-    cond = {"y": None if labels is None else torch.as_tensor(labels, device=device)}
-    if context_mask is not None:
-        cond["context_mask"] = torch.as_tensor(context_mask, device=device)
-    net = model
-    if labels is not None and cfg_scale != 1.0:  # classifier-free guidance: [cond | uncond] as one batch, in which
-        def net(x, t, **cond):  # the model drops the second half's condition itself (null class or null context)
-            both = {k: torch.cat([v, v]) for k, v in cond.items()}
-            return model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), cfg_scale=cfg_scale,
-                                          guided_channels=guided_channels, **both)[: len(x)]
-    x = diffusion.p_sample_loop(net, shape, model_kwargs=cond, device=device, progress=progress, generators=gens,
-                                sampler=sampler, eta=eta, clip_denoised=vae is None)  # pixels: clip x0 as ADM does
-    if vae is not None:
-        x = vae.decode(x / VAE_SCALE).sample
-    return to_uint8(x)
-
-
 #################################################################################
-#                     Text conditioning: a frozen CLIP text encoder             #
+#               Set-up: processes, model, optimizer, resume, folders            #
 #################################################################################
 
-def tiny_clip(seed=0):
-    """(tokenizer, model): a 2-layer, 64-wide CLIP text encoder with random weights and a character-level tokenizer.
+@dataclass
+class Run:
+    """This process: its rank among `world`, its device, and its slice of every global batch."""
 
-    Built offline and deterministically from `seed` (the global RNG is left alone): the text demo's encoder, and
-    a stand-in for CLIP in tests. Random, it knows no language, but it maps different captions to different tokens."""
-    import tempfile
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-    chars = [chr(c) for c in range(33, 127)]  # printable ASCII is its own byte-level symbol; spaces split words
-    vocab = {w: i for i, w in enumerate(["<|startoftext|>", "<|endoftext|>", *chars, *(c + "</w>" for c in chars)])}
-    with tempfile.TemporaryDirectory() as d:  # no merges: every word is spelled out character by character
-        with open(os.path.join(d, "vocab.json"), "w") as f:
-            json.dump(vocab, f)
-        with open(os.path.join(d, "merges.txt"), "w") as f:
-            f.write("#version: 0.2\n")
-        tokenizer = CLIPTokenizer.from_pretrained(d, model_max_length=32)
-    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                            num_attention_heads=4, max_position_embeddings=32, bos_token_id=0, eos_token_id=1,
-                            pad_token_id=1)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return tokenizer, CLIPTextModel(config)
+    rank: int
+    world: int
+    device: torch.device
+    part: slice
 
 
-def load_clip(name):
-    """(tokenizer, model) of a CLIP text encoder: a save_pretrained directory, a hub name, or DEMO_TEXT_ENCODER."""
+@dataclass
+class TrainingData:
+    """The images (uint8, with labels or image indices) and, for text-to-image, captions and their frozen encoder."""
+
+    dataset: torch.utils.data.Dataset
+    captions: list = None
+    text: dtr.TextEncoder = None
+
+
+@dataclass
+class State:
+    """What training changes and a checkpoint keeps: weights, their EMA, the optimizer (with ANT-UW's log-variances
+    uw), the fp16 loss scaler and the step."""
+
+    model: torch.nn.Module
+    ema: torch.nn.Module
+    opt: torch.optim.Optimizer
+    uw: torch.nn.Parameter
+    scaler: torch.amp.GradScaler
+    step: int = 0
+
+
+def setup(args):
+    """Join torchrun (or run alone), check the flags that need no data, and seed this rank's dropout stream."""
+    rank, world, device = dtr.setup_distributed()
+    if args.global_batch_size % world:
+        raise dtr.InputError(f"global batch size {args.global_batch_size} is not divisible by the world size {world}")
+    local = args.global_batch_size // world
+    if args.loss_weight == "ant-uw" and not 1 <= args.uw_clusters <= args.num_timesteps:
+        raise dtr.InputError(f"--uw-clusters {args.uw_clusters} must be between 1 and --num-timesteps {args.num_timesteps}")
+    if not 1 <= args.grid_steps <= args.num_timesteps:  # the sample grid respaces the T training steps
+        raise dtr.InputError(f"--grid-steps {args.grid_steps} must be between 1 and --num-timesteps {args.num_timesteps}")
+    if args.loss_weight == "ant-uw" and local % args.uw_clusters:
+        raise dtr.InputError(f"per-rank batch {local} is not divisible by the {args.uw_clusters} ANT-UW timestep clusters")
+    if args.vae and args.image_size % dtr.VAE_FACTOR:
+        raise dtr.InputError(f"--image-size {args.image_size} is not divisible by the VAE factor {dtr.VAE_FACTOR}")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(args.seed * world + rank)  # per-rank stream for dropout; batch draws are per step
+    return Run(rank, world, device, slice(rank * local, (rank + 1) * local))
+
+
+def load_training_data(args, run):
+    """The data; it decides args.num_classes and, for text, the encoder's identity (args.context_dim, text_*)."""
+    args.context_dim = args.text_digest = args.text_length = None
+    if args.text_encoder is None:
+        dataset, args.num_classes = load_data(args)
+        data = TrainingData(dataset)
+        if args.num_classes == 1:  # no labels to drop: no null-class row, as the official DTR code does
+            args.class_dropout_prob = 0.0
+    else:  # text-to-image: the condition is a caption, through the frozen encoder
+        (dataset, captions), args.num_classes = load_text_data(args), 1
+        data = TrainingData(dataset, captions, dtr.TextEncoder(args.text_encoder, run.device, args.cache_text))
+        args.context_dim, args.text_digest, args.text_length = data.text.dim, data.text.digest, data.text.length
+    if len(dataset) < args.global_batch_size:
+        raise dtr.InputError(f"{len(dataset)} images are fewer than one global batch of {args.global_batch_size}")
+    return data
+
+
+def resume_checkpoint(args):
+    """(checkpoint, the flags it changes) for --resume, or (None, []): refuses changes to what must stay fixed."""
+    if not args.resume:
+        return None, []
+    path = latest_checkpoint(args.results_dir, args) if args.resume == "auto" else args.resume
+    if path is None:  # auto, and no experiment of this model yet: start one
+        return None, []
+    ckpt, args.resume = dtr.read_checkpoint(path), path
+    before = {**ckpt["args"], **dtr.checkpoint_model_args(ckpt)}
+    for k in dtr.MODEL_ARGS + RESUME_FIXED:
+        if before.get(k) != getattr(args, k):
+            raise dtr.InputError(f"--resume {path}: {k} is {before.get(k)!r} there but {getattr(args, k)!r} now")
+    changed = [f"--{k.replace('_', '-')} {v} (was {before.get(k)})" for k, v in vars(args).items()
+               if k != "resume" and before.get(k) != v]  # applied: logged once the log exists
+    return ckpt, changed
+
+
+def init_state(args, run, ckpt=None):
+    """Model, EMA, AdamW (ANT-UW's log-variances in their own group) and loss scaler: new, from --init-from, or
+    resumed from `ckpt`."""
+    model = dtr.build_model(dtr.model_args(args)).to(run.device)
+    multiple = size_multiple(model)
+    if model.input_size % multiple:
+        raise dtr.InputError(f"input side {model.input_size} is not divisible by {multiple}, which {args.model} needs")
+    if args.init_from:
+        load_weights(model, args.init_from)
+    uw = torch.nn.Parameter(torch.zeros(args.uw_clusters, device=run.device)) if args.loss_weight == "ant-uw" else None
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    if uw is not None:  # ANT-UW log-variances s_k: their own group, lr 0.025 and no weight decay
+        groups.append({"params": [uw], "lr": args.uw_lr, "weight_decay": 0.0})
+    opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay,
+                            **({"fused": True} if run.device.type == "cuda" else {"foreach": True}))
+    scaler = torch.amp.GradScaler(run.device.type, enabled=args.precision == "fp16")
+    state = State(model, deepcopy(model).requires_grad_(False), opt, uw, scaler)  # EMA starts from the model
+    if ckpt is not None:
+        restore(state, ckpt, args, run)
+    return state
+
+
+def load_weights(model, path):
+    """--init-from: model weights only (EMA if the checkpoint has them), keys matched strictly."""
+    sd = dtr.read_checkpoint(path)
+    sd = sd.get("ema", sd.get("model", sd)) if isinstance(sd, dict) and ("ema" in sd or "model" in sd) else sd
     try:
-        from transformers import CLIPTextModel, CLIPTokenizer
-    except ImportError:
-        fail("text-to-image needs the optional package transformers: pip install transformers")
-    if name == DEMO_TEXT_ENCODER:
-        return tiny_clip()
-    try:
-        return CLIPTokenizer.from_pretrained(name), CLIPTextModel.from_pretrained(name)
-    except Exception as e:  # offline, missing or broken files
-        fail(f"cannot load a CLIP text encoder from {name!r} ({type(e).__name__}); pass --text-encoder DIR, "
-             f"a local copy (tokenizer and CLIPTextModel saved with save_pretrained)")
+        model.load_state_dict(clean_state_dict(sd), strict=True)
+    except RuntimeError as e:
+        raise dtr.InputError(f"--init-from {path} does not match the model: {str(e).splitlines()[1].strip()}") from None
 
 
-def text_digest(tokenizer, model, length):
-    """A short hash of the tokenizer's vocabulary, the sequence length and every weight: the encoder's identity."""
-    h = hashlib.sha256(json.dumps([tokenizer.get_vocab(), length], sort_keys=True).encode())
-    for k, v in model.state_dict().items():
-        h.update(k.encode())
-        h.update(v.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
+def restore(state, ckpt, args, run):
+    """Continue from a checkpoint: weights, EMA, optimizer (with this run's lr / weight decay), scaler, RNG, step."""
+    state.model.load_state_dict(ckpt["model"])
+    state.ema.load_state_dict(ckpt["ema"])
+    state.opt.load_state_dict(ckpt["opt"])
+    state.opt.param_groups[0].update(lr=args.lr, weight_decay=args.weight_decay)  # this run's flags, not the saved
+    if state.uw is not None:
+        state.opt.param_groups[1]["lr"] = args.uw_lr
+        state.uw.data.copy_(ckpt["uw"])
+    if state.scaler.is_enabled() and ckpt.get("scaler"):  # fp16: the loss scale and its growth count
+        state.scaler.load_state_dict(ckpt["scaler"])
+    state.step = ckpt["step"]
+    if len(ckpt["rng"]) == run.world:
+        torch.set_rng_state(ckpt["rng"][run.rank]["cpu"])
+        if run.device.type == "cuda" and ckpt["rng"][run.rank]["cuda"] is not None:
+            torch.cuda.set_rng_state(ckpt["rng"][run.rank]["cuda"], run.device)
 
 
-class TextEncoder:
-    """Captions -> (token embeddings (N, L, C) float32, key mask (N, L) bool): CLIP's frozen last hidden state.
-
-    Captions are padded (or cut) to the encoder's full length L (77 for CLIP), so a caption's tokens never depend on
-    the others in its batch; the mask marks the real tokens (start, words, end) for models trained with --text-mask.
-    With a cache folder, each caption's embedding is written there once (atomically) and read back afterwards."""
-
-    def __init__(self, name, device="cpu", cache=None):
-        self.tokenizer, model = load_clip(name)
-        self.model = model.to(device).eval().requires_grad_(False)
-        self.length = min(self.tokenizer.model_max_length, model.config.max_position_embeddings)
-        self.dim, self.device, self.cache = model.config.hidden_size, device, cache
-        self.digest = text_digest(self.tokenizer, model, self.length)
-
-    @torch.no_grad()
-    def encode(self, captions):
-        """Run the encoder on a list of captions."""
-        tokens = self.tokenizer(list(captions), padding="max_length", max_length=self.length, truncation=True,
-                                return_tensors="pt")
-        hidden = self.model(input_ids=tokens.input_ids.to(self.device)).last_hidden_state.float()
-        return hidden, tokens.attention_mask.to(self.device).bool()
-
-    def cache_file(self, caption):
-        """DIR/ab/abcdef....pt: named by the encoder and the caption."""
-        key = hashlib.sha256(f"{self.digest}\n{caption}".encode()).hexdigest()
-        return os.path.join(self.cache, key[:2], f"{key}.pt")
-
-    def __call__(self, captions):
-        """Embeddings and key masks of a list of captions, from the cache where it has them."""
-        if self.cache is None:
-            return self.encode(captions)
-        found = {}
-        new = [c for c in dict.fromkeys(captions) if not os.path.exists(self.cache_file(c))]
-        if new:
-            hidden, mask = self.encode(new)
-            for c, h, m in zip(new, hidden.cpu(), mask.cpu()):
-                found[c] = entry = {"hidden": h.clone(), "mask": m.clone()}  # clones: save the row, not the batch
-                os.makedirs(os.path.dirname(self.cache_file(c)), exist_ok=True)
-                dtr.atomic_write(self.cache_file(c), lambda tmp: torch.save(entry, tmp))
-        for c in captions:
-            if c not in found:
-                found[c] = torch.load(self.cache_file(c), map_location="cpu", weights_only=True)
-        hidden = torch.stack([found[c]["hidden"] for c in captions]).to(self.device)
-        return hidden, torch.stack([found[c]["mask"] for c in captions]).to(self.device)
+def open_experiment(args, run, data, state, resumed, changed=()):
+    """The experiment folder (new, or the resumed checkpoint's) and its logger; logs what this run is."""
+    if resumed:
+        exp = os.path.dirname(os.path.dirname(args.resume))  # .../NNN-model-routing/checkpoints/NNNNNNN.pt
+    else:
+        exp = new_experiment_dir(args) if run.rank == 0 else None
+    log = Logger(exp if run.rank == 0 else None)
+    if run.rank == 0 and not resumed:
+        dtr.atomic_write(os.path.join(exp, "args.json"), lambda tmp: dtr.write_text(tmp, json.dumps(vars(args), indent=2)))
+    condition = f"{args.num_classes} classes"
+    if data.text is not None:
+        condition = (f"{sum(map(len, data.captions)):,} captions, text encoder {args.text_encoder} "
+                     f"({data.text.length} x {data.text.dim})")
+    log(f"{f'resuming {args.resume} at step {state.step}' if resumed else f'experiment {exp}'}: {args.model}, "
+        f"routing {args.routing} (alpha {args.alpha}, beta {args.beta}), {len(data.dataset):,} images, {condition}, "
+        f"{sum(p.numel() for p in state.model.parameters()):,} parameters, "
+        f"{run.world} process(es) x batch {args.global_batch_size // run.world} on {run.device}")
+    if changed:
+        log(f"changed on resume: {', '.join(changed)}")
+    return exp, log
 
 
-#################################################################################
-#                           Distributed set-up and checkpoints                  #
-#################################################################################
+def size_multiple(model):
+    """What the network's input side must be a multiple of: DiT's patch size, or the UNet's total downsampling."""
+    if isinstance(model, dtr.DiT):
+        return model.patch_size
+    return 2 ** sum(isinstance(m, dtr.Downsample) or isinstance(m, dtr.ResBlock) and m.updown == "down"
+                    for m in model.modules())
 
-def setup_distributed(timeout=None):
-    """(rank, world_size, device) from the torchrun environment; one process without it. timeout: of collectives."""
-    cuda = torch.cuda.is_available()
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if cuda else "cpu")
-    local = int(os.environ["LOCAL_RANK"])  # the device follows the local rank, never the global one
-    device = torch.device("cuda", local) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if cuda else "gloo", **({} if timeout is None else {"timeout": timeout}))
-    return dist.get_rank(), dist.get_world_size(), device
+
+def clean_state_dict(sd):
+    """A model state dict, unwrapped and without the official DTR repo's mask buffers.
+
+    The masks are dropped unchecked: --init-from takes weights only, and routing comes from this run's flags (one may
+    fine-tune a plain DiT with DTR, or change alpha); sample.py, which must reproduce a model, checks them instead."""
+    return {k: v for k, v in dtr.unwrap_state_dict(sd).items() if not k.endswith(dtr.MASK_KEY)}
 
 
 def all_reduce_mean(x, world):
@@ -455,31 +380,24 @@ def rng_states(world, device):
     return states
 
 
-def unwrap_state_dict(sd):
-    """A model state dict without the prefixes DDP (module.) and torch.compile (_orig_mod.) add to its keys."""
-    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in sd.items()}
-
-
-def clean_state_dict(sd):
-    """A model state dict, unwrapped and without the official DTR repo's mask buffers.
-
-    The masks are dropped unchecked: --init-from takes weights only, and routing comes from this run's flags (one may
-    fine-tune a plain DiT with DTR, or change alpha); sample.py, which must reproduce a model, checks them instead."""
-    return {k: v for k, v in unwrap_state_dict(sd).items() if not k.endswith(MASK_KEY)}
-
-
-def load_checkpoint(path):
-    """torch.load with a one-line error for missing or corrupt files."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        fail(f"cannot load checkpoint {path} ({type(e).__name__})")
+def save_checkpoint(args, run, exp, state):
+    """Everything needed to resume bit-exactly, written atomically by rank 0 (all ranks join the RNG gather)."""
+    rng = rng_states(run.world, run.device)
+    if run.rank:
+        return None
+    path = os.path.join(exp, "checkpoints", f"{state.step:07d}.pt")
+    ckpt = {"model": state.model.state_dict(), "ema": state.ema.state_dict(), "opt": state.opt.state_dict(),
+            "model_args": dtr.model_args(args), "args": vars(args), "step": state.step,
+            "uw": None if state.uw is None else state.uw.detach().cpu(), "rng": rng,
+            "scaler": state.scaler.state_dict() if state.scaler.is_enabled() else None}  # fp16 only
+    dtr.atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
+    return path
 
 
 def latest_checkpoint(results_dir, args=None):
     """The newest checkpoint of the newest experiment under results_dir (None if there is none); with `args`, of the
-    newest experiment whose args.json has their model arguments (MODEL_ARGS), never another model's or routing's."""
-    keys = () if args is None else MODEL_ARGS + (TEXT_ARGS if getattr(args, "context_dim", None) is not None else ())
+    newest experiment whose args.json has their model arguments, never another model's or routing's."""
+    keys = () if args is None else dtr.MODEL_ARGS
     for exp in sorted(glob.glob(os.path.join(results_dir, "*")), reverse=True):
         found = sorted(glob.glob(os.path.join(exp, "checkpoints", "*.pt")))
         saved = read_args(exp) if keys else {}
@@ -514,6 +432,115 @@ def new_experiment_dir(args):
 #                                  Training loop                                #
 #################################################################################
 
+def train(args):
+    """Train, log and checkpoint as `args` say; returns the experiment directory."""
+    # set-up: processes, data, model and optimizer (new, initialised or resumed), experiment folder
+    run = setup(args)
+    data = load_training_data(args, run)
+    ckpt, changed = resume_checkpoint(args)
+    state = init_state(args, run, ckpt)
+    exp, log = open_experiment(args, run, data, state, ckpt is not None, changed)
+    net = DDP(state.model, device_ids=[run.device.index] if run.device.type == "cuda" else None) \
+        if run.world > 1 else state.model
+    net = torch.compile(net) if args.compile else net
+    diffusion = dtr.build_diffusion(dtr.model_args(args), **loss_weighting(args))
+    vae = dtr.load_vae(args.vae, args.vae_path, run.device) if args.vae else None
+    batches = iter(make_loader(args, run, data.dataset, state.step))
+    meter = Meter(args, run, log, exp, state.step)
+    try:
+        while state.step < args.steps:
+            # one step: this rank's batch and its share of the step's draws -> loss, backward, AdamW, EMA
+            draws = step_randomness(args, state.step, run)
+            x, kwargs = model_inputs(args, run, data, vae, next_batch(batches), draws)
+            losses, loss = train_step(args, run, net, diffusion, state, x, draws, kwargs)
+            # log and save
+            meter.update(state.step, draws["t"], losses, loss, state.uw)
+            if state.step % args.ckpt_every == 0 or state.step == args.steps:
+                log(f"saved {save_checkpoint(args, run, exp, state)}")
+            if run.rank == 0 and (args.sample_every and state.step % args.sample_every == 0 or state.step == args.steps):
+                log(f"saved {save_training_grid(args, exp, state.step, state.ema, vae, run.device, data)}")
+    finally:  # errors then print on a line of their own
+        meter.close()
+    if run.world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return exp
+
+
+def loss_weighting(args):
+    """The per-sample MSE weight of GaussianDiffusion (ANT-UW weighs its timestep clusters afterwards)."""
+    weight = args.loss_weight if args.loss_weight in ("min-snr", "p2") else "constant"
+    return dict(loss_weight=weight, min_snr_gamma=args.min_snr_gamma, p2_gamma=args.p2_gamma, p2_k=args.p2_k)
+
+
+def make_loader(args, run, dataset, step):
+    """This rank's batches of every global batch from `step` on (see StepBatches)."""
+    sampler = StepBatches(len(dataset), args.global_batch_size, run.rank, run.world, args.seed, step)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
+                                       pin_memory=run.device.type == "cuda", persistent_workers=args.num_workers > 0)
+
+
+def next_batch(batches):
+    """The next (images, labels); an unreadable image, also in a loader worker, stops with one line."""
+    try:
+        return next(batches)
+    except Exception as e:  # the last line of a worker's re-raised traceback is the error; its type if it has none
+        lines = str(e).strip().splitlines()
+        raise dtr.InputError(lines[-1] if lines else f"cannot load a batch ({type(e).__name__})") from None
+
+
+def step_randomness(args, step, run):
+    """This rank's share of all random draws of one global batch, from a generator seeded by (seed, step).
+
+    Drawing per global batch rather than per rank makes training independent of how the batch is split over
+    ranks: any world size sees the same timesteps, noise, flips, label drops and captions for global sample i."""
+    g = torch.Generator(run.device).manual_seed(args.seed * 2**32 + step)
+    n, side = args.global_batch_size, dtr.latent_size(dtr.model_args(args))
+    shape = (4 if args.vae else 3, side, side)
+    clusters = args.uw_clusters if args.loss_weight == "ant-uw" else None
+    draws = dict(t=dtr.sample_timesteps(n, args.num_timesteps, clusters, run.device, g),
+                 noise=torch.randn(n, *shape, generator=g, device=run.device),
+                 flip=torch.rand(n, generator=g, device=run.device) < args.flip_prob,
+                 drop=torch.rand(n, generator=g, device=run.device) < args.class_dropout_prob)
+    if args.vae:
+        draws["posterior"] = torch.randn(n, *shape, generator=g, device=run.device)  # z = mean + std * noise
+    if args.context_dim is not None:  # which of its captions each image gets this time
+        draws["caption"] = torch.rand(n, generator=g, device=run.device, dtype=torch.float64)
+    return {k: v[run.part] for k, v in draws.items()}
+
+
+def model_inputs(args, run, data, vae, batch, draws):
+    """The network's input (pixels in [-1, 1] or VAE latents) and condition for this rank's batch (images, y)."""
+    x, y = batch
+    x = x.to(run.device, non_blocking=True).float() / 127.5 - 1  # uint8 -> [-1, 1]
+    x = torch.where(draws["flip"][:, None, None, None], x.flip(3), x)  # random horizontal flip
+    if vae is not None:
+        with torch.no_grad():
+            post = vae.encode(x).latent_dist
+            x = (post.mean + post.std * draws["posterior"]) * dtr.VAE_SCALE
+    if data.text is not None:  # y holds image indices: pick this step's captions and encode them (no grad)
+        context, mask = data.text(pick_captions(data.captions, y, draws["caption"]))
+        return x, dict(y=context, force_drop_ids=draws["drop"], **({"context_mask": mask} if args.text_mask else {}))
+    return x, ({} if args.num_classes == 1 else dict(y=y.to(run.device), force_drop_ids=draws["drop"]))
+
+
+def train_step(args, run, net, diffusion, state, x, draws, kwargs):
+    """One optimisation step -> this rank's per-sample losses (N,) and the loss it minimised (both detached)."""
+    with torch.autocast(run.device.type, dtype=AMP_DTYPES.get(args.precision), enabled=args.precision != "fp32"):
+        losses = diffusion.training_losses(net, x, draws["t"], kwargs, draws["noise"])["loss"].float()
+    uw = state.uw
+    loss = losses.mean() if uw is None else dtr.uncertainty_weighted_loss(losses, draws["t"], uw, args.num_timesteps)
+    state.opt.zero_grad(set_to_none=True)
+    state.scaler.scale(loss).backward()
+    if uw is not None:  # the log-variances live outside DDP: average their gradients by hand
+        all_reduce_mean(uw.grad, run.world)
+    state.scaler.step(state.opt)
+    state.scaler.update()
+    update_ema(state.ema, state.model, args.ema_decay)
+    state.step += 1
+    return losses.detach(), loss.detach()
+
+
 @torch.no_grad()
 def update_ema(ema, model, decay):
     """ema <- decay * ema + (1 - decay) * model, for every parameter."""
@@ -523,195 +550,9 @@ def update_ema(ema, model, decay):
     torch._foreach_add_(ema_params, params, alpha=1 - decay)
 
 
-def step_randomness(args, step, shape, device):
-    """All random draws of one global batch, from a generator seeded by (seed, step); each rank slices its share.
-
-    Drawing per global batch rather than per rank makes training independent of how the batch is split over
-    ranks: any world size sees the same timesteps, noise, flips, label drops and captions for global sample i."""
-    g = torch.Generator(device).manual_seed(args.seed * 2**32 + step)
-    n = args.global_batch_size
-    clusters = args.uw_clusters if args.loss_weight == "ant-uw" else None
-    draws = dict(t=dtr.sample_timesteps(n, args.num_timesteps, clusters, device, g),
-                 noise=torch.randn(n, *shape, generator=g, device=device),
-                 flip=torch.rand(n, generator=g, device=device) < args.flip_prob,
-                 drop=torch.rand(n, generator=g, device=device) < args.class_dropout_prob)
-    if args.vae:
-        draws["posterior"] = torch.randn(n, *shape, generator=g, device=device)  # z = mean + std * noise
-    if getattr(args, "context_dim", None) is not None:  # which of its captions each image gets this time
-        draws["caption"] = torch.rand(n, generator=g, device=device, dtype=torch.float64)
-    return draws
-
-
-def train(args):
-    """Train, log and checkpoint as `args` say; returns the experiment directory."""
-    rank, world, device = setup_distributed()
-    if args.global_batch_size % world:
-        fail(f"global batch size {args.global_batch_size} is not divisible by the world size {world}")
-    local_batch = args.global_batch_size // world
-    if args.loss_weight == "ant-uw" and not 1 <= args.uw_clusters <= args.num_timesteps:
-        fail(f"--uw-clusters {args.uw_clusters} must be between 1 and --num-timesteps {args.num_timesteps}")
-    if not 1 <= args.grid_steps <= args.num_timesteps:  # the sample grid respaces the T training steps
-        fail(f"--grid-steps {args.grid_steps} must be between 1 and --num-timesteps {args.num_timesteps}")
-    if args.loss_weight == "ant-uw" and local_batch % args.uw_clusters:
-        fail(f"per-rank batch {local_batch} is not divisible by the {args.uw_clusters} ANT-UW timestep clusters")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(args.seed * world + rank)  # per-rank stream for dropout; batch draws are per step
-
-    text, captions, args.context_dim, args.text_digest, args.text_length = None, None, None, None, None
-    if args.text_encoder is None:
-        dataset, args.num_classes = load_data(args)
-    else:  # text-to-image: the condition is a caption, through the frozen encoder
-        (dataset, captions), args.num_classes = load_text_data(args), 1
-        text = TextEncoder(args.text_encoder, device, args.cache_text)
-        args.context_dim, args.text_digest, args.text_length = text.dim, text.digest, text.length
-    if len(dataset) < args.global_batch_size:
-        fail(f"{len(dataset)} images are fewer than one global batch of {args.global_batch_size}")
-    ckpt, changed = None, []
-    if args.resume:
-        path = latest_checkpoint(args.results_dir, args) if args.resume == "auto" else args.resume
-        ckpt = load_checkpoint(path) if path else None
-        if ckpt is not None:
-            args.resume = path
-            for k in MODEL_ARGS + RESUME_FIXED + (TEXT_ARGS if text else ()):
-                if ckpt["args"].get(k) != getattr(args, k):
-                    fail(f"--resume {path}: {k} is {ckpt['args'].get(k)!r} there but {getattr(args, k)!r} now")
-            changed = [f"--{k.replace('_', '-')} {v} (was {ckpt['args'].get(k)})" for k, v in vars(args).items()
-                       if k != "resume" and ckpt["args"].get(k) != v]  # applied: logged once the log exists
-    if args.vae and args.image_size % VAE_FACTOR:
-        fail(f"--image-size {args.image_size} is not divisible by the VAE factor {VAE_FACTOR}")
-
-    try:
-        model = build_model(args).to(device)
-    except ValueError as e:  # bad routing arguments (beta, alpha), widths that do not split into heads
-        fail(str(e))
-    multiple = size_multiple(model)
-    if latent_size(args) % multiple:
-        fail(f"input side {latent_size(args)} is not divisible by {multiple}, which {args.model} needs")
-    if args.init_from:
-        sd = load_checkpoint(args.init_from)
-        sd = sd.get("ema", sd.get("model", sd)) if isinstance(sd, dict) and ("ema" in sd or "model" in sd) else sd
-        try:
-            model.load_state_dict(clean_state_dict(sd), strict=True)
-        except RuntimeError as e:
-            fail(f"--init-from {args.init_from} does not match {args.model}: {str(e).splitlines()[1].strip()}")
-    ema = deepcopy(model).requires_grad_(False)  # EMA starts from the model
-    uw = torch.nn.Parameter(torch.zeros(args.uw_clusters, device=device)) if args.loss_weight == "ant-uw" else None
-    groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
-    if uw is not None:  # ANT-UW log-variances s_k: their own group, lr 0.025 and no weight decay
-        groups.append({"params": [uw], "lr": args.uw_lr, "weight_decay": 0.0})
-    opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay,
-                            **({"fused": True} if device.type == "cuda" else {"foreach": True}))
-    step = 0
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["opt"])
-        opt.param_groups[0].update(lr=args.lr, weight_decay=args.weight_decay)  # this run's flags, not the saved ones
-        if uw is not None:
-            opt.param_groups[1]["lr"] = args.uw_lr
-            uw.data.copy_(ckpt["uw"])
-        step = ckpt["step"]
-        if len(ckpt["rng"]) == world:
-            torch.set_rng_state(ckpt["rng"][rank]["cpu"])
-            if device.type == "cuda" and ckpt["rng"][rank]["cuda"] is not None:
-                torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"], device)
-    net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
-    net = torch.compile(net) if args.compile else net
-    diffusion = build_diffusion(args)
-    vae = load_vae(args.vae, args.vae_path, device) if args.vae else None
-
-    exp = os.path.dirname(os.path.dirname(args.resume)) if ckpt is not None else (new_experiment_dir(args) if rank == 0 else None)
-    log = Logger(exp if rank == 0 else None)
-    if rank == 0 and ckpt is None:
-        dtr.atomic_write(os.path.join(exp, "args.json"), lambda tmp: write_text(tmp, json.dumps(vars(args), indent=2)))
-    condition = f"{args.num_classes} classes"
-    if text is not None:
-        condition = f"{sum(map(len, captions)):,} captions, text encoder {args.text_encoder} ({text.length} x {text.dim})"
-    log(f"{'resuming ' + args.resume + ' at step ' + str(step) if ckpt else 'experiment ' + str(exp)}: {args.model}, "
-        f"routing {args.routing} (alpha {args.alpha}, beta {args.beta}), {len(dataset):,} images, "
-        f"{condition}, {sum(p.numel() for p in model.parameters()):,} parameters, "
-        f"{world} process(es) x batch {local_batch} on {device}")
-    if changed:
-        log(f"changed on resume: {', '.join(changed)}")
-
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=StepBatches(len(dataset), args.global_batch_size, rank, world, args.seed, step),
-        num_workers=args.num_workers, pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0)
-    amp = dict(device_type=device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision),
-               enabled=args.precision != "fp32")
-    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
-    if ckpt is not None and scaler.is_enabled() and ckpt.get("scaler"):  # fp16 on: the loss scale and its growth count
-        scaler.load_state_dict(ckpt["scaler"])
-    shape = (model.in_channels, latent_size(args), latent_size(args))
-    part = slice(rank * local_batch, (rank + 1) * local_batch)
-    stats = torch.zeros(2, 4, device=device)  # loss sum and sample count per timestep quarter
-    model.train()
-    batches = iter(loader)
-    bar = tqdm_bar(rank, step, args.steps)
-    start, start_step = time.perf_counter(), step
-    try:
-        while step < args.steps:
-            try:
-                x, y = next(batches)
-            except Exception as e:  # unreadable images, also from loader workers: one line (its type if it has none)
-                lines = str(e).strip().splitlines()
-                fail(lines[-1] if lines else f"cannot load a batch ({type(e).__name__})")
-            r = {k: v[part] for k, v in step_randomness(args, step, shape, device).items()}
-            x = x.to(device, non_blocking=True).float() / 127.5 - 1  # uint8 -> [-1, 1]
-            x = torch.where(r["flip"][:, None, None, None], x.flip(3), x)  # random horizontal flip
-            if vae is not None:
-                with torch.no_grad():
-                    post = vae.encode(x).latent_dist
-                    x = (post.mean + post.std * r["posterior"]) * VAE_SCALE
-            if text is not None:  # y holds image indices: pick this step's captions and encode them (no grad)
-                context, mask = text(pick_captions(captions, y, r["caption"]))
-                kwargs = dict(y=context, force_drop_ids=r["drop"], **({"context_mask": mask} if args.text_mask else {}))
-            else:
-                kwargs = {} if args.num_classes == 1 else dict(y=y.to(device), force_drop_ids=r["drop"])
-            with torch.autocast(**amp):
-                terms = diffusion.training_losses(net, x, r["t"], kwargs, r["noise"])
-            losses = terms["loss"].float()
-            loss = losses.mean() if uw is None else dtr.uncertainty_weighted_loss(losses, r["t"], uw, args.num_timesteps)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if uw is not None:  # the log-variances live outside DDP: average their gradients by hand
-                all_reduce_mean(uw.grad, world)
-            scaler.step(opt)
-            scaler.update()
-            update_ema(ema, model, args.ema_decay)
-            step += 1
-
-            quarter = (r["t"] * 4 // args.num_timesteps).clamp(max=3)
-            stats[0].index_add_(0, quarter, losses.detach())
-            stats[1].index_add_(0, quarter, torch.ones_like(losses))
-            check = all_reduce_mean(loss.detach().reshape(1).clone(), world).item()
-            if not math.isfinite(check):
-                fail(f"loss is {check} at step {step}; stopped, the last checkpoint in {exp} is the last good one")
-            bar.set_postfix(loss=f"{check:.4f}")
-            bar.update()
-            if step % args.log_every == 0 or step == args.steps:
-                log_progress(log, args, step, stats, uw, world, (step - start_step) / (time.perf_counter() - start))
-                start, start_step = time.perf_counter(), step
-            if step % args.ckpt_every == 0 or step == args.steps:
-                path = save_checkpoint(args, exp, step, model, ema, opt, uw, world, device, rank, scaler)
-                log(f"saved {path}")
-            if rank == 0 and (args.sample_every and step % args.sample_every == 0 or step == args.steps):
-                path = save_grid(args, exp, step, ema, vae, device, text, captions)
-                log(f"saved {path}")
-    finally:  # errors then print on a line of their own
-        bar.close()
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
-    return exp
-
-
-def tqdm_bar(rank, step, total):
-    """A progress bar on rank 0, a silent stand-in elsewhere."""
-    from tqdm.auto import tqdm
-    return tqdm(initial=step, total=total, disable=rank != 0, dynamic_ncols=True, desc="train")
-
+#################################################################################
+#                        Logging, progress and sample grids                     #
+#################################################################################
 
 class Logger:
     """Prints on rank 0 and appends to DIR/log.txt; silent on other ranks."""
@@ -727,33 +568,50 @@ class Logger:
                 f.write(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}\n")
 
 
-def log_progress(log, args, step, stats, uw, world, steps_per_sec):
-    """Log speed, the all-reduced loss, the loss per timestep quarter and the ANT-UW weights; reset the sums."""
-    totals = all_reduce_mean(stats.clone(), world)
-    per_quarter = (totals[0] / totals[1].clamp(min=1)).tolist()
-    mean = (totals[0].sum() / totals[1].sum().clamp(min=1)).item()
-    msg = (f"step {step:07d}  loss {mean:.4f}  [t quarters {' '.join(f'{q:.4f}' for q in per_quarter)}]  "
-           f"{steps_per_sec:.2f} steps/s  {steps_per_sec * args.global_batch_size:.1f} img/s")
-    if uw is not None:  # the weight each cluster's loss gets: 0.5 exp(-s_k)
-        msg += "  uw " + " ".join(f"{w:.3f}" for w in (0.5 * torch.exp(-uw.detach())).tolist())
-    log(msg)
-    stats.zero_()
+class Meter:
+    """The progress bar, the non-finite-loss guard, and every --log-every steps: speed, the loss averaged over
+    ranks, the loss per timestep quarter and the ANT-UW weights."""
+
+    def __init__(self, args, run, log, exp, step):
+        from tqdm.auto import tqdm
+        self.args, self.run, self.log, self.exp = args, run, log, exp
+        self.bar = tqdm(initial=step, total=args.steps, disable=run.rank != 0, dynamic_ncols=True, desc="train")
+        self.stats = torch.zeros(2, 4, device=run.device)  # loss sum and sample count per timestep quarter
+        self.start, self.start_step = time.perf_counter(), step
+
+    def update(self, step, t, losses, loss, uw):
+        """Account for a finished step; stop on a non-finite loss."""
+        quarter = (t * 4 // self.args.num_timesteps).clamp(max=3)
+        self.stats[0].index_add_(0, quarter, losses)
+        self.stats[1].index_add_(0, quarter, torch.ones_like(losses))
+        check = all_reduce_mean(loss.reshape(1).clone(), self.run.world).item()
+        if not math.isfinite(check):
+            raise dtr.InputError(f"loss is {check} at step {step}; stopped, the last checkpoint in {self.exp} is the "
+                                 f"last good one")
+        self.bar.set_postfix(loss=f"{check:.4f}")
+        self.bar.update()
+        if step % self.args.log_every == 0 or step == self.args.steps:
+            self.log(self.summary(step, uw))
+
+    def summary(self, step, uw):
+        """The log line since the last one; resets the sums."""
+        totals = all_reduce_mean(self.stats.clone(), self.run.world)
+        per_quarter = (totals[0] / totals[1].clamp(min=1)).tolist()
+        mean = (totals[0].sum() / totals[1].sum().clamp(min=1)).item()
+        speed = (step - self.start_step) / (time.perf_counter() - self.start)
+        msg = (f"step {step:07d}  loss {mean:.4f}  [t quarters {' '.join(f'{q:.4f}' for q in per_quarter)}]  "
+               f"{speed:.2f} steps/s  {speed * self.args.global_batch_size:.1f} img/s")
+        if uw is not None:  # the weight each cluster's loss gets: 0.5 exp(-s_k)
+            msg += "  uw " + " ".join(f"{w:.3f}" for w in (0.5 * torch.exp(-uw.detach())).tolist())
+        self.stats.zero_()
+        self.start, self.start_step = time.perf_counter(), step
+        return msg
+
+    def close(self):
+        self.bar.close()
 
 
-def save_checkpoint(args, exp, step, model, ema, opt, uw, world, device, rank, scaler=None):
-    """Everything needed to resume bit-exactly, written atomically by rank 0 (all ranks join the RNG gather)."""
-    rng = rng_states(world, device)
-    path = os.path.join(exp, "checkpoints", f"{step:07d}.pt") if rank == 0 else None
-    if rank == 0:
-        state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "args": vars(args),
-                 "step": step, "uw": None if uw is None else uw.detach().cpu(), "rng": rng,
-                 "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,  # fp16
-                 "data": {"step": step, "seed": args.seed, "global_batch_size": args.global_batch_size}}
-        dtr.atomic_write(path, lambda tmp: torch.save(state, tmp))
-    return path
-
-
-def save_grid(args, exp, step, ema, vae, device, text=None, captions=None):
+def save_training_grid(args, exp, step, ema, vae, device, data=None):
     """A grid of EMA samples next to the checkpoints: a row per class (up to 8), or per prompt (text; listed in .txt).
 
     Each sample is upscaled by an integer factor (nearest neighbour) so the 8 columns are at least GRID_MIN_WIDTH
@@ -763,14 +621,16 @@ def save_grid(args, exp, step, ema, vae, device, text=None, captions=None):
     rows = min(args.num_classes, 8) if args.num_classes > 1 else 8
     labels = None if args.num_classes == 1 else torch.arange(rows).repeat_interleave(8).tolist()
     mask = None
-    if text is not None:  # the first caption of the first images with distinct first captions (demo: one per shape)
-        prompts = list(dict.fromkeys(c[0] for c in captions))[:8]
-        rows, (labels, mask) = len(prompts), text([p for p in prompts for _ in range(8)])
+    if data is not None and data.text is not None:  # the first caption of the first images with distinct first
+        prompts = list(dict.fromkeys(c[0] for c in data.captions))[:8]  # captions (demo: one per shape)
+        rows, (labels, mask) = len(prompts), data.text([p for p in prompts for _ in range(8)])
         mask = mask if args.text_mask else None
-        dtr.atomic_write(path[:-4] + ".txt", lambda tmp: write_text(tmp, "\n".join(prompts) + "\n"))
+        dtr.atomic_write(path[:-4] + ".txt", lambda tmp: dtr.write_text(tmp, "\n".join(prompts) + "\n"))
     ema.eval()
-    images = generate(ema, build_diffusion(args, str(args.grid_steps)), labels, range(rows * 8),
-                      args.grid_cfg_scale if args.class_dropout_prob > 0 else 1.0, vae, device, context_mask=mask)
+    diffusion = dtr.build_diffusion(dtr.model_args(args), str(args.grid_steps))
+    cfg_scale = args.grid_cfg_scale if args.class_dropout_prob > 0 else 1.0
+    images = dtr.generate(ema, diffusion, labels, range(rows * 8), cfg_scale=cfg_scale, vae=vae, device=device,
+                          context_mask=mask)
     factor = max(1, math.ceil(GRID_MIN_WIDTH / (8 * images.shape[2])))
     images = images.repeat_interleave(factor, dim=1).repeat_interleave(factor, dim=2)  # (N, H f, W f, 3)
     grid = images.permute(0, 3, 1, 2).float() / 255
@@ -785,11 +645,12 @@ def save_grid(args, exp, step, ema, vae, device, text=None, captions=None):
 def resolve_preset(args):
     """Fill flags left unset from the demo preset (no --data) or the paper's settings (with --data); text encoder."""
     if args.text_demo and (args.data is not None or args.captions is not None):
-        fail("--text-demo trains on the built-in shapes; leave out --data and --captions")
+        raise dtr.InputError("--text-demo trains on the built-in shapes; leave out --data and --captions")
     if args.text_demo or args.captions is not None:
-        args.text_encoder = args.text_encoder or (DEMO_TEXT_ENCODER if args.text_demo else COCO_TEXT_ENCODER)
+        args.text_encoder = args.text_encoder or (dtr.DEMO_TEXT_ENCODER if args.text_demo else dtr.COCO_TEXT_ENCODER)
     elif args.text_encoder or args.cache_text or args.text_mask:
-        fail("--text-encoder, --cache-text and --text-mask apply to text-to-image runs (--captions or --text-demo)")
+        raise dtr.InputError("--text-encoder, --cache-text and --text-mask apply to text-to-image runs "
+                             "(--captions or --text-demo)")
     preset = DEMO if args.data is None else PAPER
     for k, v in preset.items():
         if getattr(args, k) is None:
@@ -798,63 +659,65 @@ def resolve_preset(args):
 
 
 def main(args):
-    return train(resolve_preset(args))
+    """Train as the command line says; bad input stops with one line (rank 0) and exit status 1."""
+    with dtr.one_line_errors("train.py"):
+        return train(resolve_preset(args))
 
 
 def parser():
+    """The command line; every flag the demo or the paper presets leave unset defaults to None."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    a = p.add_argument
     # data
-    a("--data", default=None, help="image folder (ImageFolder) or ADM .npz; default: built-in coloured shapes")
-    a("--image-size", type=int, default=None, help="pixels (demo 16, paper 256)")
-    a("--unconditional", action="store_true", help="ignore class labels")
-    a("--flip-prob", type=float, default=0.5, help="random horizontal flips")
-    a("--demo-images-per-class", type=int, default=500)
-    a("--num-workers", type=int, default=None)
-    a("--vae", choices=["ema", "mse"], default=None, help="train in Stable Diffusion's latent space (needs diffusers)")
-    a("--vae-path", default=None, help="local AutoencoderKL directory (default: the hub's stabilityai/sd-vae-ft-*)")
+    p.add_argument("--data", default=None, help="image folder (ImageFolder) or ADM .npz; default: built-in coloured shapes")
+    p.add_argument("--image-size", type=int, default=None, help="pixels (demo 16, paper 256)")
+    p.add_argument("--unconditional", action="store_true", help="ignore class labels")
+    p.add_argument("--flip-prob", type=float, default=0.5, help="random horizontal flips")
+    p.add_argument("--demo-images-per-class", type=int, default=500)
+    p.add_argument("--num-workers", type=int, default=None)
+    p.add_argument("--vae", choices=["ema", "mse"], default=None, help="train in Stable Diffusion's latent space (needs diffusers)")
+    p.add_argument("--vae-path", default=None, help="local AutoencoderKL directory (default: the hub's stabilityai/sd-vae-ft-*)")
     # text-to-image (needs transformers)
-    a("--captions", default=None, help="COCO captions_*.json for the images in --data: text-to-image training")
-    a("--text-demo", action="store_true", help="text-to-image on the built-in shapes, captioned 'a red circle', ...")
-    a("--text-encoder", default=None, help=f"CLIP text encoder: local directory or hub name (default {COCO_TEXT_ENCODER}; "
-                                           f"--text-demo: {DEMO_TEXT_ENCODER}, a tiny random one)")
-    a("--cache-text", default=None, metavar="DIR", help="keep every caption's embedding in DIR (encoded once)")
-    a("--text-mask", action="store_true", help="cross-attend only to the caption's tokens, not to CLIP's padding")
+    p.add_argument("--captions", default=None, help="COCO captions_*.json for the images in --data: text-to-image training")
+    p.add_argument("--text-demo", action="store_true", help="text-to-image on the built-in shapes, captioned 'a red circle', ...")
+    p.add_argument("--text-encoder", default=None, help=f"CLIP text encoder: local directory or hub name (default {dtr.COCO_TEXT_ENCODER}; "
+                                           f"--text-demo: {dtr.DEMO_TEXT_ENCODER}, a tiny random one)")
+    p.add_argument("--cache-text", default=None, metavar="DIR", help="keep every caption's embedding in DIR (encoded once)")
+    p.add_argument("--text-mask", action="store_true", help="cross-attend only to the caption's tokens, not to CLIP's padding")
     # model and routing
-    a("--model", choices=list(dtr.MODELS), default=None, help="demo DiT-T/2, paper DiT-L/2")
-    a("--routing", choices=dtr.ROUTINGS, default="dtr")
-    a("--alpha", type=float, default=4.0)
-    a("--beta", type=float, default=0.8)
-    a("--routing-seed", type=int, default=0, help="seeds the R-TR masks")
-    a("--class-dropout-prob", type=float, default=0.1, help="label (text: caption) dropout for classifier-free guidance")
-    a("--fixed-sigma", dest="learn_sigma", action="store_false", help="do not learn the variance")
+    p.add_argument("--model", choices=list(dtr.MODELS), default=None, help="demo DiT-T/2, paper DiT-L/2")
+    p.add_argument("--routing", choices=dtr.ROUTINGS, default="dtr")
+    p.add_argument("--alpha", type=float, default=4.0)
+    p.add_argument("--beta", type=float, default=0.8)
+    p.add_argument("--routing-seed", type=int, default=0, help="seeds the R-TR masks")
+    p.add_argument("--class-dropout-prob", type=float, default=0.1, help="label (text: caption) dropout for classifier-free guidance")
+    p.add_argument("--fixed-sigma", dest="learn_sigma", action="store_false", help="do not learn the variance")
     # diffusion and loss
-    a("--num-timesteps", type=int, default=1000)
-    a("--noise-schedule", choices=["linear", "cosine"], default="cosine")
-    a("--loss-weight", choices=["constant", "min-snr", "p2", "ant-uw"], default="constant")
-    a("--min-snr-gamma", type=float, default=5.0)
-    a("--p2-gamma", type=float, default=1.0)
-    a("--p2-k", type=float, default=1.0)
-    a("--uw-clusters", type=int, default=8, help="ANT-UW timestep clusters K")
-    a("--uw-lr", type=float, default=0.025, help="learning rate of the ANT-UW log-variances")
+    p.add_argument("--num-timesteps", type=int, default=1000)
+    p.add_argument("--noise-schedule", choices=["linear", "cosine"], default="cosine")
+    p.add_argument("--loss-weight", choices=["constant", "min-snr", "p2", "ant-uw"], default="constant")
+    p.add_argument("--min-snr-gamma", type=float, default=5.0)
+    p.add_argument("--p2-gamma", type=float, default=1.0)
+    p.add_argument("--p2-k", type=float, default=1.0)
+    p.add_argument("--uw-clusters", type=int, default=8, help="ANT-UW timestep clusters K")
+    p.add_argument("--uw-lr", type=float, default=0.025, help="learning rate of the ANT-UW log-variances")
     # optimisation
-    a("--global-batch-size", type=int, default=None, help="demo 64, paper 256")
-    a("--lr", type=float, default=None, help="demo 2e-3, paper 1e-4")
-    a("--weight-decay", type=float, default=0.0)
-    a("--ema-decay", type=float, default=None, help="demo 0.995, paper 0.9999")
-    a("--steps", type=int, default=None, help="demo 2400, paper 400000")
-    a("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
-    a("--compile", action="store_true", help="torch.compile the model")
-    a("--seed", type=int, default=0)
+    p.add_argument("--global-batch-size", type=int, default=None, help="demo 64, paper 256")
+    p.add_argument("--lr", type=float, default=None, help="demo 2e-3, paper 1e-4")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--ema-decay", type=float, default=None, help="demo 0.995, paper 0.9999")
+    p.add_argument("--steps", type=int, default=None, help="demo 2400, paper 400000")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--seed", type=int, default=0)
     # bookkeeping
-    a("--results-dir", default="results")
-    a("--log-every", type=int, default=None)
-    a("--ckpt-every", type=int, default=None)
-    a("--sample-every", type=int, default=None, help="also write a sample grid every N steps (0: only at the end)")
-    a("--grid-steps", type=int, default=250, help="DDPM steps for the sample grid")
-    a("--grid-cfg-scale", type=float, default=4.0, help="guidance scale for the sample grid")
-    a("--resume", default=None, help="checkpoint path, or 'auto' for the newest under --results-dir")
-    a("--init-from", default=None, help="load model weights only (e.g. a pretrained DiT / ADM checkpoint)")
+    p.add_argument("--results-dir", default="results")
+    p.add_argument("--log-every", type=int, default=None)
+    p.add_argument("--ckpt-every", type=int, default=None)
+    p.add_argument("--sample-every", type=int, default=None, help="also write a sample grid every N steps (0: only at the end)")
+    p.add_argument("--grid-steps", type=int, default=250, help="DDPM steps for the sample grid")
+    p.add_argument("--grid-cfg-scale", type=float, default=4.0, help="guidance scale for the sample grid")
+    p.add_argument("--resume", default=None, help="checkpoint path, or 'auto' for the newest under --results-dir")
+    p.add_argument("--init-from", default=None, help="load model weights only (e.g. a pretrained DiT / ADM checkpoint)")
     return p
 
 
