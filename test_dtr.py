@@ -1718,6 +1718,20 @@ def test_sample_weights_flag_picks_raw_weights(fitted_dit, tmp_path):
     assert not np.array_equal(run_sample(swapped, tmp_path / "swapped-ema")["arr_0"], ema["arr_0"])
 
 
+def test_sample_checkpoints_written_before_model_args_still_load(fitted_dit, tmp_path):
+    ckpt, model = fitted_dit
+    # the old layout: no "model_args", the model arguments only among all of train.py's flags (an unconditional run
+    # recorded the --class-dropout-prob flag it did not use)
+    old_args = dict(ckpt_args(), loss_weight="constant", lr=1e-4, seed=0, vae_path=None)
+    old = tmp_path / "old.pt"
+    torch.save({"model": model.state_dict(), "ema": model.state_dict(), "opt": {}, "args": old_args, "step": 0,
+                "uw": None, "rng": None, "data": None}, old)
+    assert np.array_equal(run_sample(old, tmp_path / "old")["arr_0"], run_sample(ckpt, tmp_path / "new")["arr_0"])
+    uncond = dict(old_args, num_classes=1, class_dropout_prob=0.1)
+    assert dtr.checkpoint_model_args({"args": uncond})["class_dropout_prob"] == 0.0
+    assert dtr.checkpoint_model_args({"args": {"lr": 1e-4}}) is None  # not a train.py checkpoint
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_sample_autocast_precision_is_close_to_fp32(fitted_dit, tmp_path, precision):
     ckpt, _ = fitted_dit
