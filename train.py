@@ -265,7 +265,10 @@ def resume_checkpoint(args):
     if path is None:  # auto, and no experiment of this model yet: start one
         return None, []
     ckpt, args.resume = dtr.read_checkpoint(path), path
-    before = {**ckpt["args"], **dtr.checkpoint_model_args(ckpt)}
+    trained = dtr.checkpoint_model_args(ckpt) if isinstance(ckpt, dict) else None
+    if trained is None:
+        raise dtr.InputError(f"--resume {path} is not a train.py checkpoint (to start from its weights: --init-from)")
+    before = {**ckpt["args"], **trained}
     for k in dtr.MODEL_ARGS + RESUME_FIXED:
         if before.get(k) != getattr(args, k):
             raise dtr.InputError(f"--resume {path}: {k} is {before.get(k)!r} there but {getattr(args, k)!r} now")
