@@ -1459,7 +1459,8 @@ def test_train_center_crop_like_adm():
     ("size", "not divisible by 2"), ("missing", "does not exist"), ("small", "fewer than one global batch"),
     ("beta", "activation ratio beta=0.005 leaves none of 128 channels active"),
     ("clusters", "--uw-clusters 8 must be between 1 and --num-timesteps 4"),
-    ("grid", "--grid-steps 8 must be between 1 and --num-timesteps 4")])
+    ("grid", "--grid-steps 8 must be between 1 and --num-timesteps 4"),
+    ("foreign", "is not a train.py checkpoint (to start from its weights: --init-from)")])
 def test_train_bad_input_one_line(tmp_path, case, message):
     data = str(tmp_path / "data")
     extra = ["--data", data, "--num-workers", "0", "--model", "DiT-T/2"]
@@ -1482,6 +1483,9 @@ def test_train_bad_input_one_line(tmp_path, case, message):
         extra = ["--loss-weight", "ant-uw", "--num-timesteps", "4"]
     elif case == "grid":
         extra = ["--num-timesteps", "4", "--grid-steps", "8"]
+    elif case == "foreign":  # a bare state dict, e.g. facebookresearch/DiT's
+        torch.save(dtr.DiT_models["DiT-T/2"](input_size=8).state_dict(), tmp_path / "bare.pt")
+        extra = ["--resume", str(tmp_path / "bare.pt")]
     r = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *TINY_TRAIN, "--steps", "1",
                         "--results-dir", str(tmp_path / "res"), *extra], capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and message in r.stderr
