@@ -382,9 +382,10 @@ class DiT(GuidedModel):
         num_tasks=1000,  # = diffusion steps T
         routing_seed=0,  # only R-TR masks are random
         context_dim=None,  # text-to-image: width of the text tokens (768 for CLIP ViT-L/14); num_classes is ignored
+        use_checkpoint=False,  # gradient checkpointing of every block: recompute activations in backward
     ):
         super().__init__()
-        self.in_channels = in_channels
+        self.in_channels, self.use_checkpoint = in_channels, use_checkpoint
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.input_size, self.patch_size, self.num_classes = input_size, patch_size, num_classes
         self.context_dim, self.class_dropout_prob = context_dim, class_dropout_prob
@@ -467,7 +468,10 @@ class DiT(GuidedModel):
         else:  # text: adaLN sees the timestep alone, the tokens enter through cross-attention
             context, context_mask = self.context(y, context_mask, len(c), force_drop_ids)
         for block, mask in zip(self.blocks, masks):
-            x = block(x, c, mask, context, context_mask)
+            if self.use_checkpoint and torch.is_grad_enabled():  # keep only each block's input for backward
+                x = checkpoint(block, x, c, mask, context, context_mask, use_reentrant=False)
+            else:
+                x = block(x, c, mask, context, context_mask)
         return self.unpatchify(self.final_layer(x, c))
 
 
@@ -1163,13 +1167,18 @@ def load_clip(name):
              f"a local copy (tokenizer and CLIPTextModel saved with save_pretrained)")
 
 
-def text_digest(tokenizer, model, length):
-    """A short hash of the tokenizer's vocabulary, the sequence length and every weight: the encoder's identity."""
-    h = hashlib.sha256(json.dumps([tokenizer.get_vocab(), length], sort_keys=True).encode())
-    for k, v in model.state_dict().items():
+def weights_digest(module, extra=b""):
+    """A short hash of `extra` and every weight of `module`: which network (a text encoder, a VAE) made something."""
+    h = hashlib.sha256(extra)
+    for k, v in module.state_dict().items():
         h.update(k.encode())
         h.update(v.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def text_digest(tokenizer, model, length):
+    """The text encoder's identity: its tokenizer's vocabulary, the sequence length and every weight."""
+    return weights_digest(model, json.dumps([tokenizer.get_vocab(), length], sort_keys=True).encode())
 
 
 class TextEncoder:

@@ -3,6 +3,7 @@
 Run: python -m pytest -q test_dtr.py
 """
 import argparse
+import errno
 import json
 import math
 import os
@@ -329,6 +330,33 @@ def test_beta_that_leaves_no_channel_is_refused():
         dtr.DiT_models["DiT-T/2"](input_size=8, beta=0.005)
     with pytest.raises(ValueError, match="leaves none"):
         dtr.ADM_models["ADM-T"](input_size=16, routing="random", beta=0.01)
+
+
+@pytest.mark.parametrize("context_dim", [None, 16])
+def test_dit_gradient_checkpointing_same_grads_and_state_dict(context_dim):
+    x, t = torch.randn(3, 4, 8, 8), torch.tensor([5, 500, 990])
+    y = torch.randn(3, 5, 16) if context_dim else torch.tensor([1, 8, 3])
+    runs = []
+    for use_checkpoint in (False, True):
+        torch.manual_seed(0)
+        m = randomize(dtr.DiT_models["DiT-T/2"](input_size=8, num_classes=10, context_dim=context_dim,
+                                                use_checkpoint=use_checkpoint))  # routing dtr; no identity blocks
+        saved = []  # bytes autograd keeps for backward, outside the checkpointed blocks' own recomputation
+
+        def pack(tensor):
+            saved.append(tensor.numel() * tensor.element_size())
+            return tensor
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            out = m(x, t, y, force_drop_ids=torch.tensor([0, 1, 0]))
+        out.square().mean().backward()
+        runs.append((m, out.detach(), sum(saved)))
+    (a, out_a, saved_a), (b, out_b, saved_b) = runs
+    assert list(a.state_dict()) == list(b.state_dict())  # no new keys: checkpoints load either way
+    assert saved_b < saved_a / 2  # checkpointing is on: the blocks' activations are not kept
+    torch.testing.assert_close(out_a, out_b, rtol=0, atol=0)
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        if p.requires_grad:
+            assert p.grad.abs().max() > 0 and (p.grad - q.grad).abs().max() <= 1e-6, name
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -1181,6 +1209,9 @@ TINY_TRAIN = ["--image-size", "8", "--global-batch-size", "8", "--demo-images-pe
               "--log-every", "2"]
 
 
+CPU_RUN = train.Run(rank=0, world=1, device=torch.device("cpu"), part=slice(None))  # one process, the whole batch
+
+
 def run_train(tmp_path, *extra, name="r"):
     """Train in this process; returns (experiment dir, its newest checkpoint)."""
     args = train.parser().parse_args([*TINY_TRAIN, "--results-dir", str(tmp_path / name), *extra])
@@ -1460,7 +1491,8 @@ def test_train_center_crop_like_adm():
     ("beta", "activation ratio beta=0.005 leaves none of 128 channels active"),
     ("clusters", "--uw-clusters 8 must be between 1 and --num-timesteps 4"),
     ("grid", "--grid-steps 8 must be between 1 and --num-timesteps 4"),
-    ("foreign", "is not a train.py checkpoint (to start from its weights: --init-from)")])
+    ("foreign", "is not a train.py checkpoint (to start from its weights: --init-from)"),
+    ("latents", "--latents stores VAE latents: it needs --vae")])
 def test_train_bad_input_one_line(tmp_path, case, message):
     data = str(tmp_path / "data")
     extra = ["--data", data, "--num-workers", "0", "--model", "DiT-T/2"]
@@ -1486,6 +1518,8 @@ def test_train_bad_input_one_line(tmp_path, case, message):
     elif case == "foreign":  # a bare state dict, e.g. facebookresearch/DiT's
         torch.save(dtr.DiT_models["DiT-T/2"](input_size=8).state_dict(), tmp_path / "bare.pt")
         extra = ["--resume", str(tmp_path / "bare.pt")]
+    elif case == "latents":
+        extra = ["--latents", data]
     r = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *TINY_TRAIN, "--steps", "1",
                         "--results-dir", str(tmp_path / "res"), *extra], capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and message in r.stderr
@@ -1528,6 +1562,291 @@ def test_train_latent_mode_with_a_tiny_vae(tmp_path, monkeypatch):
     assert torch.allclose(seen[0], (post.mean + post.std * eps) * 0.18215, rtol=0, atol=1e-6)
     with pytest.raises(dtr.InputError, match="cannot load the VAE"):
         dtr.load_vae("ema", str(tmp_path / "nowhere"))
+
+
+def test_train_preset_is_the_papers_latent_space_for_dits():
+    def resolve(*argv):
+        return train.resolve_preset(train.parser().parse_args(list(argv)))
+    paper = resolve("--data", "x")
+    assert (paper.model, paper.image_size, paper.vae) == ("DiT-L/2", 256, "ema")  # DiT-L/2 on 32x32x4 latents
+    assert resolve("--data", "x", "--vae", "none").vae is None  # pixels, said explicitly
+    assert resolve("--data", "x", "--vae", "mse").vae == "mse"
+    assert resolve("--data", "x", "--model", "DiT-B/2", "--image-size", "128").vae == "ema"
+    assert resolve("--data", "x", "--model", "DiT-B/2", "--image-size", "64").vae is None  # small images: pixels
+    assert resolve("--data", "x", "--model", "ADM-64", "--image-size", "256").vae is None  # ADMs are pixel models
+    assert resolve().vae is None and resolve("--text-demo").vae is None  # the demos stay in pixel space
+    assert resolve("--data", "d", "--captions", "c.json").vae == "ema"  # text-to-image on COCO 256
+    with pytest.raises(dtr.InputError, match="--latents stores VAE latents: it needs --vae"):
+        resolve("--data", "x", "--vae", "none", "--latents", "cache")
+
+
+def test_train_grad_ckpt_reaches_the_model_and_keeps_its_state_dict():
+    for model, size in (("DiT-T/2", 8), ("ADM-T", 16)):
+        args = train.resolve_preset(train.parser().parse_args(["--model", model, "--image-size", str(size)]))
+        args.num_classes = 6
+        plain = train.init_state(args, CPU_RUN).model
+        args.grad_ckpt = True
+        ckpt = train.init_state(args, CPU_RUN).model
+        assert not plain.use_checkpoint and ckpt.use_checkpoint
+        assert {k: v.shape for k, v in plain.state_dict().items()} == {k: v.shape for k, v in ckpt.state_dict().items()}
+
+
+# -- memory-mapped .npz / .npy data ----------------------------------------------------------------------------------
+
+def resident_memory():
+    """(VmRSS, RssAnon) of this process in bytes. RssAnon is private memory (where a copy of arr_0 would live);
+    VmRSS adds the page cache a memory map touches, which ranks share and this kernel maps in folios of up to 2 MB."""
+    status = open("/proc/self/status").read()
+    return tuple(int(re.search(rf"{k}:\s+(\d+) kB", status).group(1)) * 1024 for k in ("VmRSS", "RssAnon"))
+
+
+def write_stored_npz(path, shape, labels):
+    """An uncompressed .npz of uint8 images `shape` and int labels, streamed: never held in memory at once."""
+    import io
+    import zipfile
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+        with z.open("arr_0.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
+            for start in range(0, shape[0], 10_000):
+                f.write(np.full((min(10_000, shape[0] - start), *shape[1:]), start % 251, np.uint8).tobytes())
+        buf = io.BytesIO()
+        np.save(buf, labels)
+        z.writestr("arr_1.npy", buf.getvalue())
+
+
+def test_train_npz_is_memory_mapped_not_read(tmp_path, monkeypatch):
+    shape = (400_000, 16, 16, 3)  # 307 MB of images
+    write_stored_npz(tmp_path / "big.npz", shape, (np.arange(shape[0]) % 3).astype(np.int16))
+    flags = ["--data", str(tmp_path / "big.npz"), "--model", "DiT-T/2", "--num-workers", "0", "--steps", "3",
+             "--ckpt-every", "3", "--grid-steps", "1"]
+    seen, load_data, update = [], train.load_data, train.update_ema  # memory around loading, then at every step
+
+    def loading(args):
+        seen.append(resident_memory())
+        out = load_data(args)
+        seen.append(resident_memory())
+        return out
+    monkeypatch.setattr(train, "load_data", loading)
+    monkeypatch.setattr(train, "update_ema", lambda *a: (seen.append(resident_memory()), update(*a)))
+    _, ckpt = run_train(tmp_path, *flags, name="r")
+    assert len(seen) == 5 and ckpt["args"]["num_classes"] == 3
+    (before, loaded, *steps), size = np.array(seen), math.prod(shape)
+    growth = loaded - before + steps[-1] - steps[0]  # (VmRSS, RssAnon) added by loading and by 2 more steps of data
+    assert growth[1] < 0.05 * size and growth[0] < 0.25 * size, growth  # only the sampled images' pages
+    before = resident_memory()[1]  # the measure can fail: reading arr_0 as np.load does costs all of it
+    whole = np.load(tmp_path / "big.npz")["arr_0"]
+    assert resident_memory()[1] - before > 0.9 * whole.nbytes
+
+
+def test_train_npz_memmap_values_compressed_refused_and_npy(tmp_path):
+    a = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
+    b = np.asfortranarray(np.random.default_rng(1).standard_normal((4, 7)).astype(np.float32))
+    np.savez(tmp_path / "two.npz", a, b)
+    for name, want in (("arr_0", a), ("arr_1", b)):  # against numpy's own reader, C and Fortran order
+        got = train.memmap_npz(str(tmp_path / "two.npz"), name)
+        assert isinstance(got, np.memmap) and got.dtype == want.dtype and np.array_equal(got, want)
+    np.save(tmp_path / "images.npy", a)
+    data, classes = train.load_data(argparse.Namespace(data=str(tmp_path / "images.npy"), image_size=8,
+                                                       unconditional=False))
+    assert classes == 1 and isinstance(data.images, np.memmap)
+    assert torch.equal(data[3][0], torch.from_numpy(a[3]).permute(2, 0, 1))
+    path = str(tmp_path / "small.npz")
+    np.savez_compressed(path, a, np.arange(5) % 2)
+    with pytest.raises(dtr.InputError, match="is compressed .* cannot be memory-mapped; store it uncompressed once") as e:
+        train.load_data(argparse.Namespace(data=path, image_size=8, unconditional=False))
+    assert "\n" not in str(e.value)
+    hint = re.search(r'python -c "(.*)"$', str(e.value)).group(1)  # the hint's command works
+    subprocess.run([sys.executable, "-c", hint], check=True, cwd=tmp_path)
+    data, classes = train.load_data(argparse.Namespace(data=str(tmp_path / "small-stored.npz"), image_size=8,
+                                                       unconditional=False))
+    assert classes == 2 and isinstance(data.images, np.memmap) and np.array_equal(data.images, a)
+
+
+# -- pre-encoded latents (--latents) ---------------------------------------------------------------------------------
+
+def tiny_vae(path, seed=0):
+    """A tiny random AutoencoderKL (4 latent channels, 8x down), saved with save_pretrained: a stand-in for SD's."""
+    diffusers = pytest.importorskip("diffusers")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vae = diffusers.AutoencoderKL(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4,
+                                      latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 4,
+                                      up_block_types=("UpDecoderBlock2D",) * 4)
+    vae.save_pretrained(path)
+    return str(path)
+
+
+def write_noise_images(folder, n=24, classes=2, size=(40, 36)):
+    """Random (so not mirror-symmetric) RGB images in `classes` class folders."""
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        os.makedirs(os.path.join(folder, f"c{i % classes}"), exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(
+            os.path.join(folder, f"c{i % classes}", f"{i:03d}.png"))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def latent_setup(tmp_path_factory):
+    """(image folder, tiny VAE dir, flags of a tiny latent run from that folder, a complete cache of it)."""
+    root = tmp_path_factory.mktemp("latents")
+    images, vae = write_noise_images(root / "images"), tiny_vae(root / "vae")
+    flags = ["--data", images, "--model", "DiT-T/2", "--num-workers", "0", "--image-size", "32", "--vae", "ema",
+             "--vae-path", vae, "--latent-shard-size", "5", "--steps", "3", "--ckpt-every", "3"]
+    args = train.resolve_preset(train.parser().parse_args([*flags, "--latents", str(root / "cache")]))
+    train.prepare_latents(args, CPU_RUN, train.load_data(args)[0], dtr.load_vae("ema", vae))
+    return images, vae, flags, str(root / "cache")
+
+
+def cache_bytes(directory):
+    return {name: open(os.path.join(directory, name), "rb").read() for name in sorted(os.listdir(directory))}
+
+
+def test_train_latent_cache_trains_like_on_the_fly_encoding(latent_setup, tmp_path, monkeypatch):
+    images, vae_dir, flags, _ = latent_setup
+    _, fly = run_train(tmp_path, *flags, name="fly")
+    _, built = run_train(tmp_path, *flags, "--latents", str(tmp_path / "cache"), name="built")  # builds, then trains
+    record = json.load(open(tmp_path / "cache" / "cache.json"))
+    assert record["flips"] and record["shape"] == [2, 2, 4, 4, 4] and record["source"]["count"] == 24
+    assert sorted(os.listdir(tmp_path / "cache")) == ["cache.json"] + [f"shard_{k:05d}.npy" for k in range(5)]
+    from diffusers.models import AutoencoderKL
+
+    def refuse(*a, **k):
+        raise AssertionError("read an image or ran the encoder while training from the cache")
+    monkeypatch.setattr(train.ImageData, "__getitem__", refuse)
+    monkeypatch.setattr(AutoencoderKL, "encode", refuse)
+    _, cached = run_train(tmp_path, *flags, "--latents", str(tmp_path / "cache"), name="cached")
+    monkeypatch.undo()
+    for k in fly["model"]:  # float32 moments, the same posterior draws and flips: bit-identical training
+        assert torch.equal(fly["model"][k], built["model"][k]) and torch.equal(fly["model"][k], cached["model"][k]), k
+    # the flipped entry is the encoding of the mirrored image (computed here, one image at a time)
+    vae = dtr.load_vae("ema", vae_dir)
+    image = train.load_data(train.resolve_preset(train.parser().parse_args(flags)))[0][7][0]
+    shard = np.load(tmp_path / "cache" / "shard_00001.npy")  # image 7 is row 2 of shard 1
+    for f, x in enumerate((image, image.flip(2))):
+        post = vae.encode(x[None].float() / 127.5 - 1).latent_dist
+        torch.testing.assert_close(torch.from_numpy(shard[2, f, 0]), post.mean[0], rtol=0, atol=1e-5)
+        torch.testing.assert_close(torch.from_numpy(shard[2, f, 1]), post.std[0], rtol=0, atol=1e-5)
+    assert not np.allclose(shard[2, 0, 0], shard[2, 1, 0])
+
+
+def test_train_latent_cache_resumes_after_a_kill(latent_setup, tmp_path):
+    _, vae_dir, flags, complete = latent_setup
+    cache = str(tmp_path / "cache")
+    args = train.resolve_preset(train.parser().parse_args([*flags, "--latents", cache]))
+    dataset, vae = train.load_data(args)[0], dtr.load_vae("ema", vae_dir)
+    encode, calls = vae.encode, []
+
+    def dying(x):  # each of the 5 shards is one encoder call: die in the third
+        calls.append(len(x))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return encode(x)
+    vae.encode = dying
+    with pytest.raises(KeyboardInterrupt):
+        train.prepare_latents(args, CPU_RUN, dataset, vae)
+    assert sorted(os.listdir(cache)) == ["cache.partial.json", "shard_00000.npy", "shard_00001.npy"]
+    open(os.path.join(cache, ".shard_00002.npy.tmp4242"), "wb").write(b"\x93NUMPY half")  # kill -9 mid-write
+    finished = {k: os.stat(os.path.join(cache, f"shard_0000{k}.npy")) for k in (0, 1)}
+    with pytest.raises(dtr.InputError, match="holds 32 px images, not --image-size 16"):  # the partial record counts
+        small = train.resolve_preset(train.parser().parse_args([*flags, "--latents", cache, "--image-size", "16"]))
+        train.prepare_latents(small, CPU_RUN, train.load_data(small)[0], vae)
+    calls.clear()
+    vae.encode = lambda x: (calls.append(len(x)), encode(x))[1]
+    train.prepare_latents(args, CPU_RUN, dataset, vae)
+    assert calls == [10, 10, 8]  # shards 2, 3, 4 (5, 5 and 4 images with their flips); 0 and 1 are not redone
+    for k, st in finished.items():
+        now = os.stat(os.path.join(cache, f"shard_0000{k}.npy"))
+        assert (now.st_ino, now.st_mtime_ns) == (st.st_ino, st.st_mtime_ns)
+    assert cache_bytes(cache) == cache_bytes(complete)  # the same files as an uninterrupted build, temp file gone
+
+
+@pytest.mark.parametrize("case,message", [
+    ("vae", "holds latents of another VAE (--vae ema --vae-path"), ("size", "holds 32 px images"),
+    ("flips", "was built without flips but --flip-prob is 0.5: pass --flip-prob 0"),
+    ("truncated", "shard_00003.npy is truncated or corrupt"), ("header", "shard_00001.npy is truncated or corrupt"),
+    ("more", "holds 25 images but --latents"), ("renamed", "are not those --latents"),
+    ("record", "cannot read"), ("norecord", "holds shards but no cache.json"),
+    ("full", "no space left on the device while writing")])
+def test_train_latent_cache_bad_input_one_line(latent_setup, tmp_path, monkeypatch, case, message):
+    import shutil
+    images, _, flags, complete = latent_setup
+    cache, extra = str(tmp_path / "cache"), []
+    shutil.copytree(complete, cache)
+    if case in ("more", "renamed"):
+        images = shutil.copytree(images, tmp_path / "images")
+        flags = [str(images) if f == latent_setup[0] else f for f in flags]
+        if case == "more":
+            write_noise_images(tmp_path / "extra", n=1)
+            shutil.copy(tmp_path / "extra" / "c0" / "000.png", images / "c1" / "999.png")
+        else:
+            os.rename(images / "c1" / "023.png", images / "c1" / "024.png")
+    elif case == "vae":
+        extra = ["--vae-path", tiny_vae(tmp_path / "other-vae", seed=1)]
+    elif case == "size":
+        extra = ["--image-size", "16"]
+    elif case == "flips":
+        shutil.rmtree(cache)
+        args = train.resolve_preset(train.parser().parse_args([*flags, "--latents", cache, "--flip-prob", "0"]))
+        vae = dtr.load_vae("ema", flags[flags.index("--vae-path") + 1])
+        train.prepare_latents(args, CPU_RUN, train.load_data(args)[0], vae)
+        assert len(np.load(os.path.join(cache, "shard_00000.npy"))[0]) == 1  # no flipped entries
+    elif case == "truncated":
+        with open(os.path.join(cache, "shard_00003.npy"), "r+b") as f:
+            f.truncate(1000)
+    elif case == "header":
+        with open(os.path.join(cache, "shard_00001.npy"), "r+b") as f:
+            f.write(b"garbage!")
+    elif case == "record":
+        open(os.path.join(cache, "cache.json"), "w").write("{")
+    elif case == "norecord":
+        os.remove(os.path.join(cache, "cache.json"))
+    elif case == "full":
+        shutil.rmtree(cache)
+        save, saves = np.save, []
+
+        def disk_full(f, array):  # the second shard finds the disk full halfway
+            saves.append(1)
+            if len(saves) == 2:
+                f.write(b"\x93NUMPY partial")
+                raise OSError(errno.ENOSPC, "No space left on device")
+            save(f, array)
+        monkeypatch.setattr(np, "save", disk_full)
+    before = cache_bytes(cache) if os.path.exists(cache) else None
+    with pytest.raises(SystemExit, match=re.escape(message)) as e:
+        run_train(tmp_path, *flags, *extra, "--latents", cache)
+    assert "\n" not in str(e.value)
+    if case == "full":  # the finished shard and the record stay, the partial file is gone; a re-run completes
+        assert sorted(os.listdir(cache)) == ["cache.partial.json", "shard_00000.npy"]
+        monkeypatch.undo()
+        run_train(tmp_path, *flags, "--latents", cache, "--steps", "1", name="again")
+        assert cache_bytes(cache) == cache_bytes(complete)
+    else:
+        assert cache_bytes(cache) == before  # nothing written is lost or changed
+
+
+def test_train_latent_cache_two_processes_share_the_encoding(latent_setup, tmp_path):
+    _, _, flags, complete = latent_setup
+    r = torchrun(*TINY_TRAIN, *flags, "--steps", "2", "--ckpt-every", "2", "--latents", str(tmp_path / "cache"),
+                 "--results-dir", str(tmp_path / "two"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "14/14" in r.stderr  # rank 0 encoded shards 0, 2 and 4 (5 + 5 + 4 images), rank 1 shards 1 and 3
+    ours, theirs = cache_bytes(str(tmp_path / "cache")), cache_bytes(complete)
+    assert ours.keys() == theirs.keys() and ours["cache.json"] == theirs["cache.json"]
+    for name in ours:
+        if name.endswith(".npy"):
+            np.testing.assert_allclose(np.load(tmp_path / "cache" / name), np.load(os.path.join(complete, name)),
+                                       atol=1e-6)
+    _, one = run_train(tmp_path, *flags, "--steps", "2", "--ckpt-every", "2", "--latents", complete, name="one")
+    two = torch.load(train.latest_checkpoint(str(tmp_path / "two")), weights_only=False)
+    for k in one["model"]:
+        assert torch.allclose(one["model"][k], two["model"][k], atol=1e-5), k
+
+
+def test_train_latent_bench_runs(latent_setup, capsys):
+    result = train.bench_latents(vae_path=latent_setup[1], model="DiT-T/2", image_size=32, batch_size=2, rounds=1)
+    assert set(result) == {"on the fly", "cache"} and min(result.values()) > 0
+    assert "interleaved rounds: on the fly" in capsys.readouterr().out
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -3,20 +3,25 @@
     python train.py                                   # CPU demo: tiny DTR model on built-in coloured shapes
     python train.py --text-demo                       # the same, text-to-image: captions through a tiny CLIP
     torchrun --nnodes=1 --nproc_per_node=8 train.py --data /path/to/imagenet/train --model DiT-L/2 \\
-        --image-size 256 --vae ema --routing dtr --loss-weight ant-uw
+        --image-size 256 --vae ema --routing dtr --loss-weight ant-uw --latents /path/to/imagenet-latents
     torchrun --nproc_per_node=8 train.py --data coco/train2014 --captions coco/annotations/captions_train2014.json \\
         --model DiT-L/2 --image-size 256 --vae ema --cache-text coco/clip-cache   # text-to-image (MS-COCO)
 
-With --data the defaults are the paper's (App. C): AdamW 1e-4, no weight decay, global batch 256, flips, T=1000,
-cosine schedule, learned sigma, EMA 0.9999, label dropout 0.1. Without --data the demo preset (DEMO below)
-fills every flag that was not given.
+With --data the defaults are the paper's (App. C): DiT-L/2 on 256 px images in Stable Diffusion's latent space
+(--vae ema for a DiT above 64 px; --vae none for pixels), AdamW 1e-4, no weight decay, global batch 256, flips,
+T=1000, cosine schedule, learned sigma, EMA 0.9999, label dropout 0.1. Without --data the demo preset (DEMO below)
+fills every flag that was not given. --latents DIR encodes every image (and its flip) once and trains from DIR.
 """
 import argparse
+import errno
 import glob
+import hashlib
 import json
 import math
 import os
+import shutil
 import time
+from collections import OrderedDict
 from copy import deepcopy
 from dataclasses import dataclass
 
@@ -29,6 +34,7 @@ import dtr
 
 PAPER = dict(model="DiT-L/2", image_size=256, global_batch_size=256, lr=1e-4, ema_decay=0.9999, steps=400_000,
              log_every=100, ckpt_every=50_000, sample_every=0, num_workers=4)
+PIXEL_DIT_MAX = 64  # with --data, a DiT on larger images defaults to --vae ema (the paper's latent DiTs)
 DEMO = dict(model="DiT-T/2", image_size=16, global_batch_size=64, lr=2e-3, ema_decay=0.995, steps=2400,
             log_every=100, ckpt_every=800, sample_every=0, num_workers=0)
 # Arguments a resumed run must keep besides dtr.MODEL_ARGS: the data order and the per-step random draws (seed,
@@ -111,14 +117,14 @@ class ImageData(torch.utils.data.Dataset):
 
 
 def load_data(args):
-    """(dataset, num_classes) for --data: None (built-in shapes), an image folder, or an ADM-style .npz."""
+    """(dataset, num_classes) for --data: None (built-in shapes), an image folder, an ADM-style .npz or an .npy."""
     if args.data is None:
         images, labels = make_shapes(args.demo_images_per_class, args.image_size, args.seed)
         data = ImageData(images.permute(0, 2, 3, 1).numpy(), labels.numpy(), size=args.image_size)
         return data, 1 if args.unconditional else len(SHAPES)
     if not os.path.exists(args.data):
         raise dtr.InputError(f"--data {args.data} does not exist")
-    if args.data.endswith(".npz"):
+    if args.data.endswith((".npz", ".npy")):
         return load_npz(args)
     from torchvision.datasets import ImageFolder
     try:
@@ -130,13 +136,47 @@ def load_data(args):
     return ImageData(files=files, size=args.image_size), classes
 
 
+NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
+def memmap_npz(path, name):
+    """Member `name` of an uncompressed .npz, memory-mapped (np.load's mmap_mode has no effect on an .npz)."""
+    import zipfile
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo(f"{name}.npy")
+    if info.compress_type != zipfile.ZIP_STORED:
+        stored = path[:-len(".npz")] + "-stored.npz"
+        raise dtr.InputError(f"{path} is compressed (np.savez_compressed) and cannot be memory-mapped; store it uncompressed once: "
+             f"python -c \"import numpy as np; np.savez('{stored}', **np.load('{path}'))\"")
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)  # the member's local header: 30 bytes, its name, an extra field, then the .npy
+        local = f.read(30)
+        if local[:4] != b"PK\x03\x04":
+            raise ValueError(f"no local zip header for {name}.npy")
+        name_len, extra_len = (int.from_bytes(local[i:i + 2], "little") for i in (26, 28))
+        f.seek(info.header_offset + 30 + name_len + extra_len)
+        shape, fortran, dtype = NPY_HEADERS[np.lib.format.read_magic(f)](f)
+        offset = f.tell()
+    if math.prod(shape) == 0:  # mmap cannot map zero bytes
+        return np.empty(shape, dtype)
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
+
+
 def load_npz(args):
-    """An ADM-style .npz: arr_0 uint8 (N, H, W, 3), optional arr_1 integer labels (N,)."""
+    """An ADM-style .npz (arr_0 uint8 (N, H, W, 3), optional arr_1 integer labels (N,)), or a .npy of images only.
+
+    The images are memory-mapped: ranks and loader workers share the page cache instead of each holding a copy."""
     try:
-        z = np.load(args.data, mmap_mode="r")
-        images, labels = z["arr_0"], (z["arr_1"] if "arr_1" in z.files else None)
+        if args.data.endswith(".npy"):
+            images, labels = np.load(args.data, mmap_mode="r"), None
+        else:
+            with np.load(args.data) as z:
+                labels = z["arr_1"] if "arr_1" in z.files else None
+            images = memmap_npz(args.data, "arr_0")
+    except dtr.InputError:
+        raise
     except Exception as e:
-        raise dtr.InputError(f"cannot read {args.data} as an .npz with arr_0 ({type(e).__name__}: {e})")
+        raise dtr.InputError(f"cannot read {args.data} as an .npz with arr_0 or an .npy ({type(e).__name__}: {e})")
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or len(images) == 0:
         raise dtr.InputError(f"{args.data}: arr_0 must be non-empty uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
     if labels is None or args.unconditional:
@@ -185,6 +225,297 @@ class StepBatches(torch.utils.data.Sampler):
 
 
 #################################################################################
+#            Latent cache: every image and its flip through the VAE once        #
+#################################################################################
+
+CACHE_FORMAT = 1  # version of the layout below
+CACHE_PREPROCESSING = "adm-center-crop"  # center_crop() above: rename this when it changes, so old caches are refused
+ENCODE_BATCH = 32  # images per VAE call while building a cache (64 with their flips)
+OPEN_SHARDS = 64  # memory maps a LatentData keeps open (each holds a file descriptor)
+
+
+def source_record(dataset, root):
+    """{count, digest} of the images a dataset reads: its files (paths relative to root), or its array's shape and
+    three of its images (hashing every image would read them all)."""
+    h = hashlib.sha256()
+    if dataset.files is not None:
+        for path, _ in dataset.files:
+            h.update(os.path.relpath(path, root).encode() + b"\n")
+    else:
+        images = dataset.images
+        h.update(f"{tuple(images.shape)} {images.dtype}".encode())
+        for i in sorted({0, len(images) // 2, len(images) - 1}):
+            h.update(np.ascontiguousarray(images[i]).tobytes())
+    return {"count": len(dataset), "digest": h.hexdigest()[:16]}
+
+
+def dataset_labels(dataset):
+    """The label of every image of an ImageData (N,), read without opening an image."""
+    if dataset.files is not None:
+        return np.array([label for _, label in dataset.files], dtype=np.int64)
+    return np.asarray(dataset.labels)
+
+
+def cache_record(args, dataset, vae):
+    """What a cache holds and how it was made; cache.json. Per image: (F, 2, C, h, w) float32, F = 2 with flips
+    (the image, then its horizontal flip), 2 = the VAE posterior's mean and std."""
+    side, channels, flips = args.image_size // dtr.VAE_FACTOR, vae.config.latent_channels, args.flip_prob > 0
+    return {"format": CACHE_FORMAT,
+            "vae": {"kind": args.vae, "path": args.vae_path, "digest": dtr.weights_digest(vae), "latent_channels": channels},
+            "image_size": args.image_size, "preprocessing": CACHE_PREPROCESSING, "flips": flips,
+            "source": {"path": args.data, **source_record(dataset, args.data)},
+            "layout": "shard_NNNNN.npy: (images, F, 2, C, h, w); F: the image, then its flip; 2: posterior mean, std",
+            "dtype": "float32", "shape": [1 + flips, 2, channels, side, side],
+            "shard_size": args.latent_shard_size, "num_shards": math.ceil(len(dataset) / args.latent_shard_size)}
+
+
+def check_record(found, want, args):
+    """Stop with one line where the cache's record `found` disagrees with this run's `want`."""
+    cache, data = f"--latents {args.latents}", args.data or "the built-in shapes"
+    fix = f"pass a new --latents DIR (or delete {args.latents}) to encode anew"
+    if found.get("format") != CACHE_FORMAT:
+        raise dtr.InputError(f"{cache} has cache format {found.get('format')!r}, this train.py reads {CACHE_FORMAT}: {fix}")
+    vae = found["vae"]
+    if vae["digest"] != want["vae"]["digest"]:
+        path = f" --vae-path {vae['path']}" if vae["path"] else ""
+        raise dtr.InputError(f"{cache} holds latents of another VAE (--vae {vae['kind']}{path}, weights {vae['digest']}; this one's "
+             f"are {want['vae']['digest']}): pass that VAE, or {fix}")
+    if found["image_size"] != want["image_size"]:
+        raise dtr.InputError(f"{cache} holds {found['image_size']} px images, not --image-size {want['image_size']}: "
+             f"pass --image-size {found['image_size']}, or {fix}")
+    if found["preprocessing"] != want["preprocessing"]:
+        raise dtr.InputError(f"{cache} was made with preprocessing {found['preprocessing']!r}, this train.py does "
+             f"{want['preprocessing']!r}: {fix}")
+    if want["flips"] and not found["flips"]:
+        raise dtr.InputError(f"{cache} was built without flips but --flip-prob is {args.flip_prob}: pass --flip-prob 0, or {fix}")
+    if found["source"]["count"] != want["source"]["count"]:
+        raise dtr.InputError(f"{data} holds {want['source']['count']:,} images but {cache} was built from "
+             f"{found['source']['count']:,}: the source changed since; {fix}")
+    if found["source"]["digest"] != want["source"]["digest"]:
+        raise dtr.InputError(f"the images of {data} are not those {cache} was built from (other names or contents): {fix}")
+
+
+def latent_shard_file(directory, k):
+    return os.path.join(directory, f"shard_{k:05d}.npy")
+
+
+def shard_problem(path, shape):
+    """Why the file at `path` is not a complete float32 .npy of `shape` (truncated, corrupt, other), or None."""
+    try:
+        with open(path, "rb") as f:
+            found, fortran, dtype = NPY_HEADERS[np.lib.format.read_magic(f)](f)
+            offset = f.tell()
+        size = os.path.getsize(path)
+    except Exception as e:  # a bad magic string or header, or an unknown .npy version
+        return f"unreadable .npy header ({type(e).__name__})"
+    if found != tuple(shape) or dtype != np.float32 or fortran:
+        return f"it holds {dtype} {found}, not float32 {tuple(shape)}"
+    expected = offset + math.prod(shape) * 4
+    return None if size == expected else f"{size:,} bytes instead of {expected:,}"
+
+
+def write_shard(path, moments):
+    """Save a shard through a temp file and a rename: a killed run leaves finished shards whole, at most a temp file."""
+    def save(tmp):
+        with open(tmp, "wb") as f:  # a file object: np.save would append .npy to the temp name
+            np.save(f, moments)
+    try:
+        dtr.atomic_write(path, save)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise dtr.InputError(f"no space left on the device while writing {path} (the finished shards are kept): free some, or "
+                 f"pass --latents a folder on a larger disk; re-running continues where it stopped")
+        raise dtr.InputError(f"cannot write {path} ({e.strerror or e})")
+
+
+@torch.no_grad()
+def encode_moments(vae, x, flips):
+    """uint8 images (N, 3, S, S) -> posterior mean and std (N, F, 2, C, h, w), of each image (and of its flip)."""
+    x = x.float() / 127.5 - 1  # as the training loop scales, then flips, them
+    post = vae.encode(torch.cat([x, x.flip(3)]) if flips else x).latent_dist
+    moments = torch.stack([post.mean, post.std], 1)  # (F * N, 2, C, h, w)
+    return moments.unflatten(0, (1 + flips, len(x))).transpose(0, 1).float().cpu()
+
+
+def build_latents(args, run, dataset, vae, record, missing):
+    """Encode the shards in `missing` (each rank its share) and write cache.json last, when every shard is whole."""
+    from tqdm.auto import tqdm
+    directory, size, shape = args.latents, record["shard_size"], record["shape"]
+    bounds = {k: range(k * size, min((k + 1) * size, len(dataset))) for k in range(record["num_shards"])}
+    if run.rank == 0:
+        os.makedirs(directory, exist_ok=True)
+        for tmp in glob.glob(os.path.join(directory, ".shard_*.tmp*")):  # left by a killed run (kill -9 skips clean-up)
+            os.remove(tmp)
+        partial = os.path.join(directory, "cache.partial.json")  # the record, until every shard is there
+        if not os.path.exists(partial):
+            dtr.atomic_write(partial, lambda tmp: dtr.write_text(tmp, json.dumps(record, indent=2)))
+        need = sum(len(bounds[k]) for k in missing) * math.prod(shape) * 4
+        free = shutil.disk_usage(directory).free
+        if need > free:
+            raise dtr.InputError(f"--latents {directory} needs {need / 1e9:.2f} GB more but its disk has {free / 1e9:.2f} GB free: "
+                 f"free some, or pass a folder on a larger disk")
+    if run.world > 1:
+        dist.barrier()
+    mine = missing[run.rank::run.world]
+    batches = [list(bounds[k][i:i + ENCODE_BATCH]) for k in mine for i in range(0, len(bounds[k]), ENCODE_BATCH)]
+    loader = iter(torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=args.num_workers))
+    bar = tqdm(total=sum(len(bounds[k]) for k in mine), disable=run.rank != 0, dynamic_ncols=True, unit="img",
+               desc=f"encoding {len(mine)} of the {len(missing)} missing shard(s) into {directory}")
+    try:
+        for k in mine:
+            parts = []
+            for _ in range(math.ceil(len(bounds[k]) / ENCODE_BATCH)):
+                x, _ = next_batch(loader)  # unreadable images, also from loader workers: one line
+                parts.append(encode_moments(vae, x.to(run.device), record["flips"]))
+                bar.update(len(x))
+            write_shard(latent_shard_file(directory, k), torch.cat(parts).numpy())
+    finally:
+        bar.close()
+    if run.world > 1:
+        dist.barrier()
+    if run.rank == 0:
+        for k, images in bounds.items():
+            problem = shard_problem(latent_shard_file(directory, k), (len(images), *shape))
+            if problem:
+                raise dtr.InputError(f"--latents {directory}: {latent_shard_file(directory, k)} is missing or bad after encoding ({problem})")
+        done = os.path.join(directory, "cache.json")  # last: its presence says the cache is complete
+        dtr.atomic_write(done, lambda tmp: dtr.write_text(tmp, json.dumps(record, indent=2)))
+        os.remove(partial)
+    if run.world > 1:
+        dist.barrier()
+
+
+def read_record(path):
+    """A cache's record (cache.json), with a one-line error for a damaged one."""
+    try:
+        with open(path) as f:
+            record = json.load(f)
+        problem = None if isinstance(record, dict) and "format" in record else "not a cache record"
+    except (OSError, ValueError) as e:
+        problem = type(e).__name__
+    if problem:
+        raise dtr.InputError(f"cannot read {path} ({problem}): pass a new --latents DIR (or delete its folder) to encode anew")
+    return record
+
+
+def prepare_latents(args, run, dataset, vae):
+    """The cache in --latents as a LatentData: checked against this run, and first built or completed if need be."""
+    if os.path.exists(args.latents) and not os.path.isdir(args.latents):
+        raise dtr.InputError(f"--latents {args.latents} is a file; it needs a folder (new, or one it wrote before)")
+    want = cache_record(args, dataset, vae)
+    records = [os.path.join(args.latents, name) for name in ("cache.json", "cache.partial.json")]
+    found = next((read_record(p) for p in records if os.path.exists(p)), None)
+    if found is not None:
+        check_record(found, want, args)
+    elif glob.glob(os.path.join(args.latents, "shard_*.npy")):  # a build writes its record before any shard
+        raise dtr.InputError(f"--latents {args.latents} holds shards but no cache.json: nothing says how they were made; pass a new "
+             f"--latents DIR (or delete that folder) to encode anew")
+    record = found or want  # an existing cache keeps its layout (e.g. its flips when this run does not flip)
+    size, shape = record["shard_size"], record["shape"]
+    counts = [min(size, len(dataset) - k * size) for k in range(record["num_shards"])]
+    present = [k for k in range(len(counts)) if os.path.exists(latent_shard_file(args.latents, k))]
+    bad = [(k, why) for k in present if (why := shard_problem(latent_shard_file(args.latents, k), (counts[k], *shape)))]
+    if bad:
+        k, why = bad[0]
+        raise dtr.InputError(f"{latent_shard_file(args.latents, k)} is truncated or corrupt ({why}; {len(bad)} bad shard(s) in all): "
+             f"delete the bad shards and re-run with the same flags to encode them again")
+    missing = sorted(set(range(len(counts))) - set(present))
+    if missing or not os.path.exists(records[0]):
+        build_latents(args, run, dataset, vae, record, missing)
+    return LatentData(args.latents, size, len(dataset), dataset_labels(dataset))
+
+
+class LatentData(torch.utils.data.Dataset):
+    """(moments (F, 2, C, h, w) float32, label) of image i, read from the cache's memory-mapped shards."""
+
+    def __init__(self, directory, shard_size, count, labels):
+        self.directory, self.shard_size, self.count, self.labels = directory, shard_size, count, labels
+        self.maps = OrderedDict()  # shard index -> memory map, least recently used first
+
+    def __len__(self):
+        return self.count
+
+    def __getstate__(self):  # loader workers open their own maps (a pickled memmap would copy its data)
+        return {**self.__dict__, "maps": OrderedDict()}
+
+    def shard(self, k):
+        if k not in self.maps:
+            if len(self.maps) >= OPEN_SHARDS:
+                self.maps.popitem(last=False)
+            self.maps[k] = np.load(latent_shard_file(self.directory, k), mmap_mode="r")
+        self.maps.move_to_end(k)
+        return self.maps[k]
+
+    def __getitem__(self, i):
+        k, j = divmod(i, self.shard_size)
+        return torch.from_numpy(np.array(self.shard(k)[j])), int(self.labels[i])
+
+
+def cached_latents(moments, draws):
+    """Latents (N, C, h, w) from cached moments (N, F, 2, C, h, w), as the loop encodes on the fly: the flipped
+    entry for a flipped image, z = (mean + std * eps) * 0.18215 with this step's posterior draw eps."""
+    m = torch.where(draws["flip"][:, None, None, None, None], moments[:, -1], moments[:, 0])  # (N, 2, C, h, w)
+    return (m[:, 0] + m[:, 1] * draws["posterior"]) * dtr.VAE_SCALE
+
+
+SD_VAE_CONFIG = dict(  # Stable Diffusion's AutoencoderKL (sd-vae-ft-ema / -mse share it): for benchmarks, offline
+    block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4, sample_size=256)
+
+
+def bench_latents(vae_path=None, model="DiT-B/2", image_size=256, batch_size=4, rounds=5, seed=0):
+    """Median seconds per training step encoding on the fly vs reading a --latents cache, interleaved; printed.
+
+    vae_path=None builds Stable Diffusion's VAE architecture (SD_VAE_CONFIG) with random weights, offline: the encoder
+    costs the same with any weights. A step is the loop's own (model_inputs, train_step): latents, loss, backward,
+    AdamW, EMA. Round 0 warms up; the two paths alternate their order every round, so drift hits both alike."""
+    import statistics
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        if vae_path is None:
+            from diffusers.models import AutoencoderKL
+            vae_path = os.path.join(tmp, "vae")
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                AutoencoderKL(**SD_VAE_CONFIG).save_pretrained(vae_path)
+        data = os.path.join(tmp, "images.npz")
+        np.savez(data, np.random.default_rng(seed).integers(0, 256, (batch_size, image_size, image_size, 3), np.uint8))
+        args = resolve_preset(parser().parse_args([
+            "--data", data, "--model", model, "--image-size", str(image_size), "--vae", "ema", "--vae-path", vae_path,
+            "--global-batch-size", str(batch_size), "--num-workers", "0", "--latents", os.path.join(tmp, "latents")]))
+        run = Run(0, 1, torch.device("cpu"), slice(None))
+        images = load_training_data(args, run)  # unconditional: no labels in the .npz
+        vae = dtr.load_vae(args.vae, args.vae_path, run.device)
+        start = time.perf_counter()
+        cache = TrainingData(prepare_latents(args, run, images.dataset, vae), latents=True)
+        encode_once = time.perf_counter() - start
+        state, diffusion = init_state(args, run), dtr.build_diffusion(dtr.model_args(args), **loss_weighting(args))
+
+        def step(data, i):
+            start = time.perf_counter()
+            draws = step_randomness(args, i, run)
+            batch = torch.utils.data.default_collate([data.dataset[j] for j in range(batch_size)])
+            x, kwargs = model_inputs(args, run, data, vae, batch, draws)
+            train_step(args, run, state.model, diffusion, state, x, draws, kwargs)
+            return time.perf_counter() - start
+
+        times = {"on the fly": [], "cache": []}
+        for i in range(1 + rounds):
+            for name in (("on the fly", "cache") if i % 2 else ("cache", "on the fly")):
+                seconds = step(cache if name == "cache" else images, i)
+                if i:
+                    times[name].append(seconds)
+    result = {k: statistics.median(v) for k, v in times.items()}
+    print(f"{args.model} {image_size} px, batch {batch_size}, {torch.get_num_threads()} threads, median of {rounds} "
+          f"interleaved rounds: on the fly {result['on the fly']:.3f} s/step, from the cache {result['cache']:.3f} "
+          f"s/step ({result['on the fly'] / result['cache']:.2f}x); building the cache ({batch_size} images and their "
+          f"flips): {encode_once:.1f} s")
+    for k, v in times.items():
+        print(f"  {k}: {' '.join(f'{t:.2f}' for t in v)} s")
+    return result
+
+
+#################################################################################
 #               Set-up: processes, model, optimizer, resume, folders            #
 #################################################################################
 
@@ -205,6 +536,7 @@ class TrainingData:
     dataset: torch.utils.data.Dataset
     captions: list = None
     text: dtr.TextEncoder = None
+    latents: bool = False  # the dataset is a LatentData: cached posterior moments instead of images
 
 
 @dataclass
@@ -280,7 +612,7 @@ def resume_checkpoint(args):
 def init_state(args, run, ckpt=None):
     """Model, EMA, AdamW (ANT-UW's log-variances in their own group) and loss scaler: new, from --init-from, or
     resumed from `ckpt`."""
-    model = dtr.build_model(dtr.model_args(args)).to(run.device)
+    model = dtr.build_model(dtr.model_args(args), use_checkpoint=args.grad_ckpt).to(run.device)
     multiple = size_multiple(model)
     if model.input_size % multiple:
         raise dtr.InputError(f"input side {model.input_size} is not divisible by {multiple}, which {args.model} needs")
@@ -448,6 +780,8 @@ def train(args):
     net = torch.compile(net) if args.compile else net
     diffusion = dtr.build_diffusion(dtr.model_args(args), **loss_weighting(args))
     vae = dtr.load_vae(args.vae, args.vae_path, run.device) if args.vae else None
+    if args.latents:  # from here on no image is read and no encoder runs
+        data.dataset, data.latents = prepare_latents(args, run, data.dataset, vae), True
     batches = iter(make_loader(args, run, data.dataset, state.step))
     meter = Meter(args, run, log, exp, state.step)
     try:
@@ -513,11 +847,15 @@ def step_randomness(args, step, run):
 
 
 def model_inputs(args, run, data, vae, batch, draws):
-    """The network's input (pixels in [-1, 1] or VAE latents) and condition for this rank's batch (images, y)."""
+    """The network's input (pixels in [-1, 1] or VAE latents) and condition for this rank's batch (images or cached
+    latents, y)."""
     x, y = batch
-    x = x.to(run.device, non_blocking=True).float() / 127.5 - 1  # uint8 -> [-1, 1]
-    x = torch.where(draws["flip"][:, None, None, None], x.flip(3), x)  # random horizontal flip
-    if vae is not None:
+    if data.latents:
+        x = cached_latents(x.to(run.device, non_blocking=True), draws)
+    else:
+        x = x.to(run.device, non_blocking=True).float() / 127.5 - 1  # uint8 -> [-1, 1]
+        x = torch.where(draws["flip"][:, None, None, None], x.flip(3), x)  # random horizontal flip
+    if vae is not None and not data.latents:
         with torch.no_grad():
             post = vae.encode(x).latent_dist
             x = (post.mean + post.std * draws["posterior"]) * dtr.VAE_SCALE
@@ -658,6 +996,12 @@ def resolve_preset(args):
     for k, v in preset.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if args.vae is None and args.data is not None and args.model in dtr.DiT_models and args.image_size > PIXEL_DIT_MAX:
+        args.vae = "ema"  # the paper's DiTs learn Stable Diffusion's latents (256 px: 32x32x4); ADMs learn pixels
+    args.vae = None if args.vae == "none" else args.vae
+    if args.latents and not args.vae:
+        raise dtr.InputError("--latents stores VAE latents: it needs --vae ema|mse (a pixel-space run reads its images "
+                             "directly)")
     return args
 
 
@@ -671,14 +1015,24 @@ def parser():
     """The command line; every flag the demo or the paper presets leave unset defaults to None."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # data
-    p.add_argument("--data", default=None, help="image folder (ImageFolder) or ADM .npz; default: built-in coloured shapes")
+    p.add_argument("--data", default=None, help="image folder (ImageFolder), ADM .npz (uncompressed; memory-mapped) or "
+                                                ".npy of images; default: built-in coloured shapes")
     p.add_argument("--image-size", type=int, default=None, help="pixels (demo 16, paper 256)")
     p.add_argument("--unconditional", action="store_true", help="ignore class labels")
     p.add_argument("--flip-prob", type=float, default=0.5, help="random horizontal flips")
     p.add_argument("--demo-images-per-class", type=int, default=500)
     p.add_argument("--num-workers", type=int, default=None)
-    p.add_argument("--vae", choices=["ema", "mse"], default=None, help="train in Stable Diffusion's latent space (needs diffusers)")
+    p.add_argument("--vae", choices=["ema", "mse", "none"], default=None,
+                   help="train in Stable Diffusion's latent space (needs diffusers), or none: pixels. Default with "
+                        f"--data: ema for a DiT above {PIXEL_DIT_MAX} px (the paper's setting), else none (ADMs, small "
+                        "images, the demo)")
     p.add_argument("--vae-path", default=None, help="local AutoencoderKL directory (default: the hub's stabilityai/sd-vae-ft-*)")
+    p.add_argument("--latents", default=None, metavar="DIR",
+                   help="pre-encoded latents: the VAE posterior's mean and std of every image and of its flip, float32, "
+                        "in DIR; built first if missing or incomplete (sharded over ranks, resumable), then training "
+                        "reads no image and runs no encoder. Needs --vae; refused if DIR was made with another VAE, "
+                        "image size, flips or source")
+    p.add_argument("--latent-shard-size", type=int, default=1024, help="images per --latents shard file (64 MiB at 256 px)")
     # text-to-image (needs transformers)
     p.add_argument("--captions", default=None, help="COCO captions_*.json for the images in --data: text-to-image training")
     p.add_argument("--text-demo", action="store_true", help="text-to-image on the built-in shapes, captioned 'a red circle', ...")
@@ -711,6 +1065,8 @@ def parser():
     p.add_argument("--steps", type=int, default=None, help="demo 2400, paper 400000")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (DiT and ADM blocks): recompute "
+                   "activations in backward, for less memory; the weights and state dict are unchanged")
     p.add_argument("--seed", type=int, default=0)
     # bookkeeping
     p.add_argument("--results-dir", default="results")
