@@ -930,6 +930,27 @@ def test_fid_forward_outputs_spatial_order_and_bias_free_logits(inception, direc
     assert not torch.allclose(out["logits"], inception.fc(out["pool"]), atol=1e-3)  # the bias is not used
 
 
+def test_fid_network_runs_channels_last_on_cpu_with_unchanged_features(inception, direct):
+    images = direct[0]
+    inputs = {}  # every conv's input during compute_features
+    hooks = [m.register_forward_pre_hook(lambda m, i, name=name: inputs.setdefault(name, i[0]))
+             for name, m in inception.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    feats = fid.compute_features(images, inception, batch_size=3)
+    for h in hooks:
+        h.remove()
+    assert len(inputs) == 94 and inputs["Conv2d_1a_3x3.conv"].shape == (3, 3, 299, 299)
+    assert all(x.is_contiguous(memory_format=torch.channels_last) for x in inputs.values())  # set once, kept
+    # the old path: NCHW resize and scaling, the network forced onto contiguous NCHW at its first layer
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float()  # (3, 3, 32, 40)
+    old = (fid.tf1_resize_bilinear(x, (299, 299)) - 128) / 128
+    force = inception.Conv2d_1a_3x3.register_forward_pre_hook(lambda m, i: (i[0].contiguous(),))
+    with torch.no_grad():
+        ref = inception(old)
+    force.remove()
+    for k, v in ref.items():
+        assert np.abs(feats[k] - v.numpy()).max() <= 1e-5 * np.abs(v.numpy()).max(), k
+
+
 # -----------------------------------------------------------------------------
 # Preprocessing
 # -----------------------------------------------------------------------------
@@ -1056,22 +1077,71 @@ def _cli_args(*paths, **kw):
     return argparse.Namespace(**{**args, **kw})
 
 
-def test_fid_cli_identical_sets_and_saved_stats(weights_file, tmp_path, capsys):
-    ref = _write_npz(tmp_path / "ref.npz", arr_0=_images(4, seed=1))
-    fid.main(_cli_args(ref, str(tmp_path / "ref_stats.npz"), save_stats=True, inception_weights=weights_file))
-    with np.load(tmp_path / "ref_stats.npz") as z:
+def _reference_metrics(ref, smp, k=3):
+    """ADM's numbers from two dicts of float features, by textbook formulas in float64."""
+    def trace_sqrt(a, b):  # tr (S_a S_b)^1/2 = nuclear norm of Ac Bc^T / sqrt((n_a - 1)(n_b - 1)), exact for n << D
+        ac, bc = a - a.mean(0), b - b.mean(0)
+        return linalg.svdvals(ac @ bc.T).sum() / math.sqrt((len(a) - 1) * (len(b) - 1))
+
+    def frechet(a, b):
+        tr_a, tr_b = (np.cov(x, rowvar=False).trace() for x in (a, b))
+        return ((a.mean(0) - b.mean(0)) ** 2).sum() + tr_a + tr_b - 2 * trace_sqrt(a, b)
+
+    ref, smp = ({n: v.astype(np.float64) for n, v in f.items()} for f in (ref, smp))
+    p = np.exp(smp["logits"] - smp["logits"].max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)  # p(y|x), softmax over the 1008 logits
+    kl = (p * (np.log(p) - np.log(p.mean(0)))).sum(1)  # KL(p(y|x) || p(y)), one split
+    precision, recall = _brute_force_pr(ref["pool"], smp["pool"], k)
+    return {"inception_score": math.exp(kl.mean()), "fid": frechet(smp["pool"], ref["pool"]),
+            "sfid": frechet(smp["spatial"], ref["spatial"]), "precision": precision, "recall": recall}
+
+
+def test_fid_cli_two_sets_match_reference_formulas_and_saved_stats(inception, weights_file, tmp_path, capsys):
+    # uniform colours (+ slight noise), picked so that each set covers only part of the other
+    ref_colours = [(120, 120, 120), (0, 60, 120), (120, 60, 60), (180, 120, 120), (0, 60, 60), (0, 0, 120),
+                   (120, 60, 120)]
+    smp_colours = [(0, 180, 180), (180, 60, 180), (120, 180, 120), (0, 120, 60), (60, 180, 120)]
+    ref_images, smp_images = (np.array(c, np.uint8)[:, None, None] + _images(len(c), seed=s) // 16
+                              for c, s in ((ref_colours, 1), (smp_colours, 2)))
+    ref = _write_npz(tmp_path / "ref.npz", arr_0=ref_images)
+    os.mkdir(tmp_path / "samples")
+    for i, im in enumerate(smp_images):
+        Image.fromarray(im).save(tmp_path / "samples" / f"{i:02d}.png")
+    with torch.no_grad():  # features of each set in one batch, outside compute_features
+        feats = [{k: v.numpy() for k, v in inception(fid.preprocess(torch.from_numpy(x))).items()}
+                 for x in (ref_images, smp_images)]
+    expected = _reference_metrics(*feats)
+    assert (expected["precision"], expected["recall"]) == (2 / 5, 1 / 7)
+    # ADM rounds squared distances through float16 (11 significant bits); here every precision/recall decision
+    # clears its threshold by more than 4e-3 of the largest squared norm, so that rounding cannot flip it
+    ref_pool, smp_pool = (f["pool"].astype(np.float64) for f in feats)
+    d = ((smp_pool[:, None] - ref_pool[None]) ** 2).sum(-1)  # (5, 7)
+    r_ref, r_smp = (np.sort(((x[:, None] - x[None]) ** 2).sum(-1), 1)[:, 3] for x in (ref_pool, smp_pool))
+    margin = min(np.abs(d - r_ref[None]).min(), np.abs(d.T - r_smp[None]).min())
+    assert margin > 4e-3 * max((ref_pool ** 2).sum(1).max(), (smp_pool ** 2).sum(1).max())
+
+    stats = str(tmp_path / "ref_stats.npz")
+    fid.main(_cli_args(ref, stats, save_stats=True, inception_weights=weights_file))
+    with np.load(stats) as z:
         assert sorted(z.files) == sorted(["mu", "sigma", "mu_s", "sigma_s", "pool", "logits"])
-        assert z["pool"].shape == (4, 2048) and z["sigma_s"].shape == (2023, 2023)
-    fid.main(_cli_args(str(tmp_path / "ref_stats.npz"), ref, json=str(tmp_path / "out.json"),
-                       inception_weights=weights_file))
-    out = capsys.readouterr().out
-    assert [line.split(":")[0] for line in out.splitlines()[-6:]] == [
-        "Inception Score", "Inception Score std", "FID", "sFID", "Precision", "Recall"]
-    res = json.loads((tmp_path / "out.json").read_text())
-    assert abs(res["fid"]) < 1e-3 and abs(res["sfid"]) < 1e-3  # identical sets
-    assert res["precision"] == 1.0 and res["recall"] == 1.0
-    assert res["inception_score"] >= 1.0 and res["inception_score_std"] == 0.0  # one split
-    assert res["num_ref"] == res["num_samples"] == 4 and not list(tmp_path.glob("*.tmp"))
+        assert z["pool"].shape == (7, 2048) and z["sigma_s"].shape == (2023, 2023)
+    results = []
+    for ref_source in (ref, stats):
+        fid.main(_cli_args(ref_source, str(tmp_path / "samples"), json=str(tmp_path / "out.json"),
+                           inception_weights=weights_file))
+        out = capsys.readouterr().out
+        assert [line.split(":")[0] for line in out.splitlines()[-6:]] == [
+            "Inception Score", "Inception Score std", "FID", "sFID", "Precision", "Recall"]
+        results.append(json.loads((tmp_path / "out.json").read_text()))
+    assert results[0] == results[1]  # the saved statistics give the numbers of the images they came from
+    res = results[0]
+    assert res["num_ref"] == 7 and res["num_samples"] == 5 and res["inception_score_std"] == 0.0  # one split
+    assert (res["precision"], res["recall"]) == (expected["precision"], expected["recall"])
+    assert res["fid"] == pytest.approx(expected["fid"], rel=1e-6)
+    assert res["sfid"] == pytest.approx(expected["sfid"], rel=1e-6)
+    # near-uniform random logits put IS close to 1: compare its log, E KL, instead
+    assert math.log(res["inception_score"]) == pytest.approx(math.log(expected["inception_score"]), rel=1e-5)
+    assert not list(tmp_path.glob("*.tmp"))
 
 
 def test_fid_cli_bad_input_is_one_line(tmp_path):
@@ -1199,6 +1269,52 @@ def _gather_worker(rank, world, rendezvous):
 
 def test_fid_compute_features_distributed_gather(tmp_path):
     torch.multiprocessing.spawn(_gather_worker, args=(2, f"file://{tmp_path}/rendezvous"), nprocs=2)
+
+
+def _fid_ranks(*argv_per_rank, timeout=120):
+    """Run fid.py once per rank of one gloo process group, set up as torchrun would -> [(exit status, stderr)];
+    a rank still running after `timeout` seconds (in all) fails the test instead of hanging it."""
+    import socket
+    import time
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank, argv in enumerate(argv_per_rank):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(len(argv_per_rank))}
+        procs.append(subprocess.Popen([sys.executable, os.path.join(HERE, "fid.py"), *argv, "--device", "cpu"],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    deadline = time.monotonic() + timeout
+    try:
+        errs = [p.communicate(timeout=max(1.0, deadline - time.monotonic()))[1] for p in procs]
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"a rank was still running after {timeout} s: the ranks do not agree on the failure")
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    return [(p.returncode, err) for p, err in zip(procs, errs, strict=True)]
+
+
+@pytest.mark.parametrize("failing", ["rank 0 weights", "rank 1 weights", "rank 1 shard"])
+def test_fid_torchrun_failure_on_one_rank_stops_every_rank(weights_file, tmp_path, failing):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, im in enumerate(_images(4)):
+        Image.fromarray(im).save(folder / f"{i}.png")
+    missing = str(tmp_path / "missing.pth")
+    weights = {"rank 0 weights": [missing, weights_file], "rank 1 weights": [weights_file, missing]}
+    if failing == "rank 1 shard":  # rank 1 reads images 2, 3: a valid header (same size) with truncated data
+        (folder / "3.png").write_bytes((folder / "0.png").read_bytes()[:60])
+    argv = [[str(folder), str(folder), "--inception-weights", w, "--batch-size", "2", "--num-workers", "1"]
+            for w in weights.get(failing, [weights_file] * 2)]
+    (status0, err0), (status1, err1) = _fid_ranks(*argv)
+    assert status0 == status1 == 1 and err1 == ""  # every rank stops; rank 0 alone prints the error
+    expected = {"rank 0 weights": f"fid.py: error: cannot read Inception weights {missing}: ",
+                "rank 1 weights": f"fid.py: error: rank 1: cannot read Inception weights {missing}: ",
+                "rank 1 shard": f"fid.py: error: rank 1: cannot read image {folder / '3.png'}: "}[failing]
+    assert err0.splitlines()[-1].startswith(expected) and "Traceback" not in err0, err0  # after a progress bar
 
 
 # --------------------------------------------------------------------------------------------------------------------
