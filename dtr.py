@@ -15,7 +15,9 @@ import json
 import math
 import os
 import statistics
+import struct
 import time
+import zipfile
 
 import numpy as np
 import torch
@@ -1264,9 +1266,10 @@ def read_coco_captions(path):
 #              Processes and files: torchrun, atomic writes, errors             #
 #################################################################################
 
-def setup_distributed(timeout=None):
-    """(rank, world_size, device) from the torchrun environment; one process without it. timeout: of collectives."""
-    cuda = torch.cuda.is_available()
+def setup_distributed(timeout=None, device=None):
+    """(rank, world_size, device) from the torchrun environment; one process without it. device: e.g. "cpu" to stay
+    off the GPU (default: CUDA when present, this rank's by LOCAL_RANK); timeout: of collectives."""
+    cuda = torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if cuda else "cpu")
     local = int(os.environ["LOCAL_RANK"])  # the device follows the local rank, never the global one
@@ -1288,6 +1291,46 @@ def atomic_write(path, write):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def open_image(path):
+    """An image file as an RGB PIL image; one line naming the file if it cannot be read."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except Exception as e:
+        raise InputError(f"cannot read image {path}: {e}") from None
+
+
+NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
+def memmap_npz(path, name="arr_0"):
+    """Member `name` of an .npz, memory-mapped read-only (np.load's mmap_mode has no effect on an .npz), so ranks
+    and loader workers share the page cache; None when it is stored compressed (np.savez_compressed)."""
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo(f"{name}.npy")
+        if info.compress_type != zipfile.ZIP_STORED:
+            return None
+        with zf.open(info) as f:
+            shape, fortran, dtype = NPY_HEADER_READERS[np.lib.format.read_magic(f)](f)
+            npy_header = f.tell()
+    with open(path, "rb") as f:  # the member's data follows its local zip header (30 bytes, name, extra field)
+        f.seek(info.header_offset + 26)
+        name_len, extra_len = struct.unpack("<HH", f.read(4))
+    if math.prod(shape) == 0:  # mmap cannot map zero bytes
+        return np.empty(shape, dtype)
+    offset = info.header_offset + 30 + name_len + extra_len + npy_header
+    return np.memmap(path, dtype, "r", offset, shape, order="F" if fortran else "C")
+
+
+def save_npz(path, arrays):
+    """np.savez to `path` atomically (through an open file, so numpy adds no '.npz' to the temporary name)."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+    atomic_write(path, write)
 
 
 def write_text(path, text):

@@ -11,9 +11,6 @@ go through ADM's graph preprocessing (TF1 bilinear resize to 299, then (x - 128)
 import argparse
 import json
 import os
-import struct
-import tempfile
-import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -25,6 +22,8 @@ from PIL import Image
 from scipy.special import log_softmax, logsumexp
 from tqdm import tqdm
 
+import dtr
+
 FID_WEIGHTS_URL = (
     "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
     "pt_inception-2015-12-05-6726825d.pth"
@@ -32,11 +31,9 @@ FID_WEIGHTS_URL = (
 FEATURE_DIMS = {"pool": 2048, "spatial": 17 * 17 * 7, "logits": 1008}
 STATS_KEYS = ("mu", "sigma", "mu_s", "sigma_s")  # ADM reference batches may carry these
 IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
-NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
 
-class InputError(ValueError):
-    """Unusable input (file, array or feature set); the CLI reports it as one line."""
+InputError = dtr.InputError  # unusable input (file, array or feature set): main() reports it as one line
 
 
 # -----------------------------------------------------------------------------
@@ -296,32 +293,10 @@ def _check_images(shape, dtype, what):
 
 def _npz_images(path):
     """arr_0 of an .npz: a read-only memory map when stored uncompressed (np.savez), else loaded."""
-    with zipfile.ZipFile(path) as zf:
-        info = zf.getinfo("arr_0.npy")
-        with zf.open(info) as f:
-            read_header = NPY_HEADER_READERS.get(np.lib.format.read_magic(f))
-            header = read_header(f) if read_header else None  # (shape, fortran_order, dtype)
-            npy_header_len = f.tell()
-    if header is None or header[1] or info.compress_type != zipfile.ZIP_STORED:
-        images = np.load(path)["arr_0"]
-        _check_images(images.shape, images.dtype, f"{path}: arr_0")
-        return images
-    shape, _, dtype = header
-    _check_images(shape, dtype, f"{path}: arr_0")
-    with open(path, "rb") as f:  # the member's data starts after its local zip header
-        f.seek(info.header_offset + 26)
-        name_len, extra_len = struct.unpack("<HH", f.read(4))
-    offset = info.header_offset + 30 + name_len + extra_len + npy_header_len
-    return np.memmap(path, dtype, "r", offset, shape)
-
-
-def _read_image(path):
-    """One image file -> uint8 (H, W, 3)."""
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except Exception as e:
-        raise InputError(f"cannot read image {path}: {e}") from None
+    images = dtr.memmap_npz(path, "arr_0")
+    images = np.load(path)["arr_0"] if images is None else images
+    _check_images(images.shape, images.dtype, f"{path}: arr_0")
+    return images
 
 
 def _image_size(path):
@@ -333,7 +308,7 @@ def _image_size(path):
         raise InputError(f"cannot read image {path}: {e}") from None
 
 
-class ImageFolder:
+class ImageFiles:
     """The images of a folder in file-name order, sliced like an array into uint8 (n, H, W, 3)."""
 
     def __init__(self, path, num_workers=8):
@@ -355,13 +330,13 @@ class ImageFolder:
 
     def __getitem__(self, index):
         with ThreadPoolExecutor(self.num_workers) as ex:
-            return np.stack(list(ex.map(_read_image, self.paths[index])))
+            return np.stack(list(ex.map(lambda p: np.asarray(dtr.open_image(p)), self.paths[index])))
 
 
 def load_source(path, num_workers=8):
     """REF/SAMPLES -> (images or None, precomputed arrays: ADM's mu/sigma/mu_s/sigma_s, cached pool/logits)."""
     if os.path.isdir(path):
-        return ImageFolder(path, num_workers), {}
+        return ImageFiles(path, num_workers), {}
     if not os.path.exists(path):
         raise InputError(f"{path}: no such file or folder")
     if not path.endswith(".npz"):
@@ -421,7 +396,7 @@ def _all_gather_rows(x, rows):
 
 @torch.inference_mode()
 def compute_features(images, model, batch_size=64, protocol="adm", progress=False):
-    """uint8 (N, H, W, 3) images (array, memmap or ImageFolder) -> dict of float32 numpy arrays
+    """uint8 (N, H, W, 3) images (array, memmap or ImageFiles) -> dict of float32 numpy arrays
     pool (N, 2048), spatial (N, 2023), logits (N, 1008), in input order. Under torch.distributed
     each rank runs a contiguous shard and every rank gets all features."""
     device = next(model.parameters()).device
@@ -583,28 +558,6 @@ def evaluate(ref, sample, k=3):
     }
 
 
-def _write_atomic(path, write):
-    """Call write(file) on a temporary file next to `path`, then rename it over `path`."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def _init_distributed(device):
-    """Join the torchrun process group if there is one (NCCL on GPU, gloo on CPU) -> (rank, world size)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, 1
-    if device.type == "cuda":
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # "cuda" then means this rank's GPU
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size()
-
-
 def _run(args, device, rank, world):
     """Load, extract and evaluate; only rank 0 prints and writes."""
     paths = [args.paths[0]] if args.save_stats else args.paths
@@ -621,7 +574,7 @@ def _run(args, device, rank, world):
         return
     stats = [statistics(f, given) for f, (_, given) in zip(feats, sources, strict=True)]
     if args.save_stats:
-        _write_atomic(args.paths[1], lambda f: np.savez(f, **stats[0]))
+        dtr.save_npz(args.paths[1], stats[0])
         print(f"saved statistics and features of {len(stats[0]['pool'])} images to {args.paths[1]}")
         return
     results = evaluate(*stats)
@@ -634,21 +587,20 @@ def _run(args, device, rank, world):
     if args.json:
         record = {**results, "num_ref": len(stats[0]["pool"]), "num_samples": len(stats[1]["pool"]),
                   "protocol": args.protocol}
-        _write_atomic(args.json, lambda f: f.write(json.dumps(record, indent=2).encode() + b"\n"))
+        dtr.atomic_write(args.json, lambda tmp: dtr.write_text(tmp, json.dumps(record, indent=2) + "\n"))
 
 
 def main(args):
     """CLI entry point: one line on stderr (from rank 0) and exit status 1 on every rank for unusable input."""
     torch.backends.cudnn.allow_tf32 = False  # full fp32 convolutions, like the TF reference
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    rank, world = _init_distributed(device)
-    try:
-        _run(args, device, rank, world)
-    except InputError as e:  # under torchrun every rank has it (_raise_on_every_rank): print it once
-        raise SystemExit(f"fid.py: error: {e}" if rank == 0 else 1) from None
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    # under torchrun every rank raises the same InputError (_raise_on_every_rank); rank 0 alone prints it
+    with dtr.one_line_errors("fid.py"):
+        rank, world, device = dtr.setup_distributed(device=args.device)
+        try:
+            _run(args, device, rank, world)
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
 
 
 if __name__ == "__main__":

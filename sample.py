@@ -339,14 +339,6 @@ def prepare_out(out, files, settings, num_shards, resume=False, overwrite=False,
 #                                   Outputs                                     #
 #################################################################################
 
-def save_npz(path, arrays):
-    """np.savez to `path` atomically (an open file, so numpy adds no '.npz' to the temporary name)."""
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-    dtr.atomic_write(path, write)
-
-
 def merge_shards(path, shard_files, ranges, image_shape, keys=()):
     """Stream the shards into one uncompressed ADM .npz (arr_0 uint8 NHWC, then the per-sample arrays `keys`, e.g.
     arr_1 int64 labels or captions str) -> its first 64 images."""
@@ -479,7 +471,7 @@ def sample_shards(model, diffusion, shards, *, args, ranges, files, condition, r
         images = np.concatenate(batches)  # (n, H, W, 3) uint8
         if args.save_png:
             save_pngs(files.pngs, images, start)
-        save_npz(shard_file(files, k), {"arr_0": images, **record(index), "index": index})
+        dtr.save_npz(shard_file(files, k), {"arr_0": images, **record(index), "index": index})
     bar.close()
 
 

@@ -1048,7 +1048,7 @@ def test_fid_bad_files_and_folders(tmp_path):
         fid.load_source(str(mixed))
     Image.fromarray(_images(1, 8, 8)[0]).save(mixed / "b.png")
     (mixed / "c.png").write_bytes((mixed / "a.png").read_bytes()[:60])  # valid header, truncated data
-    folder = fid.ImageFolder(str(mixed), num_workers=1)
+    folder = fid.ImageFiles(str(mixed), num_workers=1)
     with pytest.raises(fid.InputError, match="c.png"):
         folder[0:3]
     (tmp_path / "empty").mkdir()
@@ -1759,7 +1759,7 @@ def test_train_npz_memmap_values_compressed_refused_and_npy(tmp_path):
     b = np.asfortranarray(np.random.default_rng(1).standard_normal((4, 7)).astype(np.float32))
     np.savez(tmp_path / "two.npz", a, b)
     for name, want in (("arr_0", a), ("arr_1", b)):  # against numpy's own reader, C and Fortran order
-        got = train.memmap_npz(str(tmp_path / "two.npz"), name)
+        got = dtr.memmap_npz(str(tmp_path / "two.npz"), name)
         assert isinstance(got, np.memmap) and got.dtype == want.dtype and np.array_equal(got, want)
     np.save(tmp_path / "images.npy", a)
     data, classes = train.load_data(argparse.Namespace(data=str(tmp_path / "images.npy"), image_size=8,

@@ -105,11 +105,7 @@ class ImageData(torch.utils.data.Dataset):
         from PIL import Image
         if self.files is not None:  # (path, class) pairs
             path, label = self.files[i]
-            try:
-                with Image.open(path) as im:
-                    return center_crop(im.convert("RGB"), self.size), label
-            except Exception as e:
-                raise dtr.InputError(f"cannot read image {path}: {e}") from None
+            return center_crop(dtr.open_image(path), self.size), label
         img = np.asarray(self.images[i])  # (H, W, 3)
         if img.shape[:2] != (self.size, self.size):
             return center_crop(Image.fromarray(img), self.size), int(self.labels[i])
@@ -136,32 +132,6 @@ def load_data(args):
     return ImageData(files=files, size=args.image_size), classes
 
 
-NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-
-
-def memmap_npz(path, name):
-    """Member `name` of an uncompressed .npz, memory-mapped (np.load's mmap_mode has no effect on an .npz)."""
-    import zipfile
-    with zipfile.ZipFile(path) as z:
-        info = z.getinfo(f"{name}.npy")
-    if info.compress_type != zipfile.ZIP_STORED:
-        stored = path[:-len(".npz")] + "-stored.npz"
-        raise dtr.InputError(f"{path} is compressed (np.savez_compressed) and cannot be memory-mapped; store it uncompressed once: "
-             f"python -c \"import numpy as np; np.savez('{stored}', **np.load('{path}'))\"")
-    with open(path, "rb") as f:
-        f.seek(info.header_offset)  # the member's local header: 30 bytes, its name, an extra field, then the .npy
-        local = f.read(30)
-        if local[:4] != b"PK\x03\x04":
-            raise ValueError(f"no local zip header for {name}.npy")
-        name_len, extra_len = (int.from_bytes(local[i:i + 2], "little") for i in (26, 28))
-        f.seek(info.header_offset + 30 + name_len + extra_len)
-        shape, fortran, dtype = NPY_HEADERS[np.lib.format.read_magic(f)](f)
-        offset = f.tell()
-    if math.prod(shape) == 0:  # mmap cannot map zero bytes
-        return np.empty(shape, dtype)
-    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
-
-
 def load_npz(args):
     """An ADM-style .npz (arr_0 uint8 (N, H, W, 3), optional arr_1 integer labels (N,)), or a .npy of images only.
 
@@ -172,11 +142,14 @@ def load_npz(args):
         else:
             with np.load(args.data) as z:
                 labels = z["arr_1"] if "arr_1" in z.files else None
-            images = memmap_npz(args.data, "arr_0")
-    except dtr.InputError:
-        raise
+            images = dtr.memmap_npz(args.data, "arr_0")
     except Exception as e:
         raise dtr.InputError(f"cannot read {args.data} as an .npz with arr_0 or an .npy ({type(e).__name__}: {e})")
+    if images is None:
+        stored = args.data[:-len(".npz")] + "-stored.npz"
+        raise dtr.InputError(f"{args.data} is compressed (np.savez_compressed) and cannot be memory-mapped; store it "
+                             f"uncompressed once: python -c \"import numpy as np; np.savez('{stored}', "
+                             f"**np.load('{args.data}'))\"")
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or len(images) == 0:
         raise dtr.InputError(f"{args.data}: arr_0 must be non-empty uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
     if labels is None or args.unconditional:
@@ -303,7 +276,7 @@ def shard_problem(path, shape):
     """Why the file at `path` is not a complete float32 .npy of `shape` (truncated, corrupt, other), or None."""
     try:
         with open(path, "rb") as f:
-            found, fortran, dtype = NPY_HEADERS[np.lib.format.read_magic(f)](f)
+            found, fortran, dtype = dtr.NPY_HEADER_READERS[np.lib.format.read_magic(f)](f)
             offset = f.tell()
         size = os.path.getsize(path)
     except Exception as e:  # a bad magic string or header, or an unknown .npy version
