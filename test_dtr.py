@@ -35,13 +35,15 @@ def tiny_dit(**kw):
     return model
 
 
-def randomize(model, scale=0.05, seed=1):
-    """Overwrite every trainable parameter with small Gaussian values (zero-initialised layers included)."""
+def randomize(model, scale=0.05, seed=1, add=False):
+    """Random weights, so that zero-initialised layers contribute: every trainable parameter becomes N(0, scale^2)
+    noise, or with add=True gets that noise added (norms then keep their scale near 1)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * scale)
+                noise = torch.randn(p.shape, generator=g) * scale
+                p.add_(noise) if add else p.copy_(noise)
     return model
 
 
@@ -363,18 +365,9 @@ def test_dit_gradient_checkpointing_same_grads_and_state_dict(context_dim):
 # ADM (UNet) with DTR
 # --------------------------------------------------------------------------------------------------------------------
 
-def perturbed(model, std=0.02, seed=0):
-    """The model with N(0, std) noise added to every parameter, so zero-initialised branches contribute."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * std)
-    return model
-
-
 def tiny(seed=0, **kw):
     torch.manual_seed(seed)
-    return perturbed(dtr.ADM_models["ADM-T"](input_size=16, **kw).eval(), seed=seed)
+    return randomize(dtr.ADM_models["ADM-T"](input_size=16, **kw).eval(), scale=0.02, seed=seed, add=True)
 
 
 def window(channels, lo, hi, n=2):
@@ -443,7 +436,7 @@ def test_adm_zero_init_like_adm():
 @pytest.mark.parametrize("new_order", [False, True])
 def test_adm_attention_head_layouts(new_order):
     torch.manual_seed(0)
-    blk = perturbed(dtr.AttentionBlock(64, num_heads=4, use_new_attention_order=new_order), std=0.3)
+    blk = randomize(dtr.AttentionBlock(64, num_heads=4, use_new_attention_order=new_order), scale=0.3, seed=0, add=True)
     x = torch.randn(2, 64, 4, 4)
     qkv = blk.qkv(blk.norm(x.reshape(2, 64, 16)))  # (N, 3C, L)
     if new_order:  # [q | k | v], each cut into heads
@@ -468,7 +461,7 @@ def test_adm_group_norm_in_float32():
 @pytest.mark.parametrize("updown", [None, "down", "up"])
 def test_adm_resblock_mask_after_norm_and_skip_unmasked(updown):
     torch.manual_seed(0)
-    blk = perturbed(dtr.ResBlock(64, 32, 0.0, 64, use_scale_shift_norm=True, updown=updown), std=0.1).eval()
+    blk = randomize(dtr.ResBlock(64, 32, 0.0, 64, use_scale_shift_norm=True, updown=updown), scale=0.1, seed=0, add=True).eval()
     x, emb = torch.randn(2, 64, 8, 8), torch.randn(2, 32)
     mask = window(64, 0, 32)  # 32 groups of 2 channels: groups 16..31 are wholly inactive
     seen = {}
@@ -489,7 +482,7 @@ def test_adm_resblock_mask_after_norm_and_skip_unmasked(updown):
 
 def test_adm_attention_mask_after_norm_and_skip_unmasked():
     torch.manual_seed(0)
-    blk = perturbed(dtr.AttentionBlock(64, num_head_channels=32, use_new_attention_order=True), std=0.1)
+    blk = randomize(dtr.AttentionBlock(64, num_head_channels=32, use_new_attention_order=True), scale=0.1, seed=0, add=True)
     x, mask = torch.randn(2, 64, 4, 4), window(64, 16, 64)
     seen = {}
     blk.qkv.register_forward_pre_hook(lambda mod, a: seen.__setitem__("qkv_in", a[0]))
@@ -818,9 +811,10 @@ def test_uncertainty_weighting():
 # fid.py: Inception metrics with ADM-evaluator parity
 # --------------------------------------------------------------------------------------------------------------------
 
-def _randomize(inception, seed=0):
-    """He-normal convs and non-trivial BatchNorm statistics, so random-weight features are not degenerate."""
-    g = torch.Generator().manual_seed(seed)
+def random_inception(seed=0):
+    """The FID network with weights that keep random features non-degenerate through its 94 layers: He-normal
+    convolutions and random BatchNorm statistics (randomize's N(0, s^2) weights would shrink them to constants)."""
+    inception, g = fid.InceptionV3(), torch.Generator().manual_seed(seed)
     for m in inception.modules():
         if isinstance(m, torch.nn.Conv2d):
             m.weight.data = torch.randn(m.weight.shape, generator=g) * (2 / m.weight[0].numel()) ** 0.5
@@ -837,7 +831,7 @@ def _randomize(inception, seed=0):
 
 @pytest.fixture(scope="module")
 def inception():
-    return _randomize(fid.InceptionV3())
+    return random_inception()
 
 
 @pytest.fixture(scope="module")
@@ -1144,6 +1138,7 @@ def test_fid_cli_two_sets_match_reference_formulas_and_saved_stats(inception, we
     assert not list(tmp_path.glob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_fid_cli_bad_input_is_one_line(tmp_path):
     bad = _write_npz(tmp_path / "bad.npz", arr_0=np.zeros((4, 8, 8, 3), np.float64))
     proc = subprocess.run([sys.executable, os.path.join(HERE, "fid.py"), bad, bad], capture_output=True, text=True)
@@ -1267,6 +1262,7 @@ def _gather_worker(rank, world, rendezvous):
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_fid_compute_features_distributed_gather(tmp_path):
     torch.multiprocessing.spawn(_gather_worker, args=(2, f"file://{tmp_path}/rendezvous"), nprocs=2)
 
@@ -1297,6 +1293,7 @@ def _fid_ranks(*argv_per_rank, timeout=120):
     return [(p.returncode, err) for p, err in zip(procs, errs, strict=True)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("failing", ["rank 0 weights", "rank 1 weights", "rank 1 shard"])
 def test_fid_torchrun_failure_on_one_rank_stops_every_rank(weights_file, tmp_path, failing):
     folder = tmp_path / "images"
@@ -1515,6 +1512,7 @@ def test_train_fp16_resume_restores_the_grad_scaler(tmp_path):
     assert (after["scaler"]["scale"], after["scaler"]["_growth_tracker"]) == (1024.0, 3)
 
 
+@pytest.mark.slow
 def test_train_two_processes_match_one(tmp_path):
     args = [*TINY_TRAIN, "--steps", "3", "--ckpt-every", "3", "--loss-weight", "ant-uw", "--global-batch-size", "16"]
     r = torchrun(*args, "--results-dir", str(tmp_path / "two"))
@@ -1601,6 +1599,7 @@ def test_train_center_crop_like_adm():
     assert torch.equal(out, torch.from_numpy(np.asarray(small)[:, 2:10].copy()).permute(2, 0, 1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case,message", [
     ("empty", "no images found"), ("corrupt", "cannot read image"), ("npz_dtype", "arr_0 must be non-empty uint8"),
     ("size", "not divisible by 2"), ("missing", "does not exist"), ("small", "fewer than one global batch"),
@@ -1754,6 +1753,7 @@ def test_train_npz_is_memory_mapped_not_read(tmp_path, monkeypatch):
     assert resident_memory()[1] - before > 0.9 * whole.nbytes
 
 
+@pytest.mark.slow
 def test_train_npz_memmap_values_compressed_refused_and_npy(tmp_path):
     a = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
     b = np.asfortranarray(np.random.default_rng(1).standard_normal((4, 7)).astype(np.float32))
@@ -1941,6 +1941,7 @@ def test_train_latent_cache_bad_input_one_line(latent_setup, tmp_path, monkeypat
         assert cache_bytes(cache) == before  # nothing written is lost or changed
 
 
+@pytest.mark.slow
 def test_train_latent_cache_two_processes_share_the_encoding(latent_setup, tmp_path):
     _, _, flags, complete = latent_setup
     r = torchrun(*TINY_TRAIN, *flags, "--steps", "2", "--ckpt-every", "2", "--latents", str(tmp_path / "cache"),
@@ -2100,6 +2101,7 @@ def test_sample_npz_format_and_same_images_for_any_batch_and_shard_size(fitted_d
     assert Image.open(tmp_path / "a" / "grid.png").size == (6 * 10 + 2, 12)  # 8-wide grid, 2-pixel padding
 
 
+@pytest.mark.slow
 def test_sample_torchrun_two_ranks_give_the_same_npz(fitted_dit, tmp_path):
     ckpt, _ = fitted_dit
     one = run_sample(ckpt, tmp_path / "one", "--cfg-scale", "1.5", "--batch-size", "6", "--save-png")
@@ -2246,7 +2248,7 @@ def test_sample_missing_shard_is_one_line_and_resume_fills_it(fitted_dit, tmp_pa
 def test_sample_unconditional_adm_ignores_labels(tmp_path, capsys):
     args = ckpt_args(model="ADM-T", image_size=16, num_classes=1, class_dropout_prob=0.0, noise_schedule="cosine")
     torch.manual_seed(0)
-    model = perturbed(dtr.build_model(dtr.model_args(args)), std=0.05).eval()  # zero-init layers contribute
+    model = randomize(dtr.build_model(dtr.model_args(args)), scale=0.05, seed=0, add=True).eval()  # zero-init layers contribute
     ckpt = save_train_ckpt(tmp_path / "adm.pt", args, model.state_dict())
     out = run_sample(ckpt, tmp_path / "out", "--class-labels", "3", n=3)
     assert sorted(out) == ["arr_0"] and out["arr_0"].shape == (3, 16, 16, 3) and out["arr_0"].dtype == np.uint8
@@ -2498,6 +2500,7 @@ def test_sample_bad_input_is_one_line(bad_ckpts, tmp_path, ckpt, flags, message)
     assert not os.path.exists(tmp_path / "out")  # nothing written
 
 
+@pytest.mark.slow
 def test_sample_cli_exits_with_one_line(bad_ckpts):
     ckpt = str(bad_ckpts / "no-null.pt")
     cmd = [sys.executable, os.path.join(HERE, "sample.py"), "--ckpt", ckpt, "--class-labels", "9"]
@@ -2759,6 +2762,7 @@ def write_coco(root, captions_per_image, size=12):
     return str(root / "images"), str(root / "captions.json")
 
 
+@pytest.mark.slow
 def test_text_coco_training_is_the_same_on_two_processes(clip_dir, tmp_path):
     captions_per_image = [["a dark square", "a black box", "night"], ["a grey tile"], ["pale", "light"], ["white"],
                           ["a bright square", "snow"], ["x", "y", "z"], ["fog"], ["ash", "ember"]]
@@ -2836,6 +2840,7 @@ def test_text_caption_streams():
     assert sample.make_captions(5, 0, prompts=["a", "b"]).tolist() == ["a", "b", "a", "b", "a"]
 
 
+@pytest.mark.slow
 def test_text_sampling_two_ranks_give_the_same_npz(text_run, tmp_path):
     ckpt = text_run[3]
     prompts = tmp_path / "prompts.txt"
@@ -2898,6 +2903,7 @@ def run_cli(*args):
     return subprocess.run([sys.executable, os.path.join(HERE, "dtr.py"), *args], capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_masks_cli_draws_the_table(tmp_path):
     from PIL import Image
     read_image = lambda p: torch.from_numpy(np.array(Image.open(p))).permute(2, 0, 1)
@@ -2912,6 +2918,7 @@ def test_masks_cli_draws_the_table(tmp_path):
     assert r.returncode != 0 and "beta" in r.stderr and img.shape == read_image(str(out)).shape  # old file intact
 
 
+@pytest.mark.slow
 def test_bench_cli_reports_three_kinds():
     r = run_cli("bench", "--model", "DiT-T/2", "--image-size", "8", "--batch-size", "2", "--steps", "2", "--warmup", "0")
     assert r.returncode == 0, r.stderr
