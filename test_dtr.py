@@ -27,6 +27,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 torch.set_num_threads(1)  # tiny models: one thread is fastest and never oversubscribes
 
 
+#################################################################################
+#                          Shared helpers and fixtures                          #
+#################################################################################
+
 def tiny_dit(**kw):
     """A 4-block DiT on 8x8 inputs with 10 classes; random (not zero) adaLN so blocks are not the identity."""
     torch.manual_seed(0)
@@ -47,10 +51,6 @@ def randomize(model, scale=0.05, seed=1, add=False):
     return model
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Routing masks
-# --------------------------------------------------------------------------------------------------------------------
-
 def reference_dtr(T, C, alpha, beta):
     """Independent pure-Python DTR masks: row t active on [off_t, off_t + int(beta*C)), off_t = round((t/(T-1))^a (C-n))."""
     n = int(beta * C)
@@ -61,6 +61,99 @@ def reference_dtr(T, C, alpha, beta):
         out[t, off:off + n] = 1
     return out
 
+
+def tiny(seed=0, **kw):
+    torch.manual_seed(seed)
+    return randomize(dtr.ADM_models["ADM-T"](input_size=16, **kw).eval(), scale=0.02, seed=seed, add=True)
+
+
+TINY_TRAIN = ["--image-size", "8", "--global-batch-size", "8", "--demo-images-per-class", "4", "--grid-steps", "2",
+              "--log-every", "2"]
+
+
+CPU_RUN = train.Run(rank=0, world=1, device=torch.device("cpu"), part=slice(None))  # one process, the whole batch
+
+
+def run_train(tmp_path, *extra, name="r"):
+    """Train in this process; returns (experiment dir, its newest checkpoint)."""
+    args = train.parser().parse_args([*TINY_TRAIN, "--results-dir", str(tmp_path / name), *extra])
+    exp = train.main(args)
+    return exp, torch.load(train.latest_checkpoint(str(tmp_path / name)), weights_only=False)
+
+
+def torchrun(*args, nproc=2):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           os.path.join(HERE, "train.py"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+
+
+def write_images(folder, n, size=(12, 10)):
+    os.makedirs(folder, exist_ok=True)
+    for i in range(n):
+        Image.fromarray(np.full((size[1], size[0], 3), 25 * i % 256, np.uint8)).save(os.path.join(folder, f"{i}.png"))
+
+
+def tiny_vae(path, seed=0):
+    """A tiny random AutoencoderKL (4 latent channels, 8x down), saved with save_pretrained: a stand-in for SD's."""
+    diffusers = pytest.importorskip("diffusers")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vae = diffusers.AutoencoderKL(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4,
+                                      latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 4,
+                                      up_block_types=("UpDecoderBlock2D",) * 4)
+    vae.save_pretrained(path)
+    return str(path)
+
+
+SAMPLE_STEPS = 10  # DDPM steps in these tests (the default is 250)
+
+
+COLOURS = torch.tensor([[0.8, -0.6, -0.6], [-0.6, 0.8, -0.6], [-0.6, -0.6, 0.8], [0.5, 0.5, -0.5]])
+
+
+def ckpt_args(**kw):
+    """A train.py checkpoint's model_args (dtr.MODEL_ARGS): a 4-class pixel DiT-T/2 on 8x8 images, label dropout, DTR."""
+    args = dict(model="DiT-T/2", image_size=8, vae=None, num_classes=4, learn_sigma=True, class_dropout_prob=0.1,
+                routing="dtr", alpha=4.0, beta=0.8, routing_seed=0, num_timesteps=1000, noise_schedule="linear")
+    return dtr.model_args({**args, **kw})
+
+
+def save_train_ckpt(path, args, ema, raw=None):
+    """A checkpoint as train.py writes it."""
+    torch.save({"model": raw if raw is not None else ema, "ema": ema, "opt": {}, "model_args": dtr.model_args(args),
+                "args": args, "step": 0, "uw": None, "rng": None, "scaler": None}, path)
+    return str(path)
+
+
+def run_sample(ckpt, out, *flags, n=6):
+    """sample.py in this process -> the arrays of its .npz."""
+    argv = ["--ckpt", str(ckpt), "--out", str(out), "--num-samples", str(n), "--num-sampling-steps", str(SAMPLE_STEPS)]
+    sample.main(sample.parser().parse_args([*argv, *flags]))
+    npz = [f for f in os.listdir(out) if f.endswith(".npz")]
+    with np.load(os.path.join(out, npz[0])) as z:
+        return {k: z[k] for k in z.files}
+
+
+def write_coco(root, captions_per_image, size=12):
+    """An image folder and a COCO captions json for it."""
+    os.makedirs(root / "images")
+    coco = {"images": [], "annotations": []}
+    for i, caps in enumerate(captions_per_image):
+        Image.fromarray(np.full((size, size, 3), (40 * i) % 256, np.uint8)).save(root / "images" / f"{i:03d}.png")
+        coco["images"].append({"id": 100 + i, "file_name": f"{i:03d}.png"})
+        coco["annotations"] += [{"image_id": 100 + i, "caption": c} for c in caps]
+    (root / "captions.json").write_text(json.dumps(coco))
+    return str(root / "images"), str(root / "captions.json")
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, os.path.join(HERE, "dtr.py"), *args], capture_output=True, text=True, timeout=300)
+
+
+#################################################################################
+#                  dtr.py: routing masks (Sec. 4.2-4.3, App. F)                 #
+#################################################################################
 
 @pytest.mark.parametrize("T,C,alpha,beta", [(1000, 1152, 4.0, 0.8), (1000, 384, 4.0, 0.8), (250, 64, 2.0, 0.6),
                                             (10, 7, 1.0, 0.5), (1000, 768, 0.5, 0.8), (2, 5, 4.0, 0.2)])
@@ -143,9 +236,9 @@ def test_task_router_tables():
     assert dtr.TaskRouter([32], "none")(t) == [None]
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# DiT with DTR
-# --------------------------------------------------------------------------------------------------------------------
+#################################################################################
+#                        dtr.py: DiT with DTR (App. A.1)                        #
+#################################################################################
 
 def dit_param_count(depth, D, p, heads, input_size=32, c_in=4, classes=1000, learn_sigma=True):
     """Parameters of a DiT from its architecture description (independent of the module code)."""
@@ -361,14 +454,9 @@ def test_dit_gradient_checkpointing_same_grads_and_state_dict(context_dim):
             assert p.grad.abs().max() > 0 and (p.grad - q.grad).abs().max() <= 1e-6, name
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# ADM (UNet) with DTR
-# --------------------------------------------------------------------------------------------------------------------
-
-def tiny(seed=0, **kw):
-    torch.manual_seed(seed)
-    return randomize(dtr.ADM_models["ADM-T"](input_size=16, **kw).eval(), scale=0.02, seed=seed, add=True)
-
+#################################################################################
+#                          dtr.py: ADM (UNet) with DTR                          #
+#################################################################################
 
 def window(channels, lo, hi, n=2):
     """A routing mask (n, channels) with channels [lo, hi) active."""
@@ -377,8 +465,7 @@ def window(channels, lo, hi, n=2):
     return m
 
 
-# architecture: identical to guided-diffusion's UNetModel ----------------------------------------------------------
-
+# -- architecture: identical to guided-diffusion's UNetModel
 def test_adm64_parameter_count_matches_guided_diffusion():
     with torch.device("meta"):
         cond = dtr.ADM_models["ADM-64"](num_classes=1000, routing="none")
@@ -456,8 +543,7 @@ def test_adm_group_norm_in_float32():
     assert torch.equal(out, F.group_norm(x.float(), 32, gn.weight, gn.bias).bfloat16())
 
 
-# -- where the routing mask acts (App. A.1, Pseudo Code 2) -------------------------------------------------------------
-
+# -- where the routing mask acts (App. A.1, Pseudo Code 2)
 @pytest.mark.parametrize("updown", [None, "down", "up"])
 def test_adm_resblock_mask_after_norm_and_skip_unmasked(updown):
     torch.manual_seed(0)
@@ -540,8 +626,7 @@ def test_adm_conv_inputs_zero_outside_window_in_all_blocks():
     assert all(torch.equal(z, mk[0] == 0) for z, mk in zip(zero_rows, masks))
 
 
-# -- model-level behaviour ---------------------------------------------------------------------------------------------
-
+# -- model-level behaviour
 def test_adm_routing_none_equals_beta_one():
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 900])
     off, full = tiny(routing="none"), tiny(routing="dtr", beta=1.0)
@@ -643,9 +728,9 @@ def test_adm_training_steps_lower_the_loss():
     assert after < 0.85 * before
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Gaussian diffusion
-# --------------------------------------------------------------------------------------------------------------------
+#################################################################################
+#                           dtr.py: Gaussian diffusion                          #
+#################################################################################
 
 def test_beta_schedules():
     lin = dtr.get_named_beta_schedule("linear", 1000)
@@ -747,7 +832,6 @@ def test_respacing_keeps_original_timesteps():
         dtr.space_timesteps(10, "20")
 
 
-
 def test_one_step_sampling_returns_the_clipped_x0_prediction():
     d = dtr.create_diffusion("1", noise_schedule="cosine")  # keeps t = 0 alone, like guided-diffusion
     assert d.timestep_map.tolist() == [0] and d.posterior_mean_coef1.item() == 1.0  # abar_prev = 1 at the only step
@@ -757,6 +841,7 @@ def test_one_step_sampling_returns_the_clipped_x0_prediction():
     out = d.p_sample_loop(model, x_T.shape, noise=x_T, device="cpu", clip_denoised=True)
     abar = d.alphas_cumprod[0].item()
     assert torch.allclose(out, ((x_T - (1 - abar) ** 0.5 * eps) / abar**0.5).clamp(-1, 1), atol=1e-6)
+
 
 def test_sampling_is_per_sample_reproducible():
     model = tiny_dit().eval()
@@ -777,9 +862,9 @@ def test_sampling_is_per_sample_reproducible():
         d.p_sample_loop(model, x_T.shape, sampler="euler", **kw)
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# ANT-UW pieces
-# --------------------------------------------------------------------------------------------------------------------
+#################################################################################
+#                             dtr.py: ANT-UW pieces                             #
+#################################################################################
 
 def test_timestep_clusters_and_stratified_sampling():
     assert dtr.timestep_clusters(8, 1000) == [(125 * k, 125 * (k + 1)) for k in range(8)]
@@ -807,537 +892,221 @@ def test_uncertainty_weighting():
     assert s.grad[2] == 0 and s.grad[0].item() == pytest.approx(0.5 * (1 - 2.0 / 8))  # d/ds 0.5(e^-s L + s) at s=0
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# fid.py: Inception metrics with ADM-evaluator parity
-# --------------------------------------------------------------------------------------------------------------------
+#################################################################################
+#           dtr.py: text-to-image DiT, COCO captions (App. C, Fig. 8)           #
+#################################################################################
 
-def random_inception(seed=0):
-    """The FID network with weights that keep random features non-degenerate through its 94 layers: He-normal
-    convolutions and random BatchNorm statistics (randomize's N(0, s^2) weights would shrink them to constants)."""
-    inception, g = fid.InceptionV3(), torch.Generator().manual_seed(seed)
-    for m in inception.modules():
-        if isinstance(m, torch.nn.Conv2d):
-            m.weight.data = torch.randn(m.weight.shape, generator=g) * (2 / m.weight[0].numel()) ** 0.5
-        elif isinstance(m, torch.nn.BatchNorm2d):
-            n = m.num_features
-            m.weight.data, m.bias.data = 0.5 + torch.rand(n, generator=g), 0.2 * torch.randn(n, generator=g)
-            m.running_mean.data = 0.2 * torch.randn(n, generator=g)
-            m.running_var.data = 0.5 + torch.rand(n, generator=g)
-        elif isinstance(m, torch.nn.Linear):
-            m.weight.data = 0.05 * torch.randn(m.weight.shape, generator=g)
-            m.bias.data = torch.randn(m.bias.shape, generator=g)
-    return inception.eval().requires_grad_(False)
+def hand_attention(q, k, v, heads, mask=None):
+    """softmax(q k^T / sqrt(d)) v per head for q (N, T, D), k and v (N, L, D); mask (N, L) False hides a key."""
+    n, _, D = q.shape
+    split = lambda a: a.reshape(n, a.shape[1], heads, D // heads)
+    s = torch.einsum("nthd,nshd->nhts", split(q), split(k)) / math.sqrt(D // heads)
+    if mask is not None:
+        s = s.masked_fill(~mask[:, None, None, :], float("-inf"))
+    return torch.einsum("nhts,nshd->nthd", torch.softmax(s, dim=-1), split(v)).reshape(q.shape)
 
 
-@pytest.fixture(scope="module")
-def inception():
-    return random_inception()
+def hand_text_block(block, z, c, ctx, ctx_mask=None):
+    """Text DiTBlock(z) from its weights: adaLN-Zero self-attention, cross-attention (own LayerNorm, no gate), MLP."""
+    mod = F.linear(F.silu(c), block.adaLN_modulation[1].weight, block.adaLN_modulation[1].bias)
+    s1, g1, a1, s2, g2, a2 = mod.chunk(6, dim=1)
+    heads, cross = block.attn.num_heads, block.cross_attn
+    ln = lambda v: (v - v.mean(-1, keepdim=True)) / torch.sqrt(v.var(-1, unbiased=False, keepdim=True) + 1e-6)
+    q, k, v = F.linear(ln(z) * (1 + g1[:, None]) + s1[:, None], block.attn.qkv.weight, block.attn.qkv.bias).chunk(3, -1)
+    z = z + a1[:, None] * F.linear(hand_attention(q, k, v, heads), block.attn.proj.weight, block.attn.proj.bias)
+    q = F.linear(ln(z) * block.norm_cross.weight + block.norm_cross.bias, cross.q.weight, cross.q.bias)
+    k, v = F.linear(ctx, cross.kv.weight, cross.kv.bias).chunk(2, -1)  # keys and values from the text tokens
+    z = z + F.linear(hand_attention(q, k, v, heads, ctx_mask), cross.proj.weight, cross.proj.bias)
+    h = F.linear(ln(z) * (1 + g2[:, None]) + s2[:, None], block.mlp.fc1.weight, block.mlp.fc1.bias)
+    return z + a2[:, None] * F.linear(F.gelu(h, approximate="tanh"), block.mlp.fc2.weight, block.mlp.fc2.bias)
 
 
-@pytest.fixture(scope="module")
-def direct(inception):
-    """Three test images and the network's outputs on them in one batch, with Mixed_6d.branch1x1's output."""
-    images, captured = _images(3), {}
-    hook = inception.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, o: captured.setdefault("b", o))
+def tiny_text_dit(**kw):
+    """A 4-block text DiT on 8x8 inputs reading 16-wide text tokens; random (not zero) weights."""
+    torch.manual_seed(0)
+    return randomize(dtr.DiT_models["DiT-T/2"](input_size=8, context_dim=16, **kw))
+
+
+def test_text_block_with_routing_is_eq8():
+    block = randomize(dtr.DiTBlock(64, 4, context_dim=24), scale=0.1)
+    z, c, ctx = torch.randn(3, 16, 64), torch.randn(3, 64), torch.randn(3, 5, 24)
+    keep = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]).bool()  # captions of 3, 5 and 1 tokens
+    m = dtr.dtr_masks(1000, 64)[torch.tensor([0, 500, 999])]
     with torch.no_grad():
-        out = inception(fid.preprocess(torch.from_numpy(images), "adm"))
-    hook.remove()
-    return images, out, captured["b"]
+        routed = block(z, c, m, ctx, keep)
+        expected = (1 - m[:, None]) * z + hand_text_block(block, m[:, None] * z, c, ctx, keep)  # Eq. (8), whole block
+        assert torch.allclose(routed, expected, atol=1e-5)
+        unmasked = block(z, c, m, ctx)
+        assert torch.allclose(unmasked, (1 - m[:, None]) * z + hand_text_block(block, m[:, None] * z, c, ctx), atol=1e-5)
+        assert (unmasked[0] - routed[0]).abs().max() > 1e-3 and torch.allclose(unmasked[1], routed[1], atol=1e-6)
+        padded = torch.where(keep[:, :, None], ctx, torch.full_like(ctx, 100.0))  # hidden keys never matter
+        assert torch.allclose(block(z, c, m, padded, keep), routed, atol=1e-6)
+        dz = torch.zeros_like(z)  # an inactive channel only travels the identity path, past the cross-attention too
+        dz[0, :, int((m[0] == 0).nonzero()[0])] = 1.0
+        assert torch.allclose(block(z + dz, c, m, ctx, keep)[0] - routed[0], dz[0], atol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def weights_file(inception, tmp_path_factory):
-    path = tmp_path_factory.mktemp("weights") / "random_inception.pth"
-    torch.save(inception.state_dict(), path)
-    return str(path)
-
-
-def _images(n, h=32, w=40, seed=0):
-    return np.random.default_rng(seed).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
-
-
-# -----------------------------------------------------------------------------
-# Network
-# -----------------------------------------------------------------------------
-
-def _expected_convs():
-    """(name, cin, cout, kh, kw) of every conv, written out from the InceptionV3 architecture (Szegedy et al.)."""
-    convs = [("Conv2d_1a_3x3", 3, 32, 3, 3), ("Conv2d_2a_3x3", 32, 32, 3, 3), ("Conv2d_2b_3x3", 32, 64, 3, 3),
-             ("Conv2d_3b_1x1", 64, 80, 1, 1), ("Conv2d_4a_3x3", 80, 192, 3, 3)]
-    for b, cin, pool in [("Mixed_5b", 192, 32), ("Mixed_5c", 256, 64), ("Mixed_5d", 288, 64)]:
-        convs += [(f"{b}.branch1x1", cin, 64, 1, 1), (f"{b}.branch5x5_1", cin, 48, 1, 1),
-                  (f"{b}.branch5x5_2", 48, 64, 5, 5), (f"{b}.branch3x3dbl_1", cin, 64, 1, 1),
-                  (f"{b}.branch3x3dbl_2", 64, 96, 3, 3), (f"{b}.branch3x3dbl_3", 96, 96, 3, 3),
-                  (f"{b}.branch_pool", cin, pool, 1, 1)]
-    convs += [("Mixed_6a.branch3x3", 288, 384, 3, 3), ("Mixed_6a.branch3x3dbl_1", 288, 64, 1, 1),
-              ("Mixed_6a.branch3x3dbl_2", 64, 96, 3, 3), ("Mixed_6a.branch3x3dbl_3", 96, 96, 3, 3)]
-    for b, c in [("Mixed_6b", 128), ("Mixed_6c", 160), ("Mixed_6d", 160), ("Mixed_6e", 192)]:
-        convs += [(f"{b}.branch1x1", 768, 192, 1, 1), (f"{b}.branch7x7_1", 768, c, 1, 1),
-                  (f"{b}.branch7x7_2", c, c, 1, 7), (f"{b}.branch7x7_3", c, 192, 7, 1),
-                  (f"{b}.branch7x7dbl_1", 768, c, 1, 1), (f"{b}.branch7x7dbl_2", c, c, 7, 1),
-                  (f"{b}.branch7x7dbl_3", c, c, 1, 7), (f"{b}.branch7x7dbl_4", c, c, 7, 1),
-                  (f"{b}.branch7x7dbl_5", c, 192, 1, 7), (f"{b}.branch_pool", 768, 192, 1, 1)]
-    convs += [("Mixed_7a.branch3x3_1", 768, 192, 1, 1), ("Mixed_7a.branch3x3_2", 192, 320, 3, 3),
-              ("Mixed_7a.branch7x7x3_1", 768, 192, 1, 1), ("Mixed_7a.branch7x7x3_2", 192, 192, 1, 7),
-              ("Mixed_7a.branch7x7x3_3", 192, 192, 7, 1), ("Mixed_7a.branch7x7x3_4", 192, 192, 3, 3)]
-    for b, cin in [("Mixed_7b", 1280), ("Mixed_7c", 2048)]:
-        convs += [(f"{b}.branch1x1", cin, 320, 1, 1), (f"{b}.branch3x3_1", cin, 384, 1, 1),
-                  (f"{b}.branch3x3_2a", 384, 384, 1, 3), (f"{b}.branch3x3_2b", 384, 384, 3, 1),
-                  (f"{b}.branch3x3dbl_1", cin, 448, 1, 1), (f"{b}.branch3x3dbl_2", 448, 384, 3, 3),
-                  (f"{b}.branch3x3dbl_3a", 384, 384, 1, 3), (f"{b}.branch3x3dbl_3b", 384, 384, 3, 1),
-                  (f"{b}.branch_pool", cin, 192, 1, 1)]
-    return convs
-
-
-def test_fid_state_dict_matches_pytorch_fid_layout():
-    state = fid.InceptionV3().state_dict()
-    expected = {"fc.weight": (1008, 2048), "fc.bias": (1008,)}
-    for name, cin, cout, kh, kw in _expected_convs():
-        expected[f"{name}.conv.weight"] = (cout, cin, kh, kw)
-        for k in ("weight", "bias", "running_mean", "running_var"):
-            expected[f"{name}.bn.{k}"] = (cout,)
-        expected[f"{name}.bn.num_batches_tracked"] = ()
-    assert {k: tuple(v.shape) for k, v in state.items()} == expected
-    assert len(_expected_convs()) == 94 and len(state) == 94 * 6 + 2 == 566
-    # pinned; pytorch-fid's FID Inception (which loads the weights file strictly) has the same numbers
-    assert state["Mixed_6d.branch7x7_2.conv.weight"].shape == (160, 160, 1, 7)
-    assert state["Mixed_7c.branch3x3dbl_3b.conv.weight"].shape == (384, 384, 3, 1)
-    assert sum(p.numel() for p in fid.InceptionV3().parameters()) == 23_850_960
-
-
-def test_fid_specific_blocks():
-    net = fid.InceptionV3()
-    assert all(m.eps == 1e-3 for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
-    assert net.Mixed_7c.max_pool and not net.Mixed_7b.max_pool
-    x = torch.ones(1, 1, 4, 4)  # TF's average pool ignores the zero padding: corners stay 1, not 4/9
-    assert torch.equal(fid._avg_pool(x), x)
-    assert F.avg_pool2d(x, 3, 1, 1)[0, 0, 0, 0].item() == pytest.approx(4 / 9)
-
-
-def test_fid_forward_outputs_spatial_order_and_bias_free_logits(inception, direct):
-    _, out, b = direct  # b: (3, 192, 17, 17), TF's mixed_6/conv in NCHW
-    assert out["pool"].shape == (3, 2048) and out["spatial"].shape == (3, 2023) and out["logits"].shape == (3, 1008)
-    assert b.shape == (3, 192, 17, 17) and b.min() >= 0 and b.std() > 0
-    for n, h, w, c in [(0, 0, 0, 0), (0, 0, 1, 0), (1, 0, 0, 6), (2, 16, 3, 2), (0, 5, 16, 4)]:
-        assert out["spatial"][n, (h * 17 + w) * 7 + c] == b[n, c, h, w]  # flattened in H, W, C order
-    assert torch.allclose(out["logits"], out["pool"] @ inception.fc.weight.T)
-    assert not torch.allclose(out["logits"], inception.fc(out["pool"]), atol=1e-3)  # the bias is not used
-
-
-def test_fid_network_runs_channels_last_on_cpu_with_unchanged_features(inception, direct):
-    images = direct[0]
-    inputs = {}  # every conv's input during compute_features
-    hooks = [m.register_forward_pre_hook(lambda m, i, name=name: inputs.setdefault(name, i[0]))
-             for name, m in inception.named_modules() if isinstance(m, torch.nn.Conv2d)]
-    feats = fid.compute_features(images, inception, batch_size=3)
-    for h in hooks:
-        h.remove()
-    assert len(inputs) == 94 and inputs["Conv2d_1a_3x3.conv"].shape == (3, 3, 299, 299)
-    assert all(x.is_contiguous(memory_format=torch.channels_last) for x in inputs.values())  # set once, kept
-    # the old path: NCHW resize and scaling, the network forced onto contiguous NCHW at its first layer
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float()  # (3, 3, 32, 40)
-    old = (fid.tf1_resize_bilinear(x, (299, 299)) - 128) / 128
-    force = inception.Conv2d_1a_3x3.register_forward_pre_hook(lambda m, i: (i[0].contiguous(),))
+def test_text_dit_layout_init_and_timestep_only_adaln():
+    torch.manual_seed(0)
+    model = dtr.DiT_models["DiT-T/2"](input_size=8, context_dim=16)
+    sd, class_sd = model.state_dict(), tiny_dit().state_dict()
+    cross = ("norm_cross.weight", "norm_cross.bias", "cross_attn.q.weight", "cross_attn.q.bias", "cross_attn.kv.weight",
+             "cross_attn.kv.bias", "cross_attn.proj.weight", "cross_attn.proj.bias")
+    assert set(sd) - set(class_sd) == {"null_context"} | {f"blocks.{i}.{k}" for i in range(4) for k in cross}
+    assert set(class_sd) - set(sd) == {"y_embedder.embedding_table.weight"}  # no label embedder
+    assert sd["null_context"].shape == (1, 16) and sd["blocks.2.cross_attn.kv.weight"].shape == (2 * 128, 16)
+    assert sd["blocks.0.cross_attn.q.weight"].shape == (128, 128) and not sd["blocks.0.cross_attn.proj.weight"].any()
+    assert "null_context" not in dtr.DiT_models["DiT-T/2"](input_size=8, context_dim=16, class_dropout_prob=0).state_dict()
+    x, c, t, ctx = torch.randn(2, 16, 128), torch.randn(2, 128), torch.tensor([3, 900]), torch.randn(2, 7, 16)
     with torch.no_grad():
-        ref = inception(old)
-    force.remove()
-    for k, v in ref.items():
-        assert np.abs(feats[k] - v.numpy()).max() <= 1e-5 * np.abs(v.numpy()).max(), k
+        for block in model.blocks:  # adaLN-Zero gates and the zero cross-attention output: every block is the identity
+            assert torch.equal(block(x, c, None, ctx), x)
+    model = tiny_text_dit().eval()
+    seen = []
+    model.blocks[0].adaLN_modulation.register_forward_hook(lambda mod, inp, out: seen.append(inp[0]))
+    xs = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        a, b = model(xs, t, ctx), model(xs, t, ctx.flip(0))
+        assert torch.equal(seen[0], model.t_embedder(t)) and torch.equal(seen[0], seen[1])  # adaLN sees t alone
+        assert (a - b).abs().max() > 1e-3  # the text enters through cross-attention
 
 
-# -----------------------------------------------------------------------------
-# Preprocessing
-# -----------------------------------------------------------------------------
-
-def test_fid_tf1_resize_hand_computed():
-    x = torch.tensor([[0.0, 3.0], [6.0, 9.0]])[None, None]
-    # src = dst * 2/3 = 0, 2/3, 4/3 -> rows (0, 0, 1), next (1, 1, 1 clamped), weights (0, 2/3, 1/3)
-    expected = torch.tensor([[0.0, 2.0, 3.0], [4.0, 6.0, 7.0], [6.0, 8.0, 9.0]])
-    assert torch.allclose(fid.tf1_resize_bilinear(x, (3, 3))[0, 0], expected, atol=1e-5)
-    assert not torch.allclose(F.interpolate(x, (3, 3), mode="bilinear", align_corners=False)[0, 0], expected)
-    row = torch.arange(4.0).reshape(1, 1, 1, 4)  # downscale 4 -> 2: src = 0, 2 (no antialiasing)
-    assert fid.tf1_resize_bilinear(row, (1, 2)).flatten().tolist() == [0.0, 2.0]
-
-
-def test_fid_tf1_resize_identity_and_preprocess_ranges():
-    img = torch.from_numpy(_images(1, 299, 299))
-    x = img.permute(0, 3, 1, 2).float()
-    assert torch.equal(fid.tf1_resize_bilinear(x, (299, 299)), x)
-    stripes = torch.stack([torch.full((299, 299), v, dtype=torch.uint8) for v in (0, 128, 255)], -1)[None]
-    adm, pt = fid.preprocess(stripes, "adm"), fid.preprocess(stripes, "pytorch-fid")
-    assert adm.shape == (1, 3, 299, 299) and adm[0, :, 0, 0].tolist() == [-1.0, 0.0, 127 / 128]
-    assert torch.allclose(pt[0, :, 0, 0], torch.tensor([-1.0, 2 * 128 / 255 - 1, 1.0]), atol=1e-6)
+def test_null_context_dropout_rate_and_forced_drops():
+    null, ctx, mask = torch.randn(1, 8), torch.randn(20000, 3, 8), torch.rand(20000, 3) > 0.5
+    torch.manual_seed(0)
+    out, out_mask = dtr.drop_context(ctx, mask, null, 0.1)
+    dropped = (out == null).all(-1).all(-1)
+    assert abs(dropped.float().mean().item() - 0.1) < 0.01  # 5 standard deviations
+    assert torch.equal(out[~dropped], ctx[~dropped]) and torch.equal(out_mask[~dropped], mask[~dropped])
+    assert out_mask[dropped].all()  # a dropped row attends to L copies of the null token
+    force = torch.arange(20000) % 3 == 0
+    out, out_mask = dtr.drop_context(ctx, None, null, 0.5, force_drop_ids=force)
+    assert torch.equal((out == null).all(-1).all(-1), force) and out_mask is None
+    assert dtr.drop_context(ctx, mask, null, 0.0) == (ctx, mask)
+    model = tiny_text_dit(class_dropout_prob=1.0)
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([5, 600]), torch.randn(2, 6, 16)
+    with torch.no_grad():
+        uncond = model.eval()(x, t)  # y=None: the null context, i.e. unconditional
+        assert torch.allclose(model.train()(x, t, y), uncond, atol=1e-6)  # every caption dropped in training
+        assert (model.eval()(x, t, y) - uncond).abs().max() > 1e-3  # and none in eval mode
+    with pytest.raises(ValueError, match="no null context"):
+        tiny_text_dit(class_dropout_prob=0.0)(x, t)
 
 
-# -----------------------------------------------------------------------------
-# Features, inputs and the CLI
-# -----------------------------------------------------------------------------
-
-def test_fid_compute_features_batching_and_sources(inception, direct, tmp_path):
-    images, out, _ = direct
-    np.savez(tmp_path / "stored.npz", arr_0=images)
-    np.savez_compressed(tmp_path / "compressed.npz", arr_0=images)
-    os.mkdir(tmp_path / "folder")
-    for i, im in enumerate(images):
-        Image.fromarray(im).save(tmp_path / "folder" / f"{i:03d}.png")
-    stored, _ = fid.load_source(str(tmp_path / "stored.npz"))
-    assert isinstance(stored, np.memmap)
-    for src in ("stored.npz", "compressed.npz", "folder"):
-        loaded, given = fid.load_source(str(tmp_path / src), num_workers=2)
-        assert given == {} and np.array_equal(loaded[0:3], images)
-    feats = fid.compute_features(stored, inception, batch_size=2)  # batches of 2 + 1
-    for k, d in fid.FEATURE_DIMS.items():
-        assert feats[k].shape == (3, d) and feats[k].dtype == np.float32
-        assert np.allclose(feats[k], out[k].numpy(), rtol=1e-4, atol=1e-4)
+def test_text_cfg_scale_one_is_conditional():
+    model = tiny_text_dit().eval()
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([5, 700]), torch.randn(2, 6, 16)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0]]).bool()
+    two = lambda v: torch.cat([v, v])
+    with torch.no_grad():
+        cond, uncond = model(x, t, y, context_mask=mask), model(x, t)
+        out = model.forward_with_cfg(two(x), two(t), two(y), 1.0, context_mask=two(mask))
+        assert torch.allclose(out[:2], cond, atol=1e-6) and torch.equal(out[:2, :4], out[2:, :4])
+        g = model.forward_with_cfg(two(x), two(t), two(y), 4.0, context_mask=two(mask))
+        assert torch.allclose(g[:2, :4], uncond[:, :4] + 4.0 * (cond[:, :4] - uncond[:, :4]), atol=1e-5)
+        assert torch.allclose(g[:2, 4:], cond[:, 4:], atol=1e-6)  # learned sigma unguided
+        assert (g[:2, :4] - cond[:, :4]).abs().max() > 1e-3
 
 
-def _write_npz(path, **arrays):
-    np.savez(path, **arrays)
-    return str(path)
+COCO = {"info": {}, "licenses": [],
+        "images": [{"id": 7, "file_name": "a.png"}, {"id": 3, "file_name": "b.png"}, {"id": 9, "file_name": "c.png"}],
+        "annotations": [{"image_id": 3, "id": 1, "caption": "A dog  on a\nsofa. "},
+                        {"image_id": 7, "id": 2, "caption": "x"},
+                        {"image_id": 3, "id": 5, "caption": "two dogs"},
+                        {"image_id": 3, "id": 6, "caption": "a sofa"}]}
 
 
-def test_fid_reference_batch_statistics_win_over_features(tmp_path):
-    rng = np.random.default_rng(0)
-    stats = {"mu": rng.normal(size=4), "sigma": np.eye(4), "mu_s": rng.normal(size=3), "sigma_s": 2 * np.eye(3)}
-    path = _write_npz(tmp_path / "ref_batch.npz", arr_0=_images(2), **stats)  # ADM reference batch layout
-    images, given = fid.load_source(path)
-    assert np.array_equal(images, _images(2)) and sorted(given) == sorted(stats)
-    feats = {k: rng.normal(size=(6, 4)).astype(np.float32) for k in ("pool", "spatial", "logits")}
-    out = fid.statistics(feats, given)
-    assert all(np.array_equal(out[k], stats[k]) for k in stats)  # as ADM: the stored mu/sigma are used
-    assert out["pool"] is feats["pool"] and out["logits"] is feats["logits"]  # the images still give P/R, IS
-    mu, sigma = fid.feature_statistics(feats["pool"])
-    assert np.allclose(fid.statistics(feats)["mu"], mu) and np.allclose(fid.statistics(feats)["sigma"], sigma)
+def test_coco_captions_parsing(tmp_path):
+    path = tmp_path / "captions_train2014.json"
+    path.write_text(json.dumps(COCO))
+    # images in file order, several captions each (whitespace normalised), images without captions left out
+    assert dtr.read_coco_captions(str(path)) == [("a.png", ["x"]), ("b.png", ["A dog on a sofa.", "two dogs", "a sofa"])]
 
 
-@pytest.mark.parametrize("arrays, message", [
-    (dict(arr_0=np.zeros((4, 8, 8, 3), np.float32)), "must be uint8"),
-    (dict(arr_0=np.zeros((4, 3, 8, 8), np.uint8)), "NCHW"),
-    (dict(arr_0=np.zeros((1, 8, 8, 3), np.uint8)), "at least 2 images"),
-    (dict(arr_1=np.zeros((4, 8, 8, 3), np.uint8)), "missing arr_0"),
-    (dict(arr_0=np.zeros((4, 8, 8, 3), np.uint8), mu=np.zeros(3)), "needs all of mu"),
+@pytest.mark.parametrize("edit,message", [
+    (lambda c: "{not json", "cannot read captions"),
+    (lambda c: {"images": c["images"]}, "not a COCO captions file"),
+    (lambda c: [c], "not a COCO captions file"),
+    (lambda c: dict(c, images=c["images"] + [{"id": 11}]), r"images\[3\] needs an 'id' and a 'file_name'"),
+    (lambda c: dict(c, images=c["images"] + [{"id": 3, "file_name": "d.png"}]), r"images\[3\] repeats image id 3"),
+    (lambda c: dict(c, annotations=c["annotations"] + [{"image_id": 4, "caption": "y"}]),
+     r"annotations\[4\] names image 4, which is not among the images"),
+    (lambda c: dict(c, annotations=c["annotations"] + [{"image_id": 3, "caption": " \n"}]), r"annotations\[4\] has an"),
+    (lambda c: dict(c, annotations=[{"image_id": 3, "caption": 5}]), r"annotations\[0\] needs an 'image_id' and a"),
+    (lambda c: dict(c, annotations=[]), "holds no captions"),
 ])
-def test_fid_bad_npz(tmp_path, arrays, message):
-    with pytest.raises(fid.InputError, match=message):
-        fid.load_source(_write_npz(tmp_path / "bad.npz", **arrays))
+def test_coco_captions_bad_entries(tmp_path, edit, message):
+    path = tmp_path / "captions.json"
+    bad = edit(json.loads(json.dumps(COCO)))
+    path.write_text(bad if isinstance(bad, str) else json.dumps(bad))
+    with pytest.raises(ValueError, match=message) as e:
+        dtr.read_coco_captions(str(path))
+    assert "\n" not in str(e.value)
 
 
-def test_fid_bad_files_and_folders(tmp_path):
-    (tmp_path / "garbage.npz").write_bytes(b"not a zip file")
-    with pytest.raises(fid.InputError, match="cannot read"):
-        fid.load_source(str(tmp_path / "garbage.npz"))
-    with pytest.raises(fid.InputError, match="no such file"):
-        fid.load_source(str(tmp_path / "missing.npz"))
-    (tmp_path / "images.txt").write_text("x")
-    with pytest.raises(fid.InputError, match="expected an .npz"):
-        fid.load_source(str(tmp_path / "images.txt"))
-    mixed = tmp_path / "mixed"
-    mixed.mkdir()
-    Image.fromarray(_images(1, 8, 8)[0]).save(mixed / "a.png")
-    Image.fromarray(_images(1, 8, 9)[0]).save(mixed / "b.png")
-    with pytest.raises(fid.InputError, match="differ in size"):
-        fid.load_source(str(mixed))
-    (mixed / "b.png").write_bytes(b"\x89PNG broken")
-    with pytest.raises(fid.InputError, match="cannot read image"):
-        fid.load_source(str(mixed))
-    Image.fromarray(_images(1, 8, 8)[0]).save(mixed / "b.png")
-    (mixed / "c.png").write_bytes((mixed / "a.png").read_bytes()[:60])  # valid header, truncated data
-    folder = fid.ImageFiles(str(mixed), num_workers=1)
-    with pytest.raises(fid.InputError, match="c.png"):
-        folder[0:3]
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(fid.InputError, match="at least 2 images, got 0"):
-        fid.load_source(str(tmp_path / "empty"))
+#################################################################################
+#                      dtr.py: end to end and command line                      #
+#################################################################################
 
-
-def test_fid_weights_errors(tmp_path, monkeypatch):
-    with pytest.raises(fid.InputError, match="cannot read Inception weights"):
-        fid.load_inception(str(tmp_path / "nope.pth"))
-    torch.save({"fc.weight": torch.zeros(1)}, tmp_path / "wrong.pth")
-    with pytest.raises(fid.InputError, match="not the FID Inception state dict"):
-        fid.load_inception(str(tmp_path / "wrong.pth"))
-
-    def offline(*args, **kwargs):
-        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
-    with pytest.raises(fid.InputError, match="--inception-weights") as e:
-        fid.load_inception(None)
-    assert fid.FID_WEIGHTS_URL in str(e.value) and "\n" not in str(e.value)
-
-
-def _cli_args(*paths, **kw):
-    args = dict(paths=list(paths), save_stats=False, json=None, inception_weights=None, protocol="adm",
-                batch_size=3, device="cpu", num_workers=2)
-    return argparse.Namespace(**{**args, **kw})
-
-
-def _reference_metrics(ref, smp, k=3):
-    """ADM's numbers from two dicts of float features, by textbook formulas in float64."""
-    def trace_sqrt(a, b):  # tr (S_a S_b)^1/2 = nuclear norm of Ac Bc^T / sqrt((n_a - 1)(n_b - 1)), exact for n << D
-        ac, bc = a - a.mean(0), b - b.mean(0)
-        return linalg.svdvals(ac @ bc.T).sum() / math.sqrt((len(a) - 1) * (len(b) - 1))
-
-    def frechet(a, b):
-        tr_a, tr_b = (np.cov(x, rowvar=False).trace() for x in (a, b))
-        return ((a.mean(0) - b.mean(0)) ** 2).sum() + tr_a + tr_b - 2 * trace_sqrt(a, b)
-
-    ref, smp = ({n: v.astype(np.float64) for n, v in f.items()} for f in (ref, smp))
-    p = np.exp(smp["logits"] - smp["logits"].max(1, keepdims=True))
-    p /= p.sum(1, keepdims=True)  # p(y|x), softmax over the 1008 logits
-    kl = (p * (np.log(p) - np.log(p.mean(0)))).sum(1)  # KL(p(y|x) || p(y)), one split
-    precision, recall = _brute_force_pr(ref["pool"], smp["pool"], k)
-    return {"inception_score": math.exp(kl.mean()), "fid": frechet(smp["pool"], ref["pool"]),
-            "sfid": frechet(smp["spatial"], ref["spatial"]), "precision": precision, "recall": recall}
-
-
-def test_fid_cli_two_sets_match_reference_formulas_and_saved_stats(inception, weights_file, tmp_path, capsys):
-    # uniform colours (+ slight noise), picked so that each set covers only part of the other
-    ref_colours = [(120, 120, 120), (0, 60, 120), (120, 60, 60), (180, 120, 120), (0, 60, 60), (0, 0, 120),
-                   (120, 60, 120)]
-    smp_colours = [(0, 180, 180), (180, 60, 180), (120, 180, 120), (0, 120, 60), (60, 180, 120)]
-    ref_images, smp_images = (np.array(c, np.uint8)[:, None, None] + _images(len(c), seed=s) // 16
-                              for c, s in ((ref_colours, 1), (smp_colours, 2)))
-    ref = _write_npz(tmp_path / "ref.npz", arr_0=ref_images)
-    os.mkdir(tmp_path / "samples")
-    for i, im in enumerate(smp_images):
-        Image.fromarray(im).save(tmp_path / "samples" / f"{i:02d}.png")
-    with torch.no_grad():  # features of each set in one batch, outside compute_features
-        feats = [{k: v.numpy() for k, v in inception(fid.preprocess(torch.from_numpy(x))).items()}
-                 for x in (ref_images, smp_images)]
-    expected = _reference_metrics(*feats)
-    assert (expected["precision"], expected["recall"]) == (2 / 5, 1 / 7)
-    # ADM rounds squared distances through float16 (11 significant bits); here every precision/recall decision
-    # clears its threshold by more than 4e-3 of the largest squared norm, so that rounding cannot flip it
-    ref_pool, smp_pool = (f["pool"].astype(np.float64) for f in feats)
-    d = ((smp_pool[:, None] - ref_pool[None]) ** 2).sum(-1)  # (5, 7)
-    r_ref, r_smp = (np.sort(((x[:, None] - x[None]) ** 2).sum(-1), 1)[:, 3] for x in (ref_pool, smp_pool))
-    margin = min(np.abs(d - r_ref[None]).min(), np.abs(d.T - r_smp[None]).min())
-    assert margin > 4e-3 * max((ref_pool ** 2).sum(1).max(), (smp_pool ** 2).sum(1).max())
-
-    stats = str(tmp_path / "ref_stats.npz")
-    fid.main(_cli_args(ref, stats, save_stats=True, inception_weights=weights_file))
-    with np.load(stats) as z:
-        assert sorted(z.files) == sorted(["mu", "sigma", "mu_s", "sigma_s", "pool", "logits"])
-        assert z["pool"].shape == (7, 2048) and z["sigma_s"].shape == (2023, 2023)
-    results = []
-    for ref_source in (ref, stats):
-        fid.main(_cli_args(ref_source, str(tmp_path / "samples"), json=str(tmp_path / "out.json"),
-                           inception_weights=weights_file))
-        out = capsys.readouterr().out
-        assert [line.split(":")[0] for line in out.splitlines()[-6:]] == [
-            "Inception Score", "Inception Score std", "FID", "sFID", "Precision", "Recall"]
-        results.append(json.loads((tmp_path / "out.json").read_text()))
-    assert results[0] == results[1]  # the saved statistics give the numbers of the images they came from
-    res = results[0]
-    assert res["num_ref"] == 7 and res["num_samples"] == 5 and res["inception_score_std"] == 0.0  # one split
-    assert (res["precision"], res["recall"]) == (expected["precision"], expected["recall"])
-    assert res["fid"] == pytest.approx(expected["fid"], rel=1e-6)
-    assert res["sfid"] == pytest.approx(expected["sfid"], rel=1e-6)
-    # near-uniform random logits put IS close to 1: compare its log, E KL, instead
-    assert math.log(res["inception_score"]) == pytest.approx(math.log(expected["inception_score"]), rel=1e-5)
-    assert not list(tmp_path.glob("*.tmp"))
+def test_a_few_training_steps_lower_the_loss():
+    torch.manual_seed(0)
+    model = dtr.DiT_models["DiT-T/2"](input_size=8, num_classes=4, routing="dtr")
+    d = dtr.create_diffusion("", noise_schedule="cosine")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x0, y = torch.randn(8, 4, 8, 8).clamp(-1, 1), torch.arange(8) % 4
+    t, noise = torch.randint(0, 1000, (8,)), torch.randn(8, 4, 8, 8)
+    losses = []
+    for _ in range(30):
+        loss = d.training_losses(model, x0, t, dict(y=y), noise)["loss"].mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
 
 
 @pytest.mark.slow
-def test_fid_cli_bad_input_is_one_line(tmp_path):
-    bad = _write_npz(tmp_path / "bad.npz", arr_0=np.zeros((4, 8, 8, 3), np.float64))
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "fid.py"), bad, bad], capture_output=True, text=True)
-    assert proc.returncode == 1
-    message = f"fid.py: error: {bad}: arr_0 must be uint8 images in [0, 255], got float64"
-    assert proc.stderr.strip().splitlines() == [message]
-
-
-# -----------------------------------------------------------------------------
-# Metrics on synthetic features
-# -----------------------------------------------------------------------------
-
-def _scipy_fid(mu1, s1, mu2, s2):
-    covmean = linalg.sqrtm(s1 @ s2).real
-    return (mu1 - mu2) @ (mu1 - mu2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)
-
-
-def test_fid_frechet_distance_closed_forms_and_scipy():
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(400, 32)) @ rng.normal(size=(32, 32))
-    mu, sigma = fid.feature_statistics(x)
-    assert np.allclose(sigma, np.cov(x, rowvar=False, ddof=1)) and np.allclose(mu, x.mean(0))
-    assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-9 * np.trace(sigma)
-    shift = rng.normal(size=32)
-    assert fid.frechet_distance(mu, sigma, mu + shift, sigma) == pytest.approx(shift @ shift, rel=1e-9)
-    d, a, b = 16, 1.5, 0.5  # N(0, a^2 I) vs N(shift, b^2 I): |shift|^2 + d (a - b)^2
-    assert fid.frechet_distance(np.zeros(d), a * a * np.eye(d), shift[:d], b * b * np.eye(d)) == \
-        pytest.approx(shift[:d] @ shift[:d] + d * (a - b) ** 2, rel=1e-12)
-    y = rng.normal(size=(300, 32)) * 2 + 1
-    mu2, sigma2 = fid.feature_statistics(y)
-    assert fid.frechet_distance(mu, sigma, mu2, sigma2) == pytest.approx(_scipy_fid(mu, sigma, mu2, sigma2), rel=1e-6)
-
-
-def test_fid_frechet_distance_singular_covariance():
-    rng = np.random.default_rng(1)
-    mu1, s1 = fid.feature_statistics(rng.normal(size=(10, 24)))
-    mu2, s2 = fid.feature_statistics(rng.normal(size=(50, 24)))
-    with pytest.raises(np.linalg.LinAlgError):
-        np.linalg.cholesky(s1)  # rank 9: the eigen-decomposition path
-    ev = linalg.eigvals(s1 @ s2)
-    expected = (mu1 - mu2) @ (mu1 - mu2) + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.abs(ev.real)).sum()
-    assert fid.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-6)
-    with pytest.raises(ValueError, match="shape mismatch"):
-        fid.frechet_distance(mu1, s1, mu2[:3], s2[:3, :3])
-
-
-def test_fid_inception_score():
-    assert fid.inception_score(np.zeros((20, 10))) == pytest.approx((1.0, 0.0))
-    one_hot = np.tile(1000 * np.eye(7), (3, 1))  # each of 7 classes equally often, fully confident
-    assert fid.inception_score(one_hot)[0] == pytest.approx(7.0)
-    # splits of 5 in order, last partial: distinct classes (5), one class (1), two classes (2)
-    labels = [0, 1, 2, 3, 4] + [3] * 5 + [5, 6]
-    mean, std = fid.inception_score(1000 * np.eye(7)[labels], split_size=5)
-    assert mean == pytest.approx(8 / 3) and std == pytest.approx(np.std([5, 1, 2]))
-
-
-def _line(xs):
-    return np.array([[x, 0.0] for x in xs], np.float32)  # points on a line, embedded in 2-D
-
-
-@pytest.mark.parametrize("adm_fp16", [True, False])
-def test_fid_precision_recall_constructed(adm_fp16):
-    ref, smp = _line([0, 1, 2, 3, 10]), _line([-6, -5, -4, -3, 30, 31, 32, 33])
-    # k=3 counting the point itself: r^2 = 4th smallest of its squared distances (incl. 0)
-    assert fid._knn_radii(torch.tensor(ref), 3, 10000, adm_fp16).tolist() == [9, 4, 4, 9, 81]
-    # precision: only -3 lies in a reference ball (|-3 - 0|^2 = 9 <= 9, on the boundary);
-    # recall: only 0 lies in a sample ball (|0 - (-3)|^2 = 9 <= r^2(-3) = 9)
-    assert fid.precision_recall(ref, smp, device="cpu", adm_fp16=adm_fp16) == (1 / 8, 1 / 5)
-    assert fid.precision_recall(ref, smp, device="cpu", block_size=3, adm_fp16=adm_fp16) == (1 / 8, 1 / 5)
-
-
-def _brute_force_pr(ref, smp, k=3):
-    def d(a, b):
-        return ((a[:, None].astype(np.float64) - b[None]) ** 2).sum(-1)
-
-    r_ref, r_smp = np.sort(d(ref, ref), 1)[:, k], np.sort(d(smp, smp), 1)[:, k]
-    return (d(smp, ref) <= r_ref[None]).any(1).mean(), (d(ref, smp) <= r_smp[None]).any(1).mean()
-
-
-def test_fid_precision_recall_blocks_and_fp16_fallback():
-    rng = np.random.default_rng(0)
-    ref = rng.normal(size=(60, 8)).astype(np.float32)
-    smp = (rng.normal(size=(50, 8)) * 1.3 + 0.3).astype(np.float32)
-    exact = fid.precision_recall(ref, smp, device="cpu", adm_fp16=False)
-    assert exact == pytest.approx(_brute_force_pr(ref, smp), abs=1e-7) and 0 < exact[0] < 1 and 0 < exact[1] < 1
-    assert fid.precision_recall(ref, smp, device="cpu", block_size=7, adm_fp16=False) == exact
-    assert fid.precision_recall(ref, smp, device="cpu", block_size=7) == fid.precision_recall(ref, smp, device="cpu")
-    big = torch.tensor(ref) * 1000  # squared norms overflow float16: ADM falls back to float32
-    assert torch.equal(fid._sq_distances(big, big), fid._sq_distances(big, big, adm_fp16=False))
-    small = fid._sq_distances(torch.tensor(ref), torch.tensor(smp))
-    assert torch.equal(small, small.half().float()) and small.min() >= 0  # float16 values
-    with pytest.raises(fid.InputError, match="more than 3"):
-        fid.precision_recall(ref[:3], smp, device="cpu")
-
-
-# -----------------------------------------------------------------------------
-# torch.distributed: contiguous shards, gathered in input order on every rank
-# -----------------------------------------------------------------------------
-
-class _IndexNet(torch.nn.Module):
-    """Stand-in network whose features are the mean input value of each image."""
-
-    def __init__(self):
-        super().__init__()
-        self.dummy = torch.nn.Parameter(torch.zeros(()))
-
-    def forward(self, x):
-        v = x.mean((1, 2, 3))[:, None]
-        return {k: v.expand(-1, d) for k, d in fid.FEATURE_DIMS.items()}
-
-
-def _gather_worker(rank, world, rendezvous):
-    torch.distributed.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world)
-    try:
-        images = np.arange(5, dtype=np.uint8)[:, None, None, None].repeat(8, 1).repeat(8, 2).repeat(3, 3)
-        feats = fid.compute_features(images, _IndexNet(), batch_size=2)  # shards of 3 and 2 images
-        expected = (np.arange(5) - 128) / 128
-        for k, d in fid.FEATURE_DIMS.items():
-            assert feats[k].shape == (5, d) and np.allclose(feats[k][:, 0], expected), (rank, k, feats[k][:, 0])
-    finally:
-        torch.distributed.destroy_process_group()
+def test_masks_cli_draws_the_table(tmp_path):
+    from PIL import Image
+    read_image = lambda p: torch.from_numpy(np.array(Image.open(p))).permute(2, 0, 1)
+    out = tmp_path / "m.png"
+    r = run_cli("masks", "--kind", "dtr", "--channels", "40", "--tasks", "30", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    img = read_image(str(out))  # (3, T, C)
+    assert img.shape == (3, 30, 40)
+    active = (img[0] > 128).float()  # yellow is bright in red, purple is not
+    assert torch.equal(active, dtr.dtr_masks(30, 40))
+    r = run_cli("masks", "--kind", "dtr", "--beta", "0", "--out", str(out))
+    assert r.returncode != 0 and "beta" in r.stderr and img.shape == read_image(str(out)).shape  # old file intact
 
 
 @pytest.mark.slow
-def test_fid_compute_features_distributed_gather(tmp_path):
-    torch.multiprocessing.spawn(_gather_worker, args=(2, f"file://{tmp_path}/rendezvous"), nprocs=2)
+def test_bench_cli_reports_three_kinds():
+    r = run_cli("bench", "--model", "DiT-T/2", "--image-size", "8", "--batch-size", "2", "--steps", "2", "--warmup", "0")
+    assert r.returncode == 0, r.stderr
+    rows = {line.split()[0]: line for line in r.stdout.splitlines()[1:]}
+    assert set(rows) == {"none", "random", "dtr"}
+    assert all(float(rows[k].split()[1]) > 0 for k in rows) and "% vs none" in rows["dtr"]
 
 
-def _fid_ranks(*argv_per_rank, timeout=120):
-    """Run fid.py once per rank of one gloo process group, set up as torchrun would -> [(exit status, stderr)];
-    a rank still running after `timeout` seconds (in all) fails the test instead of hanging it."""
-    import socket
-    import time
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = []
-    for rank, argv in enumerate(argv_per_rank):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(len(argv_per_rank))}
-        procs.append(subprocess.Popen([sys.executable, os.path.join(HERE, "fid.py"), *argv, "--device", "cpu"],
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    deadline = time.monotonic() + timeout
-    try:
-        errs = [p.communicate(timeout=max(1.0, deadline - time.monotonic()))[1] for p in procs]
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"a rank was still running after {timeout} s: the ranks do not agree on the failure")
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait()
-    return [(p.returncode, err) for p, err in zip(procs, errs, strict=True)]
+def test_atomic_write_keeps_old_file_on_failure(tmp_path):
+    path = tmp_path / "f.txt"
+    path.write_text("old")
+
+    def fail(tmp):
+        open(tmp, "w").write("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        dtr.atomic_write(path, fail)
+    assert path.read_text() == "old" and os.listdir(tmp_path) == ["f.txt"]
+    dtr.atomic_write(path, lambda tmp: open(tmp, "w").write("new"))
+    assert path.read_text() == "new"
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("failing", ["rank 0 weights", "rank 1 weights", "rank 1 shard"])
-def test_fid_torchrun_failure_on_one_rank_stops_every_rank(weights_file, tmp_path, failing):
-    folder = tmp_path / "images"
-    folder.mkdir()
-    for i, im in enumerate(_images(4)):
-        Image.fromarray(im).save(folder / f"{i}.png")
-    missing = str(tmp_path / "missing.pth")
-    weights = {"rank 0 weights": [missing, weights_file], "rank 1 weights": [weights_file, missing]}
-    if failing == "rank 1 shard":  # rank 1 reads images 2, 3: a valid header (same size) with truncated data
-        (folder / "3.png").write_bytes((folder / "0.png").read_bytes()[:60])
-    argv = [[str(folder), str(folder), "--inception-weights", w, "--batch-size", "2", "--num-workers", "1"]
-            for w in weights.get(failing, [weights_file] * 2)]
-    (status0, err0), (status1, err1) = _fid_ranks(*argv)
-    assert status0 == status1 == 1 and err1 == ""  # every rank stops; rank 0 alone prints the error
-    expected = {"rank 0 weights": f"fid.py: error: cannot read Inception weights {missing}: ",
-                "rank 1 weights": f"fid.py: error: rank 1: cannot read Inception weights {missing}: ",
-                "rank 1 shard": f"fid.py: error: rank 1: cannot read image {folder / '3.png'}: "}[failing]
-    assert err0.splitlines()[-1].startswith(expected) and "Traceback" not in err0, err0  # after a progress bar
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# train.py
-# --------------------------------------------------------------------------------------------------------------------
-
-TINY_TRAIN = ["--image-size", "8", "--global-batch-size", "8", "--demo-images-per-class", "4", "--grid-steps", "2",
-              "--log-every", "2"]
-
-
-CPU_RUN = train.Run(rank=0, world=1, device=torch.device("cpu"), part=slice(None))  # one process, the whole batch
-
-
-def run_train(tmp_path, *extra, name="r"):
-    """Train in this process; returns (experiment dir, its newest checkpoint)."""
-    args = train.parser().parse_args([*TINY_TRAIN, "--results-dir", str(tmp_path / name), *extra])
-    exp = train.main(args)
-    return exp, torch.load(train.latest_checkpoint(str(tmp_path / name)), weights_only=False)
-
-
-def torchrun(*args, nproc=2):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           os.path.join(HERE, "train.py"), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-
+#################################################################################
+#                                    train.py                                   #
+#################################################################################
 
 def test_train_demo_defaults_and_outputs(tmp_path):
     args = train.resolve_preset(train.parser().parse_args([]))
@@ -1571,12 +1340,6 @@ def glob_ckpts(tmp_path):
     return glob.glob(str(tmp_path / "r" / "*" / "checkpoints" / "*.pt"))
 
 
-def write_images(folder, n, size=(12, 10)):
-    os.makedirs(folder, exist_ok=True)
-    for i in range(n):
-        Image.fromarray(np.full((size[1], size[0], 3), 25 * i % 256, np.uint8)).save(os.path.join(folder, f"{i}.png"))
-
-
 def test_train_image_folder_and_npz(tmp_path):
     write_images(tmp_path / "imgs" / "cats", 5)
     write_images(tmp_path / "imgs" / "dogs", 5)
@@ -1706,8 +1469,7 @@ def test_train_grad_ckpt_reaches_the_model_and_keeps_its_state_dict():
         assert {k: v.shape for k, v in plain.state_dict().items()} == {k: v.shape for k, v in ckpt.state_dict().items()}
 
 
-# -- memory-mapped .npz / .npy data ----------------------------------------------------------------------------------
-
+# -- memory-mapped .npz / .npy data
 def resident_memory():
     """(VmRSS, RssAnon) of this process in bytes. RssAnon is private memory (where a copy of arr_0 would live);
     VmRSS adds the page cache a memory map touches, which ranks share and this kernel maps in folios of up to 2 MB."""
@@ -1778,20 +1540,7 @@ def test_train_npz_memmap_values_compressed_refused_and_npy(tmp_path):
     assert classes == 2 and isinstance(data.images, np.memmap) and np.array_equal(data.images, a)
 
 
-# -- pre-encoded latents (--latents) ---------------------------------------------------------------------------------
-
-def tiny_vae(path, seed=0):
-    """A tiny random AutoencoderKL (4 latent channels, 8x down), saved with save_pretrained: a stand-in for SD's."""
-    diffusers = pytest.importorskip("diffusers")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        vae = diffusers.AutoencoderKL(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4,
-                                      latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 4,
-                                      up_block_types=("UpDecoderBlock2D",) * 4)
-    vae.save_pretrained(path)
-    return str(path)
-
-
+# -- pre-encoded latents (--latents)
 def write_noise_images(folder, n=24, classes=2, size=(40, 36)):
     """Random (so not mirror-symmetric) RGB images in `classes` class folders."""
     rng = np.random.default_rng(0)
@@ -1966,20 +1715,131 @@ def test_train_latent_bench_runs(latent_setup, capsys):
     assert "interleaved rounds: on the fly" in capsys.readouterr().out
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# sample.py
-# --------------------------------------------------------------------------------------------------------------------
+#################################################################################
+#               train.py: text-to-image (a tiny CLIP, no download)              #
+#################################################################################
 
-SAMPLE_STEPS = 10  # DDPM steps in these tests (the default is 250)
-COLOURS = torch.tensor([[0.8, -0.6, -0.6], [-0.6, 0.8, -0.6], [-0.6, -0.6, 0.8], [0.5, 0.5, -0.5]])
+def test_text_demo_data_and_flags():
+    data, captions = train.load_text_data(argparse.Namespace(captions=None, demo_images_per_class=2, image_size=8, seed=0))
+    assert len(data) == len(captions) == 12 and data[5][1] == 5  # labels: image indices into the captions
+    assert captions[0] == ("a red circle", "a picture of a red circle") and captions[11][0] == "a cyan diamond"
+    u = torch.tensor([0.0, 0.99, 0.5], dtype=torch.float64)
+    picked = train.pick_captions(captions, torch.tensor([0, 0, 11]), u)
+    assert picked == ["a red circle", "a picture of a red circle", "a picture of a cyan diamond"]
+    args = train.resolve_preset(train.parser().parse_args(["--text-demo"]))
+    assert args.text_encoder == dtr.DEMO_TEXT_ENCODER and args.model == "DiT-T/2" and args.steps == 2400
+    coco = train.resolve_preset(train.parser().parse_args(["--data", "d", "--captions", "c.json"]))
+    assert coco.text_encoder == "openai/clip-vit-large-patch14" and coco.global_batch_size == 256
+    for argv, message in ((["--text-demo", "--data", "d"], "leave out --data"), (["--cache-text", "c"], "apply to text")):
+        with pytest.raises(dtr.InputError, match=message):
+            train.resolve_preset(train.parser().parse_args(argv))
 
 
-def ckpt_args(**kw):
-    """A train.py checkpoint's model_args (dtr.MODEL_ARGS): a 4-class pixel DiT-T/2 on 8x8 images, label dropout, DTR."""
-    args = dict(model="DiT-T/2", image_size=8, vae=None, num_classes=4, learn_sigma=True, class_dropout_prob=0.1,
-                routing="dtr", alpha=4.0, beta=0.8, routing_seed=0, num_timesteps=1000, noise_schedule="linear")
-    return dtr.model_args({**args, **kw})
+# The text path end to end, with no download: dtr.py's built-in tiny CLIP (a random CLIPTextModel from a config, with
+# a character-level CLIPTokenizer), and a saved copy of another one loaded through --text-encoder DIR.
+def fit_captions(model, args, steps=60):
+    """A few Adam steps on 8x8 images coloured by the first 4 demo captions (10% dropped), so samples follow the text."""
+    diffusion = dtr.build_diffusion(dtr.model_args(args))
+    context, _ = dtr.TextEncoder(dtr.DEMO_TEXT_ENCODER).encode([c[0] for c in train.SHAPE_CAPTIONS[:4]])
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(steps):
+        k = torch.randint(0, 4, (32,), generator=g)
+        x0 = COLOURS[k][:, :, None, None] + 0.3 * torch.randn(32, 1, 8, 1, generator=g) * torch.ones(1, 1, 1, 8)
+        t, drop = torch.randint(0, 1000, (32,), generator=g), torch.rand(32, generator=g) < 0.1
+        kwargs = dict(y=context[k], force_drop_ids=drop)
+        loss = diffusion.training_losses(model, x0, t, kwargs, noise=torch.randn(x0.shape, generator=g))["loss"]
+        opt.zero_grad()
+        loss.mean().backward()
+        opt.step()
+    return model.eval()
 
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory):
+    """A 2-step --text-demo run with --cache-text: (its checkpoint, experiment dir, cache dir), and (a checkpoint of
+    its EMA model fitted to caption colours, that model, the run's args) for sampling."""
+    pytest.importorskip("transformers")
+    root = tmp_path_factory.mktemp("text")
+    exp, ckpt = run_train(root, "--text-demo", "--cache-text", str(root / "cache"), "--steps", "2", "--ckpt-every", "2")
+    args = argparse.Namespace(**ckpt["args"])
+    model = dtr.build_model(dtr.model_args(args))
+    model.load_state_dict(ckpt["ema"])
+    fitted = fit_captions(model, args)
+    path = save_train_ckpt(root / "fitted.pt", ckpt["args"], fitted.state_dict())
+    return train.latest_checkpoint(str(root / "r")), exp, root / "cache", path, fitted, args
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    """Another tiny random CLIP text encoder, saved with save_pretrained: what --text-encoder DIR loads."""
+    pytest.importorskip("transformers")
+    path = tmp_path_factory.mktemp("clip") / "clip"
+    tokenizer, model = dtr.tiny_clip(seed=1)
+    tokenizer.save_pretrained(path)
+    model.save_pretrained(path)
+    return str(path)
+
+
+def test_text_demo_training_cache_and_grid(text_run, tmp_path):
+    ckpt_path, exp, cache = text_run[:3]
+    ckpt = torch.load(ckpt_path, weights_only=False)
+    enc = dtr.TextEncoder(dtr.DEMO_TEXT_ENCODER)
+    assert (ckpt["args"]["context_dim"], ckpt["args"]["text_length"], ckpt["args"]["text_digest"]) == (64, 32, enc.digest)
+    assert "y_embedder.embedding_table.weight" not in ckpt["ema"] and "null_context" in ckpt["ema"]
+    prompts = [c[0] for c in train.SHAPE_CAPTIONS]
+    assert open(os.path.join(exp, "samples_0000002.txt")).read().splitlines() == prompts
+    grid = np.array(Image.open(os.path.join(exp, "samples_0000002.png")))
+    assert grid.shape == (6 * 65 + 1, 8 * 65 + 1, 3)  # one row per prompt; 8-pixel samples upscaled 8x, padding 1
+    files = sorted(cache.glob("*/*.pt"))
+    assert 6 <= len(files) <= 12  # one per distinct caption: the 6 grid prompts and those drawn in training
+    hidden, mask = enc.encode(prompts)
+    enc.cache = str(cache)
+    cached_hidden, cached_mask = enc(prompts)  # every prompt is read back from the cache
+    assert torch.allclose(cached_hidden, hidden, atol=1e-6) and torch.equal(cached_mask, mask)
+    assert mask.sum(1).tolist() == [len(p.replace(" ", "")) + 2 for p in prompts]  # start, characters, end
+    _, again = run_train(tmp_path, "--text-demo", "--cache-text", str(cache), "--steps", "2", "--ckpt-every", "2")
+    assert len(sorted(cache.glob("*/*.pt"))) == len(files)  # nothing encoded twice
+    for k in ckpt["model"]:  # the cache holds what the encoder gave the first run: the same training, bit for bit
+        assert torch.equal(ckpt["model"][k], again["model"][k]), k
+    with pytest.raises(SystemExit, match="text_mask is False there but True now"):  # resuming checks the text setup
+        run_train(tmp_path, "--text-demo", "--text-mask", "--steps", "3", "--resume", ckpt_path, name="re")
+
+
+@pytest.mark.slow
+def test_text_coco_training_is_the_same_on_two_processes(clip_dir, tmp_path):
+    captions_per_image = [["a dark square", "a black box", "night"], ["a grey tile"], ["pale", "light"], ["white"],
+                          ["a bright square", "snow"], ["x", "y", "z"], ["fog"], ["ash", "ember"]]
+    images, captions = write_coco(tmp_path, captions_per_image)
+    args = [*TINY_TRAIN, "--data", images, "--captions", captions, "--text-encoder", clip_dir, "--text-mask",
+            "--model", "DiT-T/2", "--num-workers", "0", "--steps", "2", "--ckpt-every", "2", "--log-every", "1",
+            "--global-batch-size", "4"]
+    r = torchrun(*args, "--results-dir", str(tmp_path / "two"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    one_exp, one = run_train(tmp_path, *args[len(TINY_TRAIN):], name="one")
+    two = torch.load(train.latest_checkpoint(str(tmp_path / "two")), weights_only=False)
+    assert one["args"]["text_mask"] and one["args"]["text_encoder"] == clip_dir and one["args"]["num_classes"] == 1
+    for k in one["model"]:  # the same captions for global sample i on any number of ranks
+        assert torch.allclose(one["model"][k], two["model"][k], atol=1e-5), k
+    assert "15 captions, text encoder" in open(os.path.join(one_exp, "log.txt")).read()
+    (tmp_path / "prompts.txt").write_text("fog\na bright square\n")  # sampling with the key mask, through DIR
+    out = run_sample(train.latest_checkpoint(str(tmp_path / "one")), tmp_path / "s", "--prompts", str(tmp_path / "prompts.txt"), n=2)
+    model = dtr.build_model(dtr.model_args(one["args"]))
+    model.load_state_dict(one["ema"])
+    reference = text_reference(model.eval(), argparse.Namespace(**one["args"]), ["fog", "a bright square"], range(2),
+                               encoder=clip_dir, mask=True)
+    assert np.array_equal(out["arr_0"], reference)
+    os.remove(os.path.join(images, "003.png"))
+    with pytest.raises(SystemExit, match=r"1 of the 8 images of .*captions.json are not in .*images \(e.g. 003.png\)"):
+        run_train(tmp_path, *args[len(TINY_TRAIN):], name="bad")
+    with pytest.raises(dtr.InputError, match="cannot load a CLIP text encoder from"):
+        dtr.load_clip(str(tmp_path / "nowhere"))
+
+
+#################################################################################
+#                                   sample.py                                   #
+#################################################################################
 
 def fit_colours(model, args, steps=60):
     """A few Adam steps on class-coloured 8x8 images, so that samples are images rather than saturated noise."""
@@ -1997,13 +1857,6 @@ def fit_colours(model, args, steps=60):
     return model.eval()
 
 
-def save_train_ckpt(path, args, ema, raw=None):
-    """A checkpoint as train.py writes it."""
-    torch.save({"model": raw if raw is not None else ema, "ema": ema, "opt": {}, "model_args": dtr.model_args(args),
-                "args": args, "step": 0, "uw": None, "rng": None, "scaler": None}, path)
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def fitted_dit(tmp_path_factory):
     """(checkpoint path, model) of the fitted_dit DiT; its raw weights are the untrained ones."""
@@ -2013,15 +1866,6 @@ def fitted_dit(tmp_path_factory):
     fit_colours(model, ckpt_args())
     path = tmp_path_factory.mktemp("ckpt") / "fitted.pt"
     return save_train_ckpt(path, ckpt_args(), model.state_dict(), raw), model
-
-
-def run_sample(ckpt, out, *flags, n=6):
-    """sample.py in this process -> the arrays of its .npz."""
-    argv = ["--ckpt", str(ckpt), "--out", str(out), "--num-samples", str(n), "--num-sampling-steps", str(SAMPLE_STEPS)]
-    sample.main(sample.parser().parse_args([*argv, *flags]))
-    npz = [f for f in os.listdir(out) if f.endswith(".npz")]
-    with np.load(os.path.join(out, npz[0])) as z:
-        return {k: z[k] for k in z.files}
 
 
 @torch.no_grad()
@@ -2068,10 +1912,7 @@ def fake_vae(monkeypatch):
     return decoder, kinds
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Labels, seeds and shards
-# --------------------------------------------------------------------------------------------------------------------
-
+# -- Labels, seeds and shards
 def test_sample_labels_and_shards():
     many, few = sample.make_labels(1000, 5000, seed=3), sample.make_labels(1000, 64, seed=3)
     assert many.dtype == np.int64 and 0 <= many.min() and many.max() < 1000 and len(np.unique(many)) > 900
@@ -2081,10 +1922,7 @@ def test_sample_labels_and_shards():
     assert sample.shard_ranges(10, 4) == [(0, 4), (4, 8), (8, 10)] and sample.shard_ranges(3, 4) == [(0, 3)]
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Output format and reproducibility
-# --------------------------------------------------------------------------------------------------------------------
-
+# -- Output format and reproducibility
 def test_sample_npz_format_and_same_images_for_any_batch_and_shard_size(fitted_dit, tmp_path):
     ckpt, model = fitted_dit
     a = run_sample(ckpt, tmp_path / "a", "--cfg-scale", "1.5", "--batch-size", "1", "--shard-size", "4")
@@ -2182,10 +2020,7 @@ def test_sample_autocast_precision_is_close_to_fp32(fitted_dit, tmp_path, precis
     assert diff.mean() < 20 and np.array_equal(full["arr_1"], half["arr_1"])
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Output folder: no overwriting, resume
-# --------------------------------------------------------------------------------------------------------------------
-
+# -- Output folder: no overwriting, resume
 def test_sample_resume_skips_finished_shards(fitted_dit, tmp_path, monkeypatch):
     ckpt, _ = fitted_dit
     full = run_sample(ckpt, tmp_path / "full")
@@ -2241,10 +2076,7 @@ def test_sample_missing_shard_is_one_line_and_resume_fills_it(fitted_dit, tmp_pa
     assert np.array_equal(resumed["arr_0"], full["arr_0"]) and np.array_equal(resumed["arr_1"], full["arr_1"])
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Other checkpoints: unconditional ADM, bare DiT state dicts, latent models
-# --------------------------------------------------------------------------------------------------------------------
-
+# -- Other checkpoints: unconditional ADM, bare DiT state dicts, latent models
 def test_sample_unconditional_adm_ignores_labels(tmp_path, capsys):
     args = ckpt_args(model="ADM-T", image_size=16, num_classes=1, class_dropout_prob=0.0, noise_schedule="cosine")
     torch.manual_seed(0)
@@ -2316,8 +2148,7 @@ def test_sample_guided_channels_leave_the_rest_unguided(tmp_path, monkeypatch):
         run_sample(ckpt, tmp_path / "five", *labels, "--guided-channels", "5")
 
 
-# -- official DTR checkpoints (byeongjun-park/DTR): {"model", "ema", "opt", "config"[, "uw"]}, masks in the weights ----
-
+# -- official DTR checkpoints (byeongjun-park/DTR): {"model", "ema", "opt", "config"[, "uw"]}, masks in the weights
 def official_config(**routing):
     """The official DTR code's hydra config as its train.py saves it (base_config.yaml + data/ImageNet.yaml +
     models/DiT.yaml, with the fields it fills in), for a 4-class DiT-T/2 on 64x64 images, cosine, beta 0.6, VAE mse."""
@@ -2460,10 +2291,7 @@ def test_sample_official_checkpoint_without_omegaconf_is_one_line(tmp_path, monk
     assert not os.path.exists(tmp_path / "out")
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Bad input: one line, non-zero exit
-# --------------------------------------------------------------------------------------------------------------------
-
+# -- Bad input: one line, non-zero exit
 @pytest.fixture(scope="module")
 def bad_ckpts(tmp_path_factory):
     """Checkpoints: corrupt bytes, a conditional DiT without a null class, an unconditional one."""
@@ -2509,288 +2337,9 @@ def test_sample_cli_exits_with_one_line(bad_ckpts):
     assert proc.stderr == "sample.py: error: class label 9 is out of range 0..3\n"
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Text-to-image: cross-attention DiT, COCO captions, CLIP text encoder (App. C, Fig. 8)
-# --------------------------------------------------------------------------------------------------------------------
-
-def hand_attention(q, k, v, heads, mask=None):
-    """softmax(q k^T / sqrt(d)) v per head for q (N, T, D), k and v (N, L, D); mask (N, L) False hides a key."""
-    n, _, D = q.shape
-    split = lambda a: a.reshape(n, a.shape[1], heads, D // heads)
-    s = torch.einsum("nthd,nshd->nhts", split(q), split(k)) / math.sqrt(D // heads)
-    if mask is not None:
-        s = s.masked_fill(~mask[:, None, None, :], float("-inf"))
-    return torch.einsum("nhts,nshd->nthd", torch.softmax(s, dim=-1), split(v)).reshape(q.shape)
-
-
-def hand_text_block(block, z, c, ctx, ctx_mask=None):
-    """Text DiTBlock(z) from its weights: adaLN-Zero self-attention, cross-attention (own LayerNorm, no gate), MLP."""
-    mod = F.linear(F.silu(c), block.adaLN_modulation[1].weight, block.adaLN_modulation[1].bias)
-    s1, g1, a1, s2, g2, a2 = mod.chunk(6, dim=1)
-    heads, cross = block.attn.num_heads, block.cross_attn
-    ln = lambda v: (v - v.mean(-1, keepdim=True)) / torch.sqrt(v.var(-1, unbiased=False, keepdim=True) + 1e-6)
-    q, k, v = F.linear(ln(z) * (1 + g1[:, None]) + s1[:, None], block.attn.qkv.weight, block.attn.qkv.bias).chunk(3, -1)
-    z = z + a1[:, None] * F.linear(hand_attention(q, k, v, heads), block.attn.proj.weight, block.attn.proj.bias)
-    q = F.linear(ln(z) * block.norm_cross.weight + block.norm_cross.bias, cross.q.weight, cross.q.bias)
-    k, v = F.linear(ctx, cross.kv.weight, cross.kv.bias).chunk(2, -1)  # keys and values from the text tokens
-    z = z + F.linear(hand_attention(q, k, v, heads, ctx_mask), cross.proj.weight, cross.proj.bias)
-    h = F.linear(ln(z) * (1 + g2[:, None]) + s2[:, None], block.mlp.fc1.weight, block.mlp.fc1.bias)
-    return z + a2[:, None] * F.linear(F.gelu(h, approximate="tanh"), block.mlp.fc2.weight, block.mlp.fc2.bias)
-
-
-def tiny_text_dit(**kw):
-    """A 4-block text DiT on 8x8 inputs reading 16-wide text tokens; random (not zero) weights."""
-    torch.manual_seed(0)
-    return randomize(dtr.DiT_models["DiT-T/2"](input_size=8, context_dim=16, **kw))
-
-
-def test_text_block_with_routing_is_eq8():
-    block = randomize(dtr.DiTBlock(64, 4, context_dim=24), scale=0.1)
-    z, c, ctx = torch.randn(3, 16, 64), torch.randn(3, 64), torch.randn(3, 5, 24)
-    keep = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]).bool()  # captions of 3, 5 and 1 tokens
-    m = dtr.dtr_masks(1000, 64)[torch.tensor([0, 500, 999])]
-    with torch.no_grad():
-        routed = block(z, c, m, ctx, keep)
-        expected = (1 - m[:, None]) * z + hand_text_block(block, m[:, None] * z, c, ctx, keep)  # Eq. (8), whole block
-        assert torch.allclose(routed, expected, atol=1e-5)
-        unmasked = block(z, c, m, ctx)
-        assert torch.allclose(unmasked, (1 - m[:, None]) * z + hand_text_block(block, m[:, None] * z, c, ctx), atol=1e-5)
-        assert (unmasked[0] - routed[0]).abs().max() > 1e-3 and torch.allclose(unmasked[1], routed[1], atol=1e-6)
-        padded = torch.where(keep[:, :, None], ctx, torch.full_like(ctx, 100.0))  # hidden keys never matter
-        assert torch.allclose(block(z, c, m, padded, keep), routed, atol=1e-6)
-        dz = torch.zeros_like(z)  # an inactive channel only travels the identity path, past the cross-attention too
-        dz[0, :, int((m[0] == 0).nonzero()[0])] = 1.0
-        assert torch.allclose(block(z + dz, c, m, ctx, keep)[0] - routed[0], dz[0], atol=1e-5)
-
-
-def test_text_dit_layout_init_and_timestep_only_adaln():
-    torch.manual_seed(0)
-    model = dtr.DiT_models["DiT-T/2"](input_size=8, context_dim=16)
-    sd, class_sd = model.state_dict(), tiny_dit().state_dict()
-    cross = ("norm_cross.weight", "norm_cross.bias", "cross_attn.q.weight", "cross_attn.q.bias", "cross_attn.kv.weight",
-             "cross_attn.kv.bias", "cross_attn.proj.weight", "cross_attn.proj.bias")
-    assert set(sd) - set(class_sd) == {"null_context"} | {f"blocks.{i}.{k}" for i in range(4) for k in cross}
-    assert set(class_sd) - set(sd) == {"y_embedder.embedding_table.weight"}  # no label embedder
-    assert sd["null_context"].shape == (1, 16) and sd["blocks.2.cross_attn.kv.weight"].shape == (2 * 128, 16)
-    assert sd["blocks.0.cross_attn.q.weight"].shape == (128, 128) and not sd["blocks.0.cross_attn.proj.weight"].any()
-    assert "null_context" not in dtr.DiT_models["DiT-T/2"](input_size=8, context_dim=16, class_dropout_prob=0).state_dict()
-    x, c, t, ctx = torch.randn(2, 16, 128), torch.randn(2, 128), torch.tensor([3, 900]), torch.randn(2, 7, 16)
-    with torch.no_grad():
-        for block in model.blocks:  # adaLN-Zero gates and the zero cross-attention output: every block is the identity
-            assert torch.equal(block(x, c, None, ctx), x)
-    model = tiny_text_dit().eval()
-    seen = []
-    model.blocks[0].adaLN_modulation.register_forward_hook(lambda mod, inp, out: seen.append(inp[0]))
-    xs = torch.randn(2, 4, 8, 8)
-    with torch.no_grad():
-        a, b = model(xs, t, ctx), model(xs, t, ctx.flip(0))
-        assert torch.equal(seen[0], model.t_embedder(t)) and torch.equal(seen[0], seen[1])  # adaLN sees t alone
-        assert (a - b).abs().max() > 1e-3  # the text enters through cross-attention
-
-
-def test_null_context_dropout_rate_and_forced_drops():
-    null, ctx, mask = torch.randn(1, 8), torch.randn(20000, 3, 8), torch.rand(20000, 3) > 0.5
-    torch.manual_seed(0)
-    out, out_mask = dtr.drop_context(ctx, mask, null, 0.1)
-    dropped = (out == null).all(-1).all(-1)
-    assert abs(dropped.float().mean().item() - 0.1) < 0.01  # 5 standard deviations
-    assert torch.equal(out[~dropped], ctx[~dropped]) and torch.equal(out_mask[~dropped], mask[~dropped])
-    assert out_mask[dropped].all()  # a dropped row attends to L copies of the null token
-    force = torch.arange(20000) % 3 == 0
-    out, out_mask = dtr.drop_context(ctx, None, null, 0.5, force_drop_ids=force)
-    assert torch.equal((out == null).all(-1).all(-1), force) and out_mask is None
-    assert dtr.drop_context(ctx, mask, null, 0.0) == (ctx, mask)
-    model = tiny_text_dit(class_dropout_prob=1.0)
-    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([5, 600]), torch.randn(2, 6, 16)
-    with torch.no_grad():
-        uncond = model.eval()(x, t)  # y=None: the null context, i.e. unconditional
-        assert torch.allclose(model.train()(x, t, y), uncond, atol=1e-6)  # every caption dropped in training
-        assert (model.eval()(x, t, y) - uncond).abs().max() > 1e-3  # and none in eval mode
-    with pytest.raises(ValueError, match="no null context"):
-        tiny_text_dit(class_dropout_prob=0.0)(x, t)
-
-
-def test_text_cfg_scale_one_is_conditional():
-    model = tiny_text_dit().eval()
-    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([5, 700]), torch.randn(2, 6, 16)
-    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0]]).bool()
-    two = lambda v: torch.cat([v, v])
-    with torch.no_grad():
-        cond, uncond = model(x, t, y, context_mask=mask), model(x, t)
-        out = model.forward_with_cfg(two(x), two(t), two(y), 1.0, context_mask=two(mask))
-        assert torch.allclose(out[:2], cond, atol=1e-6) and torch.equal(out[:2, :4], out[2:, :4])
-        g = model.forward_with_cfg(two(x), two(t), two(y), 4.0, context_mask=two(mask))
-        assert torch.allclose(g[:2, :4], uncond[:, :4] + 4.0 * (cond[:, :4] - uncond[:, :4]), atol=1e-5)
-        assert torch.allclose(g[:2, 4:], cond[:, 4:], atol=1e-6)  # learned sigma unguided
-        assert (g[:2, :4] - cond[:, :4]).abs().max() > 1e-3
-
-
-COCO = {"info": {}, "licenses": [],
-        "images": [{"id": 7, "file_name": "a.png"}, {"id": 3, "file_name": "b.png"}, {"id": 9, "file_name": "c.png"}],
-        "annotations": [{"image_id": 3, "id": 1, "caption": "A dog  on a\nsofa. "},
-                        {"image_id": 7, "id": 2, "caption": "x"},
-                        {"image_id": 3, "id": 5, "caption": "two dogs"},
-                        {"image_id": 3, "id": 6, "caption": "a sofa"}]}
-
-
-def test_coco_captions_parsing(tmp_path):
-    path = tmp_path / "captions_train2014.json"
-    path.write_text(json.dumps(COCO))
-    # images in file order, several captions each (whitespace normalised), images without captions left out
-    assert dtr.read_coco_captions(str(path)) == [("a.png", ["x"]), ("b.png", ["A dog on a sofa.", "two dogs", "a sofa"])]
-
-
-@pytest.mark.parametrize("edit,message", [
-    (lambda c: "{not json", "cannot read captions"),
-    (lambda c: {"images": c["images"]}, "not a COCO captions file"),
-    (lambda c: [c], "not a COCO captions file"),
-    (lambda c: dict(c, images=c["images"] + [{"id": 11}]), r"images\[3\] needs an 'id' and a 'file_name'"),
-    (lambda c: dict(c, images=c["images"] + [{"id": 3, "file_name": "d.png"}]), r"images\[3\] repeats image id 3"),
-    (lambda c: dict(c, annotations=c["annotations"] + [{"image_id": 4, "caption": "y"}]),
-     r"annotations\[4\] names image 4, which is not among the images"),
-    (lambda c: dict(c, annotations=c["annotations"] + [{"image_id": 3, "caption": " \n"}]), r"annotations\[4\] has an"),
-    (lambda c: dict(c, annotations=[{"image_id": 3, "caption": 5}]), r"annotations\[0\] needs an 'image_id' and a"),
-    (lambda c: dict(c, annotations=[]), "holds no captions"),
-])
-def test_coco_captions_bad_entries(tmp_path, edit, message):
-    path = tmp_path / "captions.json"
-    bad = edit(json.loads(json.dumps(COCO)))
-    path.write_text(bad if isinstance(bad, str) else json.dumps(bad))
-    with pytest.raises(ValueError, match=message) as e:
-        dtr.read_coco_captions(str(path))
-    assert "\n" not in str(e.value)
-
-
-def test_text_demo_data_and_flags():
-    data, captions = train.load_text_data(argparse.Namespace(captions=None, demo_images_per_class=2, image_size=8, seed=0))
-    assert len(data) == len(captions) == 12 and data[5][1] == 5  # labels: image indices into the captions
-    assert captions[0] == ("a red circle", "a picture of a red circle") and captions[11][0] == "a cyan diamond"
-    u = torch.tensor([0.0, 0.99, 0.5], dtype=torch.float64)
-    picked = train.pick_captions(captions, torch.tensor([0, 0, 11]), u)
-    assert picked == ["a red circle", "a picture of a red circle", "a picture of a cyan diamond"]
-    args = train.resolve_preset(train.parser().parse_args(["--text-demo"]))
-    assert args.text_encoder == dtr.DEMO_TEXT_ENCODER and args.model == "DiT-T/2" and args.steps == 2400
-    coco = train.resolve_preset(train.parser().parse_args(["--data", "d", "--captions", "c.json"]))
-    assert coco.text_encoder == "openai/clip-vit-large-patch14" and coco.global_batch_size == 256
-    for argv, message in ((["--text-demo", "--data", "d"], "leave out --data"), (["--cache-text", "c"], "apply to text")):
-        with pytest.raises(dtr.InputError, match=message):
-            train.resolve_preset(train.parser().parse_args(argv))
-
-
-# The text path end to end, with no download: train.py's built-in tiny CLIP (a random CLIPTextModel from a config, with
-# a character-level CLIPTokenizer), and a saved copy of another one loaded through --text-encoder DIR.
-
-def fit_captions(model, args, steps=60):
-    """A few Adam steps on 8x8 images coloured by the first 4 demo captions (10% dropped), so samples follow the text."""
-    diffusion = dtr.build_diffusion(dtr.model_args(args))
-    context, _ = dtr.TextEncoder(dtr.DEMO_TEXT_ENCODER).encode([c[0] for c in train.SHAPE_CAPTIONS[:4]])
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(steps):
-        k = torch.randint(0, 4, (32,), generator=g)
-        x0 = COLOURS[k][:, :, None, None] + 0.3 * torch.randn(32, 1, 8, 1, generator=g) * torch.ones(1, 1, 1, 8)
-        t, drop = torch.randint(0, 1000, (32,), generator=g), torch.rand(32, generator=g) < 0.1
-        kwargs = dict(y=context[k], force_drop_ids=drop)
-        loss = diffusion.training_losses(model, x0, t, kwargs, noise=torch.randn(x0.shape, generator=g))["loss"]
-        opt.zero_grad()
-        loss.mean().backward()
-        opt.step()
-    return model.eval()
-
-
-@pytest.fixture(scope="module")
-def text_run(tmp_path_factory):
-    """A 2-step --text-demo run with --cache-text: (its checkpoint, experiment dir, cache dir), and (a checkpoint of
-    its EMA model fitted to caption colours, that model, the run's args) for sampling."""
-    pytest.importorskip("transformers")
-    root = tmp_path_factory.mktemp("text")
-    exp, ckpt = run_train(root, "--text-demo", "--cache-text", str(root / "cache"), "--steps", "2", "--ckpt-every", "2")
-    args = argparse.Namespace(**ckpt["args"])
-    model = dtr.build_model(dtr.model_args(args))
-    model.load_state_dict(ckpt["ema"])
-    fitted = fit_captions(model, args)
-    path = save_train_ckpt(root / "fitted.pt", ckpt["args"], fitted.state_dict())
-    return train.latest_checkpoint(str(root / "r")), exp, root / "cache", path, fitted, args
-
-
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory):
-    """Another tiny random CLIP text encoder, saved with save_pretrained: what --text-encoder DIR loads."""
-    pytest.importorskip("transformers")
-    path = tmp_path_factory.mktemp("clip") / "clip"
-    tokenizer, model = dtr.tiny_clip(seed=1)
-    tokenizer.save_pretrained(path)
-    model.save_pretrained(path)
-    return str(path)
-
-
-def test_text_demo_training_cache_and_grid(text_run, tmp_path):
-    ckpt_path, exp, cache = text_run[:3]
-    ckpt = torch.load(ckpt_path, weights_only=False)
-    enc = dtr.TextEncoder(dtr.DEMO_TEXT_ENCODER)
-    assert (ckpt["args"]["context_dim"], ckpt["args"]["text_length"], ckpt["args"]["text_digest"]) == (64, 32, enc.digest)
-    assert "y_embedder.embedding_table.weight" not in ckpt["ema"] and "null_context" in ckpt["ema"]
-    prompts = [c[0] for c in train.SHAPE_CAPTIONS]
-    assert open(os.path.join(exp, "samples_0000002.txt")).read().splitlines() == prompts
-    grid = np.array(Image.open(os.path.join(exp, "samples_0000002.png")))
-    assert grid.shape == (6 * 65 + 1, 8 * 65 + 1, 3)  # one row per prompt; 8-pixel samples upscaled 8x, padding 1
-    files = sorted(cache.glob("*/*.pt"))
-    assert 6 <= len(files) <= 12  # one per distinct caption: the 6 grid prompts and those drawn in training
-    hidden, mask = enc.encode(prompts)
-    enc.cache = str(cache)
-    cached_hidden, cached_mask = enc(prompts)  # every prompt is read back from the cache
-    assert torch.allclose(cached_hidden, hidden, atol=1e-6) and torch.equal(cached_mask, mask)
-    assert mask.sum(1).tolist() == [len(p.replace(" ", "")) + 2 for p in prompts]  # start, characters, end
-    _, again = run_train(tmp_path, "--text-demo", "--cache-text", str(cache), "--steps", "2", "--ckpt-every", "2")
-    assert len(sorted(cache.glob("*/*.pt"))) == len(files)  # nothing encoded twice
-    for k in ckpt["model"]:  # the cache holds what the encoder gave the first run: the same training, bit for bit
-        assert torch.equal(ckpt["model"][k], again["model"][k]), k
-    with pytest.raises(SystemExit, match="text_mask is False there but True now"):  # resuming checks the text setup
-        run_train(tmp_path, "--text-demo", "--text-mask", "--steps", "3", "--resume", ckpt_path, name="re")
-
-
-def write_coco(root, captions_per_image, size=12):
-    """An image folder and a COCO captions json for it."""
-    os.makedirs(root / "images")
-    coco = {"images": [], "annotations": []}
-    for i, caps in enumerate(captions_per_image):
-        Image.fromarray(np.full((size, size, 3), (40 * i) % 256, np.uint8)).save(root / "images" / f"{i:03d}.png")
-        coco["images"].append({"id": 100 + i, "file_name": f"{i:03d}.png"})
-        coco["annotations"] += [{"image_id": 100 + i, "caption": c} for c in caps]
-    (root / "captions.json").write_text(json.dumps(coco))
-    return str(root / "images"), str(root / "captions.json")
-
-
-@pytest.mark.slow
-def test_text_coco_training_is_the_same_on_two_processes(clip_dir, tmp_path):
-    captions_per_image = [["a dark square", "a black box", "night"], ["a grey tile"], ["pale", "light"], ["white"],
-                          ["a bright square", "snow"], ["x", "y", "z"], ["fog"], ["ash", "ember"]]
-    images, captions = write_coco(tmp_path, captions_per_image)
-    args = [*TINY_TRAIN, "--data", images, "--captions", captions, "--text-encoder", clip_dir, "--text-mask",
-            "--model", "DiT-T/2", "--num-workers", "0", "--steps", "2", "--ckpt-every", "2", "--log-every", "1",
-            "--global-batch-size", "4"]
-    r = torchrun(*args, "--results-dir", str(tmp_path / "two"))
-    assert r.returncode == 0, r.stderr[-2000:]
-    one_exp, one = run_train(tmp_path, *args[len(TINY_TRAIN):], name="one")
-    two = torch.load(train.latest_checkpoint(str(tmp_path / "two")), weights_only=False)
-    assert one["args"]["text_mask"] and one["args"]["text_encoder"] == clip_dir and one["args"]["num_classes"] == 1
-    for k in one["model"]:  # the same captions for global sample i on any number of ranks
-        assert torch.allclose(one["model"][k], two["model"][k], atol=1e-5), k
-    assert "15 captions, text encoder" in open(os.path.join(one_exp, "log.txt")).read()
-    (tmp_path / "prompts.txt").write_text("fog\na bright square\n")  # sampling with the key mask, through DIR
-    out = run_sample(train.latest_checkpoint(str(tmp_path / "one")), tmp_path / "s", "--prompts", str(tmp_path / "prompts.txt"), n=2)
-    model = dtr.build_model(dtr.model_args(one["args"]))
-    model.load_state_dict(one["ema"])
-    reference = text_reference(model.eval(), argparse.Namespace(**one["args"]), ["fog", "a bright square"], range(2),
-                               encoder=clip_dir, mask=True)
-    assert np.array_equal(out["arr_0"], reference)
-    os.remove(os.path.join(images, "003.png"))
-    with pytest.raises(SystemExit, match=r"1 of the 8 images of .*captions.json are not in .*images \(e.g. 003.png\)"):
-        run_train(tmp_path, *args[len(TINY_TRAIN):], name="bad")
-    with pytest.raises(dtr.InputError, match="cannot load a CLIP text encoder from"):
-        dtr.load_clip(str(tmp_path / "nowhere"))
-
+#################################################################################
+#                            sample.py: text-to-image                           #
+#################################################################################
 
 def text_reference(model, args, captions, seeds, cfg_scale=1.0, encoder=None, mask=False):
     """Samples straight from dtr's sampler (not through train.generate): the captions encoded here, CFG by hand."""
@@ -2878,65 +2427,493 @@ def test_text_sampling_bad_input_is_one_line(text_run, bad_ckpts, clip_dir, tmp_
         assert not os.path.exists(tmp_path / "out")
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# End to end and command line
-# --------------------------------------------------------------------------------------------------------------------
+#################################################################################
+#              fid.py: Inception metrics with ADM-evaluator parity              #
+#################################################################################
 
-def test_a_few_training_steps_lower_the_loss():
-    torch.manual_seed(0)
-    model = dtr.DiT_models["DiT-T/2"](input_size=8, num_classes=4, routing="dtr")
-    d = dtr.create_diffusion("", noise_schedule="cosine")
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    x0, y = torch.randn(8, 4, 8, 8).clamp(-1, 1), torch.arange(8) % 4
-    t, noise = torch.randint(0, 1000, (8,)), torch.randn(8, 4, 8, 8)
-    losses = []
-    for _ in range(30):
-        loss = d.training_losses(model, x0, t, dict(y=y), noise)["loss"].mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.5 * losses[0]
+def random_inception(seed=0):
+    """The FID network with weights that keep random features non-degenerate through its 94 layers: He-normal
+    convolutions and random BatchNorm statistics (randomize's N(0, s^2) weights would shrink them to constants)."""
+    inception, g = fid.InceptionV3(), torch.Generator().manual_seed(seed)
+    for m in inception.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.weight.data = torch.randn(m.weight.shape, generator=g) * (2 / m.weight[0].numel()) ** 0.5
+        elif isinstance(m, torch.nn.BatchNorm2d):
+            n = m.num_features
+            m.weight.data, m.bias.data = 0.5 + torch.rand(n, generator=g), 0.2 * torch.randn(n, generator=g)
+            m.running_mean.data = 0.2 * torch.randn(n, generator=g)
+            m.running_var.data = 0.5 + torch.rand(n, generator=g)
+        elif isinstance(m, torch.nn.Linear):
+            m.weight.data = 0.05 * torch.randn(m.weight.shape, generator=g)
+            m.bias.data = torch.randn(m.bias.shape, generator=g)
+    return inception.eval().requires_grad_(False)
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, os.path.join(HERE, "dtr.py"), *args], capture_output=True, text=True, timeout=300)
+@pytest.fixture(scope="module")
+def inception():
+    return random_inception()
+
+
+@pytest.fixture(scope="module")
+def direct(inception):
+    """Three test images and the network's outputs on them in one batch, with Mixed_6d.branch1x1's output."""
+    images, captured = _images(3), {}
+    hook = inception.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, o: captured.setdefault("b", o))
+    with torch.no_grad():
+        out = inception(fid.preprocess(torch.from_numpy(images), "adm"))
+    hook.remove()
+    return images, out, captured["b"]
+
+
+@pytest.fixture(scope="module")
+def weights_file(inception, tmp_path_factory):
+    path = tmp_path_factory.mktemp("weights") / "random_inception.pth"
+    torch.save(inception.state_dict(), path)
+    return str(path)
+
+
+def _images(n, h=32, w=40, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+
+
+# -- Network
+def _expected_convs():
+    """(name, cin, cout, kh, kw) of every conv, written out from the InceptionV3 architecture (Szegedy et al.)."""
+    convs = [("Conv2d_1a_3x3", 3, 32, 3, 3), ("Conv2d_2a_3x3", 32, 32, 3, 3), ("Conv2d_2b_3x3", 32, 64, 3, 3),
+             ("Conv2d_3b_1x1", 64, 80, 1, 1), ("Conv2d_4a_3x3", 80, 192, 3, 3)]
+    for b, cin, pool in [("Mixed_5b", 192, 32), ("Mixed_5c", 256, 64), ("Mixed_5d", 288, 64)]:
+        convs += [(f"{b}.branch1x1", cin, 64, 1, 1), (f"{b}.branch5x5_1", cin, 48, 1, 1),
+                  (f"{b}.branch5x5_2", 48, 64, 5, 5), (f"{b}.branch3x3dbl_1", cin, 64, 1, 1),
+                  (f"{b}.branch3x3dbl_2", 64, 96, 3, 3), (f"{b}.branch3x3dbl_3", 96, 96, 3, 3),
+                  (f"{b}.branch_pool", cin, pool, 1, 1)]
+    convs += [("Mixed_6a.branch3x3", 288, 384, 3, 3), ("Mixed_6a.branch3x3dbl_1", 288, 64, 1, 1),
+              ("Mixed_6a.branch3x3dbl_2", 64, 96, 3, 3), ("Mixed_6a.branch3x3dbl_3", 96, 96, 3, 3)]
+    for b, c in [("Mixed_6b", 128), ("Mixed_6c", 160), ("Mixed_6d", 160), ("Mixed_6e", 192)]:
+        convs += [(f"{b}.branch1x1", 768, 192, 1, 1), (f"{b}.branch7x7_1", 768, c, 1, 1),
+                  (f"{b}.branch7x7_2", c, c, 1, 7), (f"{b}.branch7x7_3", c, 192, 7, 1),
+                  (f"{b}.branch7x7dbl_1", 768, c, 1, 1), (f"{b}.branch7x7dbl_2", c, c, 7, 1),
+                  (f"{b}.branch7x7dbl_3", c, c, 1, 7), (f"{b}.branch7x7dbl_4", c, c, 7, 1),
+                  (f"{b}.branch7x7dbl_5", c, 192, 1, 7), (f"{b}.branch_pool", 768, 192, 1, 1)]
+    convs += [("Mixed_7a.branch3x3_1", 768, 192, 1, 1), ("Mixed_7a.branch3x3_2", 192, 320, 3, 3),
+              ("Mixed_7a.branch7x7x3_1", 768, 192, 1, 1), ("Mixed_7a.branch7x7x3_2", 192, 192, 1, 7),
+              ("Mixed_7a.branch7x7x3_3", 192, 192, 7, 1), ("Mixed_7a.branch7x7x3_4", 192, 192, 3, 3)]
+    for b, cin in [("Mixed_7b", 1280), ("Mixed_7c", 2048)]:
+        convs += [(f"{b}.branch1x1", cin, 320, 1, 1), (f"{b}.branch3x3_1", cin, 384, 1, 1),
+                  (f"{b}.branch3x3_2a", 384, 384, 1, 3), (f"{b}.branch3x3_2b", 384, 384, 3, 1),
+                  (f"{b}.branch3x3dbl_1", cin, 448, 1, 1), (f"{b}.branch3x3dbl_2", 448, 384, 3, 3),
+                  (f"{b}.branch3x3dbl_3a", 384, 384, 1, 3), (f"{b}.branch3x3dbl_3b", 384, 384, 3, 1),
+                  (f"{b}.branch_pool", cin, 192, 1, 1)]
+    return convs
+
+
+def test_fid_state_dict_matches_pytorch_fid_layout():
+    state = fid.InceptionV3().state_dict()
+    expected = {"fc.weight": (1008, 2048), "fc.bias": (1008,)}
+    for name, cin, cout, kh, kw in _expected_convs():
+        expected[f"{name}.conv.weight"] = (cout, cin, kh, kw)
+        for k in ("weight", "bias", "running_mean", "running_var"):
+            expected[f"{name}.bn.{k}"] = (cout,)
+        expected[f"{name}.bn.num_batches_tracked"] = ()
+    assert {k: tuple(v.shape) for k, v in state.items()} == expected
+    assert len(_expected_convs()) == 94 and len(state) == 94 * 6 + 2 == 566
+    # pinned; pytorch-fid's FID Inception (which loads the weights file strictly) has the same numbers
+    assert state["Mixed_6d.branch7x7_2.conv.weight"].shape == (160, 160, 1, 7)
+    assert state["Mixed_7c.branch3x3dbl_3b.conv.weight"].shape == (384, 384, 3, 1)
+    assert sum(p.numel() for p in fid.InceptionV3().parameters()) == 23_850_960
+
+
+def test_fid_specific_blocks():
+    net = fid.InceptionV3()
+    assert all(m.eps == 1e-3 for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert net.Mixed_7c.max_pool and not net.Mixed_7b.max_pool
+    x = torch.ones(1, 1, 4, 4)  # TF's average pool ignores the zero padding: corners stay 1, not 4/9
+    assert torch.equal(fid._avg_pool(x), x)
+    assert F.avg_pool2d(x, 3, 1, 1)[0, 0, 0, 0].item() == pytest.approx(4 / 9)
+
+
+def test_fid_forward_outputs_spatial_order_and_bias_free_logits(inception, direct):
+    _, out, b = direct  # b: (3, 192, 17, 17), TF's mixed_6/conv in NCHW
+    assert out["pool"].shape == (3, 2048) and out["spatial"].shape == (3, 2023) and out["logits"].shape == (3, 1008)
+    assert b.shape == (3, 192, 17, 17) and b.min() >= 0 and b.std() > 0
+    for n, h, w, c in [(0, 0, 0, 0), (0, 0, 1, 0), (1, 0, 0, 6), (2, 16, 3, 2), (0, 5, 16, 4)]:
+        assert out["spatial"][n, (h * 17 + w) * 7 + c] == b[n, c, h, w]  # flattened in H, W, C order
+    assert torch.allclose(out["logits"], out["pool"] @ inception.fc.weight.T)
+    assert not torch.allclose(out["logits"], inception.fc(out["pool"]), atol=1e-3)  # the bias is not used
+
+
+def test_fid_network_runs_channels_last_on_cpu_with_unchanged_features(inception, direct):
+    images = direct[0]
+    inputs = {}  # every conv's input during compute_features
+    hooks = [m.register_forward_pre_hook(lambda m, i, name=name: inputs.setdefault(name, i[0]))
+             for name, m in inception.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    feats = fid.compute_features(images, inception, batch_size=3)
+    for h in hooks:
+        h.remove()
+    assert len(inputs) == 94 and inputs["Conv2d_1a_3x3.conv"].shape == (3, 3, 299, 299)
+    assert all(x.is_contiguous(memory_format=torch.channels_last) for x in inputs.values())  # set once, kept
+    # the old path: NCHW resize and scaling, the network forced onto contiguous NCHW at its first layer
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float()  # (3, 3, 32, 40)
+    old = (fid.tf1_resize_bilinear(x, (299, 299)) - 128) / 128
+    force = inception.Conv2d_1a_3x3.register_forward_pre_hook(lambda m, i: (i[0].contiguous(),))
+    with torch.no_grad():
+        ref = inception(old)
+    force.remove()
+    for k, v in ref.items():
+        assert np.abs(feats[k] - v.numpy()).max() <= 1e-5 * np.abs(v.numpy()).max(), k
+
+
+# -- Preprocessing
+def test_fid_tf1_resize_hand_computed():
+    x = torch.tensor([[0.0, 3.0], [6.0, 9.0]])[None, None]
+    # src = dst * 2/3 = 0, 2/3, 4/3 -> rows (0, 0, 1), next (1, 1, 1 clamped), weights (0, 2/3, 1/3)
+    expected = torch.tensor([[0.0, 2.0, 3.0], [4.0, 6.0, 7.0], [6.0, 8.0, 9.0]])
+    assert torch.allclose(fid.tf1_resize_bilinear(x, (3, 3))[0, 0], expected, atol=1e-5)
+    assert not torch.allclose(F.interpolate(x, (3, 3), mode="bilinear", align_corners=False)[0, 0], expected)
+    row = torch.arange(4.0).reshape(1, 1, 1, 4)  # downscale 4 -> 2: src = 0, 2 (no antialiasing)
+    assert fid.tf1_resize_bilinear(row, (1, 2)).flatten().tolist() == [0.0, 2.0]
+
+
+def test_fid_tf1_resize_identity_and_preprocess_ranges():
+    img = torch.from_numpy(_images(1, 299, 299))
+    x = img.permute(0, 3, 1, 2).float()
+    assert torch.equal(fid.tf1_resize_bilinear(x, (299, 299)), x)
+    stripes = torch.stack([torch.full((299, 299), v, dtype=torch.uint8) for v in (0, 128, 255)], -1)[None]
+    adm, pt = fid.preprocess(stripes, "adm"), fid.preprocess(stripes, "pytorch-fid")
+    assert adm.shape == (1, 3, 299, 299) and adm[0, :, 0, 0].tolist() == [-1.0, 0.0, 127 / 128]
+    assert torch.allclose(pt[0, :, 0, 0], torch.tensor([-1.0, 2 * 128 / 255 - 1, 1.0]), atol=1e-6)
+
+
+# -- Features, inputs and the CLI
+def test_fid_compute_features_batching_and_sources(inception, direct, tmp_path):
+    images, out, _ = direct
+    np.savez(tmp_path / "stored.npz", arr_0=images)
+    np.savez_compressed(tmp_path / "compressed.npz", arr_0=images)
+    os.mkdir(tmp_path / "folder")
+    for i, im in enumerate(images):
+        Image.fromarray(im).save(tmp_path / "folder" / f"{i:03d}.png")
+    stored, _ = fid.load_source(str(tmp_path / "stored.npz"))
+    assert isinstance(stored, np.memmap)
+    for src in ("stored.npz", "compressed.npz", "folder"):
+        loaded, given = fid.load_source(str(tmp_path / src), num_workers=2)
+        assert given == {} and np.array_equal(loaded[0:3], images)
+    feats = fid.compute_features(stored, inception, batch_size=2)  # batches of 2 + 1
+    for k, d in fid.FEATURE_DIMS.items():
+        assert feats[k].shape == (3, d) and feats[k].dtype == np.float32
+        assert np.allclose(feats[k], out[k].numpy(), rtol=1e-4, atol=1e-4)
+
+
+def _write_npz(path, **arrays):
+    np.savez(path, **arrays)
+    return str(path)
+
+
+def test_fid_reference_batch_statistics_win_over_features(tmp_path):
+    rng = np.random.default_rng(0)
+    stats = {"mu": rng.normal(size=4), "sigma": np.eye(4), "mu_s": rng.normal(size=3), "sigma_s": 2 * np.eye(3)}
+    path = _write_npz(tmp_path / "ref_batch.npz", arr_0=_images(2), **stats)  # ADM reference batch layout
+    images, given = fid.load_source(path)
+    assert np.array_equal(images, _images(2)) and sorted(given) == sorted(stats)
+    feats = {k: rng.normal(size=(6, 4)).astype(np.float32) for k in ("pool", "spatial", "logits")}
+    out = fid.statistics(feats, given)
+    assert all(np.array_equal(out[k], stats[k]) for k in stats)  # as ADM: the stored mu/sigma are used
+    assert out["pool"] is feats["pool"] and out["logits"] is feats["logits"]  # the images still give P/R, IS
+    mu, sigma = fid.feature_statistics(feats["pool"])
+    assert np.allclose(fid.statistics(feats)["mu"], mu) and np.allclose(fid.statistics(feats)["sigma"], sigma)
+
+
+@pytest.mark.parametrize("arrays, message", [
+    (dict(arr_0=np.zeros((4, 8, 8, 3), np.float32)), "must be uint8"),
+    (dict(arr_0=np.zeros((4, 3, 8, 8), np.uint8)), "NCHW"),
+    (dict(arr_0=np.zeros((1, 8, 8, 3), np.uint8)), "at least 2 images"),
+    (dict(arr_1=np.zeros((4, 8, 8, 3), np.uint8)), "missing arr_0"),
+    (dict(arr_0=np.zeros((4, 8, 8, 3), np.uint8), mu=np.zeros(3)), "needs all of mu"),
+])
+def test_fid_bad_npz(tmp_path, arrays, message):
+    with pytest.raises(fid.InputError, match=message):
+        fid.load_source(_write_npz(tmp_path / "bad.npz", **arrays))
+
+
+def test_fid_bad_files_and_folders(tmp_path):
+    (tmp_path / "garbage.npz").write_bytes(b"not a zip file")
+    with pytest.raises(fid.InputError, match="cannot read"):
+        fid.load_source(str(tmp_path / "garbage.npz"))
+    with pytest.raises(fid.InputError, match="no such file"):
+        fid.load_source(str(tmp_path / "missing.npz"))
+    (tmp_path / "images.txt").write_text("x")
+    with pytest.raises(fid.InputError, match="expected an .npz"):
+        fid.load_source(str(tmp_path / "images.txt"))
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    Image.fromarray(_images(1, 8, 8)[0]).save(mixed / "a.png")
+    Image.fromarray(_images(1, 8, 9)[0]).save(mixed / "b.png")
+    with pytest.raises(fid.InputError, match="differ in size"):
+        fid.load_source(str(mixed))
+    (mixed / "b.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(fid.InputError, match="cannot read image"):
+        fid.load_source(str(mixed))
+    Image.fromarray(_images(1, 8, 8)[0]).save(mixed / "b.png")
+    (mixed / "c.png").write_bytes((mixed / "a.png").read_bytes()[:60])  # valid header, truncated data
+    folder = fid.ImageFiles(str(mixed), num_workers=1)
+    with pytest.raises(fid.InputError, match="c.png"):
+        folder[0:3]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(fid.InputError, match="at least 2 images, got 0"):
+        fid.load_source(str(tmp_path / "empty"))
+
+
+def test_fid_weights_errors(tmp_path, monkeypatch):
+    with pytest.raises(fid.InputError, match="cannot read Inception weights"):
+        fid.load_inception(str(tmp_path / "nope.pth"))
+    torch.save({"fc.weight": torch.zeros(1)}, tmp_path / "wrong.pth")
+    with pytest.raises(fid.InputError, match="not the FID Inception state dict"):
+        fid.load_inception(str(tmp_path / "wrong.pth"))
+
+    def offline(*args, **kwargs):
+        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(fid.InputError, match="--inception-weights") as e:
+        fid.load_inception(None)
+    assert fid.FID_WEIGHTS_URL in str(e.value) and "\n" not in str(e.value)
+
+
+def _cli_args(*paths, **kw):
+    args = dict(paths=list(paths), save_stats=False, json=None, inception_weights=None, protocol="adm",
+                batch_size=3, device="cpu", num_workers=2)
+    return argparse.Namespace(**{**args, **kw})
+
+
+def _reference_metrics(ref, smp, k=3):
+    """ADM's numbers from two dicts of float features, by textbook formulas in float64."""
+    def trace_sqrt(a, b):  # tr (S_a S_b)^1/2 = nuclear norm of Ac Bc^T / sqrt((n_a - 1)(n_b - 1)), exact for n << D
+        ac, bc = a - a.mean(0), b - b.mean(0)
+        return linalg.svdvals(ac @ bc.T).sum() / math.sqrt((len(a) - 1) * (len(b) - 1))
+
+    def frechet(a, b):
+        tr_a, tr_b = (np.cov(x, rowvar=False).trace() for x in (a, b))
+        return ((a.mean(0) - b.mean(0)) ** 2).sum() + tr_a + tr_b - 2 * trace_sqrt(a, b)
+
+    ref, smp = ({n: v.astype(np.float64) for n, v in f.items()} for f in (ref, smp))
+    p = np.exp(smp["logits"] - smp["logits"].max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)  # p(y|x), softmax over the 1008 logits
+    kl = (p * (np.log(p) - np.log(p.mean(0)))).sum(1)  # KL(p(y|x) || p(y)), one split
+    precision, recall = _brute_force_pr(ref["pool"], smp["pool"], k)
+    return {"inception_score": math.exp(kl.mean()), "fid": frechet(smp["pool"], ref["pool"]),
+            "sfid": frechet(smp["spatial"], ref["spatial"]), "precision": precision, "recall": recall}
+
+
+def test_fid_cli_two_sets_match_reference_formulas_and_saved_stats(inception, weights_file, tmp_path, capsys):
+    # uniform colours (+ slight noise), picked so that each set covers only part of the other
+    ref_colours = [(120, 120, 120), (0, 60, 120), (120, 60, 60), (180, 120, 120), (0, 60, 60), (0, 0, 120),
+                   (120, 60, 120)]
+    smp_colours = [(0, 180, 180), (180, 60, 180), (120, 180, 120), (0, 120, 60), (60, 180, 120)]
+    ref_images, smp_images = (np.array(c, np.uint8)[:, None, None] + _images(len(c), seed=s) // 16
+                              for c, s in ((ref_colours, 1), (smp_colours, 2)))
+    ref = _write_npz(tmp_path / "ref.npz", arr_0=ref_images)
+    os.mkdir(tmp_path / "samples")
+    for i, im in enumerate(smp_images):
+        Image.fromarray(im).save(tmp_path / "samples" / f"{i:02d}.png")
+    with torch.no_grad():  # features of each set in one batch, outside compute_features
+        feats = [{k: v.numpy() for k, v in inception(fid.preprocess(torch.from_numpy(x))).items()}
+                 for x in (ref_images, smp_images)]
+    expected = _reference_metrics(*feats)
+    assert (expected["precision"], expected["recall"]) == (2 / 5, 1 / 7)
+    # ADM rounds squared distances through float16 (11 significant bits); here every precision/recall decision
+    # clears its threshold by more than 4e-3 of the largest squared norm, so that rounding cannot flip it
+    ref_pool, smp_pool = (f["pool"].astype(np.float64) for f in feats)
+    d = ((smp_pool[:, None] - ref_pool[None]) ** 2).sum(-1)  # (5, 7)
+    r_ref, r_smp = (np.sort(((x[:, None] - x[None]) ** 2).sum(-1), 1)[:, 3] for x in (ref_pool, smp_pool))
+    margin = min(np.abs(d - r_ref[None]).min(), np.abs(d.T - r_smp[None]).min())
+    assert margin > 4e-3 * max((ref_pool ** 2).sum(1).max(), (smp_pool ** 2).sum(1).max())
+
+    stats = str(tmp_path / "ref_stats.npz")
+    fid.main(_cli_args(ref, stats, save_stats=True, inception_weights=weights_file))
+    with np.load(stats) as z:
+        assert sorted(z.files) == sorted(["mu", "sigma", "mu_s", "sigma_s", "pool", "logits"])
+        assert z["pool"].shape == (7, 2048) and z["sigma_s"].shape == (2023, 2023)
+    results = []
+    for ref_source in (ref, stats):
+        fid.main(_cli_args(ref_source, str(tmp_path / "samples"), json=str(tmp_path / "out.json"),
+                           inception_weights=weights_file))
+        out = capsys.readouterr().out
+        assert [line.split(":")[0] for line in out.splitlines()[-6:]] == [
+            "Inception Score", "Inception Score std", "FID", "sFID", "Precision", "Recall"]
+        results.append(json.loads((tmp_path / "out.json").read_text()))
+    assert results[0] == results[1]  # the saved statistics give the numbers of the images they came from
+    res = results[0]
+    assert res["num_ref"] == 7 and res["num_samples"] == 5 and res["inception_score_std"] == 0.0  # one split
+    assert (res["precision"], res["recall"]) == (expected["precision"], expected["recall"])
+    assert res["fid"] == pytest.approx(expected["fid"], rel=1e-6)
+    assert res["sfid"] == pytest.approx(expected["sfid"], rel=1e-6)
+    # near-uniform random logits put IS close to 1: compare its log, E KL, instead
+    assert math.log(res["inception_score"]) == pytest.approx(math.log(expected["inception_score"]), rel=1e-5)
+    assert not list(tmp_path.glob("*.tmp"))
 
 
 @pytest.mark.slow
-def test_masks_cli_draws_the_table(tmp_path):
-    from PIL import Image
-    read_image = lambda p: torch.from_numpy(np.array(Image.open(p))).permute(2, 0, 1)
-    out = tmp_path / "m.png"
-    r = run_cli("masks", "--kind", "dtr", "--channels", "40", "--tasks", "30", "--out", str(out))
-    assert r.returncode == 0, r.stderr
-    img = read_image(str(out))  # (3, T, C)
-    assert img.shape == (3, 30, 40)
-    active = (img[0] > 128).float()  # yellow is bright in red, purple is not
-    assert torch.equal(active, dtr.dtr_masks(30, 40))
-    r = run_cli("masks", "--kind", "dtr", "--beta", "0", "--out", str(out))
-    assert r.returncode != 0 and "beta" in r.stderr and img.shape == read_image(str(out)).shape  # old file intact
+def test_fid_cli_bad_input_is_one_line(tmp_path):
+    bad = _write_npz(tmp_path / "bad.npz", arr_0=np.zeros((4, 8, 8, 3), np.float64))
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "fid.py"), bad, bad], capture_output=True, text=True)
+    assert proc.returncode == 1
+    message = f"fid.py: error: {bad}: arr_0 must be uint8 images in [0, 255], got float64"
+    assert proc.stderr.strip().splitlines() == [message]
+
+
+# -- Metrics on synthetic features
+def _scipy_fid(mu1, s1, mu2, s2):
+    covmean = linalg.sqrtm(s1 @ s2).real
+    return (mu1 - mu2) @ (mu1 - mu2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)
+
+
+def test_fid_frechet_distance_closed_forms_and_scipy():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 32)) @ rng.normal(size=(32, 32))
+    mu, sigma = fid.feature_statistics(x)
+    assert np.allclose(sigma, np.cov(x, rowvar=False, ddof=1)) and np.allclose(mu, x.mean(0))
+    assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-9 * np.trace(sigma)
+    shift = rng.normal(size=32)
+    assert fid.frechet_distance(mu, sigma, mu + shift, sigma) == pytest.approx(shift @ shift, rel=1e-9)
+    d, a, b = 16, 1.5, 0.5  # N(0, a^2 I) vs N(shift, b^2 I): |shift|^2 + d (a - b)^2
+    assert fid.frechet_distance(np.zeros(d), a * a * np.eye(d), shift[:d], b * b * np.eye(d)) == \
+        pytest.approx(shift[:d] @ shift[:d] + d * (a - b) ** 2, rel=1e-12)
+    y = rng.normal(size=(300, 32)) * 2 + 1
+    mu2, sigma2 = fid.feature_statistics(y)
+    assert fid.frechet_distance(mu, sigma, mu2, sigma2) == pytest.approx(_scipy_fid(mu, sigma, mu2, sigma2), rel=1e-6)
+
+
+def test_fid_frechet_distance_singular_covariance():
+    rng = np.random.default_rng(1)
+    mu1, s1 = fid.feature_statistics(rng.normal(size=(10, 24)))
+    mu2, s2 = fid.feature_statistics(rng.normal(size=(50, 24)))
+    with pytest.raises(np.linalg.LinAlgError):
+        np.linalg.cholesky(s1)  # rank 9: the eigen-decomposition path
+    ev = linalg.eigvals(s1 @ s2)
+    expected = (mu1 - mu2) @ (mu1 - mu2) + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.abs(ev.real)).sum()
+    assert fid.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        fid.frechet_distance(mu1, s1, mu2[:3], s2[:3, :3])
+
+
+def test_fid_inception_score():
+    assert fid.inception_score(np.zeros((20, 10))) == pytest.approx((1.0, 0.0))
+    one_hot = np.tile(1000 * np.eye(7), (3, 1))  # each of 7 classes equally often, fully confident
+    assert fid.inception_score(one_hot)[0] == pytest.approx(7.0)
+    # splits of 5 in order, last partial: distinct classes (5), one class (1), two classes (2)
+    labels = [0, 1, 2, 3, 4] + [3] * 5 + [5, 6]
+    mean, std = fid.inception_score(1000 * np.eye(7)[labels], split_size=5)
+    assert mean == pytest.approx(8 / 3) and std == pytest.approx(np.std([5, 1, 2]))
+
+
+def _line(xs):
+    return np.array([[x, 0.0] for x in xs], np.float32)  # points on a line, embedded in 2-D
+
+
+@pytest.mark.parametrize("adm_fp16", [True, False])
+def test_fid_precision_recall_constructed(adm_fp16):
+    ref, smp = _line([0, 1, 2, 3, 10]), _line([-6, -5, -4, -3, 30, 31, 32, 33])
+    # k=3 counting the point itself: r^2 = 4th smallest of its squared distances (incl. 0)
+    assert fid._knn_radii(torch.tensor(ref), 3, 10000, adm_fp16).tolist() == [9, 4, 4, 9, 81]
+    # precision: only -3 lies in a reference ball (|-3 - 0|^2 = 9 <= 9, on the boundary);
+    # recall: only 0 lies in a sample ball (|0 - (-3)|^2 = 9 <= r^2(-3) = 9)
+    assert fid.precision_recall(ref, smp, device="cpu", adm_fp16=adm_fp16) == (1 / 8, 1 / 5)
+    assert fid.precision_recall(ref, smp, device="cpu", block_size=3, adm_fp16=adm_fp16) == (1 / 8, 1 / 5)
+
+
+def _brute_force_pr(ref, smp, k=3):
+    def d(a, b):
+        return ((a[:, None].astype(np.float64) - b[None]) ** 2).sum(-1)
+
+    r_ref, r_smp = np.sort(d(ref, ref), 1)[:, k], np.sort(d(smp, smp), 1)[:, k]
+    return (d(smp, ref) <= r_ref[None]).any(1).mean(), (d(ref, smp) <= r_smp[None]).any(1).mean()
+
+
+def test_fid_precision_recall_blocks_and_fp16_fallback():
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(60, 8)).astype(np.float32)
+    smp = (rng.normal(size=(50, 8)) * 1.3 + 0.3).astype(np.float32)
+    exact = fid.precision_recall(ref, smp, device="cpu", adm_fp16=False)
+    assert exact == pytest.approx(_brute_force_pr(ref, smp), abs=1e-7) and 0 < exact[0] < 1 and 0 < exact[1] < 1
+    assert fid.precision_recall(ref, smp, device="cpu", block_size=7, adm_fp16=False) == exact
+    assert fid.precision_recall(ref, smp, device="cpu", block_size=7) == fid.precision_recall(ref, smp, device="cpu")
+    big = torch.tensor(ref) * 1000  # squared norms overflow float16: ADM falls back to float32
+    assert torch.equal(fid._sq_distances(big, big), fid._sq_distances(big, big, adm_fp16=False))
+    small = fid._sq_distances(torch.tensor(ref), torch.tensor(smp))
+    assert torch.equal(small, small.half().float()) and small.min() >= 0  # float16 values
+    with pytest.raises(fid.InputError, match="more than 3"):
+        fid.precision_recall(ref[:3], smp, device="cpu")
+
+
+# -- torch.distributed: contiguous shards, gathered in input order on every rank
+class _IndexNet(torch.nn.Module):
+    """Stand-in network whose features are the mean input value of each image."""
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        v = x.mean((1, 2, 3))[:, None]
+        return {k: v.expand(-1, d) for k, d in fid.FEATURE_DIMS.items()}
+
+
+def _gather_worker(rank, world, rendezvous):
+    torch.distributed.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world)
+    try:
+        images = np.arange(5, dtype=np.uint8)[:, None, None, None].repeat(8, 1).repeat(8, 2).repeat(3, 3)
+        feats = fid.compute_features(images, _IndexNet(), batch_size=2)  # shards of 3 and 2 images
+        expected = (np.arange(5) - 128) / 128
+        for k, d in fid.FEATURE_DIMS.items():
+            assert feats[k].shape == (5, d) and np.allclose(feats[k][:, 0], expected), (rank, k, feats[k][:, 0])
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 @pytest.mark.slow
-def test_bench_cli_reports_three_kinds():
-    r = run_cli("bench", "--model", "DiT-T/2", "--image-size", "8", "--batch-size", "2", "--steps", "2", "--warmup", "0")
-    assert r.returncode == 0, r.stderr
-    rows = {line.split()[0]: line for line in r.stdout.splitlines()[1:]}
-    assert set(rows) == {"none", "random", "dtr"}
-    assert all(float(rows[k].split()[1]) > 0 for k in rows) and "% vs none" in rows["dtr"]
+def test_fid_compute_features_distributed_gather(tmp_path):
+    torch.multiprocessing.spawn(_gather_worker, args=(2, f"file://{tmp_path}/rendezvous"), nprocs=2)
 
 
-def test_atomic_write_keeps_old_file_on_failure(tmp_path):
-    path = tmp_path / "f.txt"
-    path.write_text("old")
+def _fid_ranks(*argv_per_rank, timeout=120):
+    """Run fid.py once per rank of one gloo process group, set up as torchrun would -> [(exit status, stderr)];
+    a rank still running after `timeout` seconds (in all) fails the test instead of hanging it."""
+    import socket
+    import time
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank, argv in enumerate(argv_per_rank):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(len(argv_per_rank))}
+        procs.append(subprocess.Popen([sys.executable, os.path.join(HERE, "fid.py"), *argv, "--device", "cpu"],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    deadline = time.monotonic() + timeout
+    try:
+        errs = [p.communicate(timeout=max(1.0, deadline - time.monotonic()))[1] for p in procs]
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"a rank was still running after {timeout} s: the ranks do not agree on the failure")
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    return [(p.returncode, err) for p, err in zip(procs, errs, strict=True)]
 
-    def fail(tmp):
-        open(tmp, "w").write("half")
-        raise RuntimeError("disk full")
 
-    with pytest.raises(RuntimeError):
-        dtr.atomic_write(path, fail)
-    assert path.read_text() == "old" and os.listdir(tmp_path) == ["f.txt"]
-    dtr.atomic_write(path, lambda tmp: open(tmp, "w").write("new"))
-    assert path.read_text() == "new"
+@pytest.mark.slow
+@pytest.mark.parametrize("failing", ["rank 0 weights", "rank 1 weights", "rank 1 shard"])
+def test_fid_torchrun_failure_on_one_rank_stops_every_rank(weights_file, tmp_path, failing):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, im in enumerate(_images(4)):
+        Image.fromarray(im).save(folder / f"{i}.png")
+    missing = str(tmp_path / "missing.pth")
+    weights = {"rank 0 weights": [missing, weights_file], "rank 1 weights": [weights_file, missing]}
+    if failing == "rank 1 shard":  # rank 1 reads images 2, 3: a valid header (same size) with truncated data
+        (folder / "3.png").write_bytes((folder / "0.png").read_bytes()[:60])
+    argv = [[str(folder), str(folder), "--inception-weights", w, "--batch-size", "2", "--num-workers", "1"]
+            for w in weights.get(failing, [weights_file] * 2)]
+    (status0, err0), (status1, err1) = _fid_ranks(*argv)
+    assert status0 == status1 == 1 and err1 == ""  # every rank stops; rank 0 alone prints the error
+    expected = {"rank 0 weights": f"fid.py: error: cannot read Inception weights {missing}: ",
+                "rank 1 weights": f"fid.py: error: rank 1: cannot read Inception weights {missing}: ",
+                "rank 1 shard": f"fid.py: error: rank 1: cannot read image {folder / '3.png'}: "}[failing]
+    assert err0.splitlines()[-1].startswith(expected) and "Traceback" not in err0, err0  # after a progress bar
