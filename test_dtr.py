@@ -2701,6 +2701,7 @@ def _reference_metrics(ref, smp, k=3):
             "sfid": frechet(smp["spatial"], ref["spatial"]), "precision": precision, "recall": recall}
 
 
+@pytest.mark.slow  # four 2048-d matrix square roots on one thread: ~40 s
 def test_fid_cli_two_sets_match_reference_formulas_and_saved_stats(inception, weights_file, tmp_path, capsys):
     # uniform colours (+ slight noise), picked so that each set covers only part of the other
     ref_colours = [(120, 120, 120), (0, 60, 120), (120, 60, 60), (180, 120, 120), (0, 60, 60), (0, 0, 120),
