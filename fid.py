@@ -8,6 +8,7 @@ ADM evaluator (guided-diffusion `evaluations/evaluator.py`, TensorFlow) that the
 The network is the FID Inception graph of 2015-12-05 with pytorch-fid's weights file; the images
 go through ADM's graph preprocessing (TF1 bilinear resize to 299, then (x - 128) / 128).
 """
+
 import argparse
 import json
 import os
@@ -25,8 +26,7 @@ from tqdm import tqdm
 import dtr
 
 FID_WEIGHTS_URL = (
-    "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
-    "pt_inception-2015-12-05-6726825d.pth"
+    "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
 )
 FEATURE_DIMS = {"pool": 2048, "spatial": 17 * 17 * 7, "logits": 1008}
 STATS_KEYS = ("mu", "sigma", "mu_s", "sigma_s")  # ADM reference batches may carry these
@@ -39,6 +39,7 @@ InputError = dtr.InputError  # unusable input (file, array or feature set): main
 # -----------------------------------------------------------------------------
 # Inception network (FID variant of InceptionV3, torchvision-style names)
 # -----------------------------------------------------------------------------
+
 
 class BasicConv2d(nn.Module):
     """Conv (no bias) -> BatchNorm (TF's eps 1e-3) -> ReLU."""
@@ -78,12 +79,15 @@ class InceptionA(nn.Module):
         self.branch_pool = BasicConv2d(cin, pool_features, 1)
 
     def forward(self, x):
-        return torch.cat([
-            self.branch1x1(x),
-            _chain(x, self.branch5x5_1, self.branch5x5_2),
-            _chain(x, self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3),
-            self.branch_pool(_avg_pool(x)),
-        ], 1)
+        return torch.cat(
+            [
+                self.branch1x1(x),
+                _chain(x, self.branch5x5_1, self.branch5x5_2),
+                _chain(x, self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3),
+                self.branch_pool(_avg_pool(x)),
+            ],
+            1,
+        )
 
 
 class InceptionB(nn.Module):
@@ -97,11 +101,14 @@ class InceptionB(nn.Module):
         self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, stride=2)
 
     def forward(self, x):
-        return torch.cat([
-            self.branch3x3(x),
-            _chain(x, self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3),
-            F.max_pool2d(x, 3, 2),
-        ], 1)
+        return torch.cat(
+            [
+                self.branch3x3(x),
+                _chain(x, self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3),
+                F.max_pool2d(x, 3, 2),
+            ],
+            1,
+        )
 
 
 class InceptionC(nn.Module):
@@ -121,13 +128,22 @@ class InceptionC(nn.Module):
         self.branch_pool = BasicConv2d(cin, 192, 1)
 
     def forward(self, x):
-        return torch.cat([
-            self.branch1x1(x),  # channels 0:192; Mixed_6d's is TF's `mixed_6/conv`
-            _chain(x, self.branch7x7_1, self.branch7x7_2, self.branch7x7_3),
-            _chain(x, self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3,
-                   self.branch7x7dbl_4, self.branch7x7dbl_5),
-            self.branch_pool(_avg_pool(x)),
-        ], 1)
+        return torch.cat(
+            [
+                self.branch1x1(x),  # channels 0:192; Mixed_6d's is TF's `mixed_6/conv`
+                _chain(x, self.branch7x7_1, self.branch7x7_2, self.branch7x7_3),
+                _chain(
+                    x,
+                    self.branch7x7dbl_1,
+                    self.branch7x7dbl_2,
+                    self.branch7x7dbl_3,
+                    self.branch7x7dbl_4,
+                    self.branch7x7dbl_5,
+                ),
+                self.branch_pool(_avg_pool(x)),
+            ],
+            1,
+        )
 
 
 class InceptionD(nn.Module):
@@ -143,11 +159,14 @@ class InceptionD(nn.Module):
         self.branch7x7x3_4 = BasicConv2d(192, 192, 3, stride=2)
 
     def forward(self, x):
-        return torch.cat([
-            _chain(x, self.branch3x3_1, self.branch3x3_2),
-            _chain(x, self.branch7x7x3_1, self.branch7x7x3_2, self.branch7x7x3_3, self.branch7x7x3_4),
-            F.max_pool2d(x, 3, 2),
-        ], 1)
+        return torch.cat(
+            [
+                _chain(x, self.branch3x3_1, self.branch3x3_2),
+                _chain(x, self.branch7x7x3_1, self.branch7x7x3_2, self.branch7x7x3_3, self.branch7x7x3_4),
+                F.max_pool2d(x, 3, 2),
+            ],
+            1,
+        )
 
 
 class InceptionE(nn.Module):
@@ -170,12 +189,17 @@ class InceptionE(nn.Module):
         b3 = self.branch3x3_1(x)
         bd = _chain(x, self.branch3x3dbl_1, self.branch3x3dbl_2)
         pool = F.max_pool2d(x, 3, 1, 1) if self.max_pool else _avg_pool(x)
-        return torch.cat([
-            self.branch1x1(x),
-            self.branch3x3_2a(b3), self.branch3x3_2b(b3),
-            self.branch3x3dbl_3a(bd), self.branch3x3dbl_3b(bd),
-            self.branch_pool(pool),
-        ], 1)
+        return torch.cat(
+            [
+                self.branch1x1(x),
+                self.branch3x3_2a(b3),
+                self.branch3x3_2b(b3),
+                self.branch3x3dbl_3a(bd),
+                self.branch3x3dbl_3b(bd),
+                self.branch_pool(pool),
+            ],
+            1,
+        )
 
 
 def fastest_layout(device):
@@ -229,8 +253,10 @@ def load_inception(weights=None, device="cpu"):
             state = torch.hub.load_state_dict_from_url(FID_WEIGHTS_URL, map_location="cpu")
         except Exception as e:
             cache = os.path.join(torch.hub.get_dir(), "checkpoints")
-            raise InputError(f"cannot download the Inception weights ({e}); download {FID_WEIGHTS_URL} "
-                             f"into {cache} or pass --inception-weights PATH") from None
+            raise InputError(
+                f"cannot download the Inception weights ({e}); download {FID_WEIGHTS_URL} "
+                f"into {cache} or pass --inception-weights PATH"
+            ) from None
     else:
         try:
             state = torch.load(weights, map_location="cpu", weights_only=True)
@@ -239,14 +265,16 @@ def load_inception(weights=None, device="cpu"):
     try:
         model.load_state_dict(state)
     except Exception as e:
-        raise InputError(f"{weights or FID_WEIGHTS_URL} is not the FID Inception state dict: "
-                         f"{str(e).splitlines()[0]}") from None
+        raise InputError(
+            f"{weights or FID_WEIGHTS_URL} is not the FID Inception state dict: {str(e).splitlines()[0]}"
+        ) from None
     return model.eval().requires_grad_(False).to(device)
 
 
 # -----------------------------------------------------------------------------
 # Preprocessing (ADM's TF graph: ResizeBilinear to 299, then (x - 128) / 128)
 # -----------------------------------------------------------------------------
+
 
 def _tf1_taps(n_in, n_out, device):
     """Source rows of TF1's legacy resize: src = dst * (in / out) in float32, floor, clamp, lerp weight."""
@@ -279,6 +307,7 @@ def preprocess(images, protocol="adm"):
 # -----------------------------------------------------------------------------
 # Inputs: ADM .npz batches (arr_0 uint8 NHWC), image folders, cached statistics
 # -----------------------------------------------------------------------------
+
 
 def _check_images(shape, dtype, what):
     """Raise InputError unless (shape, dtype) describes at least 2 uint8 NHWC RGB images."""
@@ -319,8 +348,10 @@ class ImageFiles:
             sizes = list(ex.map(_image_size, self.paths))
         for p, s in zip(self.paths, sizes, strict=True):
             if s != sizes[0]:
-                raise InputError(f"{path}: images differ in size: {self.paths[0]} is {sizes[0][0]}x"
-                                 f"{sizes[0][1]} but {p} is {s[0]}x{s[1]}")
+                raise InputError(
+                    f"{path}: images differ in size: {self.paths[0]} is {sizes[0][0]}x"
+                    f"{sizes[0][1]} but {p} is {s[0]}x{s[1]}"
+                )
         w, h = sizes[0] if sizes else (0, 0)
         self.shape = (len(self.paths), h, w, 3)
         _check_images(self.shape, np.dtype(np.uint8), f"{path}: folder")
@@ -362,6 +393,7 @@ def load_source(path, num_workers=8):
 # -----------------------------------------------------------------------------
 # Features
 # -----------------------------------------------------------------------------
+
 
 def _raise_on_every_rank(error):
     """Raise `error` (an InputError or None), or another rank's, on every rank of the process group, so that
@@ -429,6 +461,7 @@ def compute_features(images, model, batch_size=64, protocol="adm", progress=Fals
 # Metrics (ADM definitions)
 # -----------------------------------------------------------------------------
 
+
 def feature_statistics(feats):
     """(N, D) features -> mean (D,) and unbiased covariance (D, D), float64."""
     x = np.asarray(feats, dtype=np.float64)
@@ -469,7 +502,7 @@ def inception_score(logits, split_size=5000):
         raise InputError(f"inception_score needs (N, C) logits, got shape {logp.shape}")
     scores = []
     for i in range(0, len(logp), split_size):
-        part = logp[i:i + split_size]
+        part = logp[i : i + split_size]
         log_py = logsumexp(part, axis=0) - np.log(len(part))  # (C,) log of the split's marginal p(y)
         scores.append(np.exp((np.exp(part) * (part - log_py)).sum(1).mean()))
     return float(np.mean(scores)), float(np.std(scores))
@@ -499,7 +532,7 @@ def _knn_radii(x, k, block_size, adm_fp16):
     for i in range(0, len(x), block_size):
         best = None  # (b, <= k+1) smallest squared distances so far
         for j in range(0, len(x), block_size):
-            d = _sq_distances(x[i:i + block_size], x[j:j + block_size], adm_fp16)
+            d = _sq_distances(x[i : i + block_size], x[j : j + block_size], adm_fp16)
             d = d if best is None else torch.cat([best, d], 1)
             best = d.topk(min(k + 1, d.shape[1]), dim=1, largest=False).values  # ascending
         radii.append(best[:, k])
@@ -516,22 +549,24 @@ def precision_recall(ref_feats, sample_feats, k=3, block_size=10000, device=None
     if ref.ndim != 2 or smp.ndim != 2 or ref.shape[1] != smp.shape[1]:
         raise InputError(f"precision_recall needs (N, D) features of equal D, got {ref.shape}, {smp.shape}")
     if min(len(ref), len(smp)) <= k:
-        raise InputError(f"precision/recall with k={k} needs more than {k} images per set, "
-                         f"got {len(ref)} and {len(smp)}")
+        raise InputError(
+            f"precision/recall with k={k} needs more than {k} images per set, got {len(ref)} and {len(smp)}"
+        )
     r_ref, r_smp = (_knn_radii(x, k, block_size, adm_fp16) for x in (ref, smp))
     ref_in = torch.zeros(len(ref), dtype=torch.bool, device=device)
     smp_in = torch.zeros(len(smp), dtype=torch.bool, device=device)
     for i in range(0, len(ref), block_size):
         for j in range(0, len(smp), block_size):
-            d = _sq_distances(ref[i:i + block_size], smp[j:j + block_size], adm_fp16)  # (b1, b2)
-            ref_in[i:i + block_size] |= (d <= r_smp[None, j:j + block_size]).any(1)
-            smp_in[j:j + block_size] |= (d <= r_ref[i:i + block_size, None]).any(0)
+            d = _sq_distances(ref[i : i + block_size], smp[j : j + block_size], adm_fp16)  # (b1, b2)
+            ref_in[i : i + block_size] |= (d <= r_smp[None, j : j + block_size]).any(1)
+            smp_in[j : j + block_size] |= (d <= r_ref[i : i + block_size, None]).any(0)
     return smp_in.sum().item() / len(smp), ref_in.sum().item() / len(ref)
 
 
 # -----------------------------------------------------------------------------
 # Evaluation
 # -----------------------------------------------------------------------------
+
 
 def statistics(feats, given=None):
     """Features (+ precomputed ADM stats, which win, as in ADM) -> mu, sigma, mu_s, sigma_s, pool, logits."""
@@ -568,8 +603,10 @@ def _run(args, device, rank, world):
         model = _on_every_rank(lambda: load_inception(args.inception_weights, device) if rank == 0 else None)
         if world > 1:
             model = _on_every_rank(lambda: model if rank == 0 else load_inception(args.inception_weights, device))
-    feats = [given if images is None else compute_features(images, model, args.batch_size, args.protocol, True)
-             for images, given in sources]
+    feats = [
+        given if images is None else compute_features(images, model, args.batch_size, args.protocol, True)
+        for images, given in sources
+    ]
     if rank:
         return
     stats = [statistics(f, given) for f, (_, given) in zip(feats, sources, strict=True)]
@@ -585,8 +622,12 @@ def _run(args, device, rank, world):
     print(f"Precision: {results['precision']}")
     print(f"Recall: {results['recall']}")
     if args.json:
-        record = {**results, "num_ref": len(stats[0]["pool"]), "num_samples": len(stats[1]["pool"]),
-                  "protocol": args.protocol}
+        record = {
+            **results,
+            "num_ref": len(stats[0]["pool"]),
+            "num_samples": len(stats[1]["pool"]),
+            "protocol": args.protocol,
+        }
         dtr.atomic_write(args.json, lambda tmp: dtr.write_text(tmp, json.dumps(record, indent=2) + "\n"))
 
 
@@ -604,20 +645,35 @@ def main(args):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="FID, sFID, Inception Score, Precision and Recall "
-                                                 "with the ADM evaluator's definitions.")
-    parser.add_argument("paths", nargs=2, metavar="PATH",
-                        help="REF SAMPLES (ADM .npz batches, image folders or --save-stats files); "
-                             "with --save-stats: SRC OUT.npz")
-    parser.add_argument("--save-stats", action="store_true",
-                        help="write statistics and features of SRC to OUT.npz, reusable as REF/SAMPLES")
+    parser = argparse.ArgumentParser(
+        description="FID, sFID, Inception Score, Precision and Recall with the ADM evaluator's definitions."
+    )
+    parser.add_argument(
+        "paths",
+        nargs=2,
+        metavar="PATH",
+        help="REF SAMPLES (ADM .npz batches, image folders or --save-stats files); with --save-stats: SRC OUT.npz",
+    )
+    parser.add_argument(
+        "--save-stats",
+        action="store_true",
+        help="write statistics and features of SRC to OUT.npz, reusable as REF/SAMPLES",
+    )
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
-    parser.add_argument("--inception-weights", default=None,
-                        help="path to pt_inception-2015-12-05-6726825d.pth (default: download via torch.hub)")
-    parser.add_argument("--protocol", choices=["adm", "pytorch-fid"], default="adm",
-                        help="adm: TF1 bilinear resize + (x-128)/128; pytorch-fid: F.interpolate + 2x-1")
+    parser.add_argument(
+        "--inception-weights",
+        default=None,
+        help="path to pt_inception-2015-12-05-6726825d.pth (default: download via torch.hub)",
+    )
+    parser.add_argument(
+        "--protocol",
+        choices=["adm", "pytorch-fid"],
+        default="adm",
+        help="adm: TF1 bilinear resize + (x-128)/128; pytorch-fid: F.interpolate + 2x-1",
+    )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
-                        help="threads decoding image files")
+    parser.add_argument(
+        "--num-workers", type=int, default=min(8, os.cpu_count() or 1), help="threads decoding image files"
+    )
     main(parser.parse_args())

@@ -12,6 +12,7 @@ With --data the defaults are the paper's (App. C): DiT-L/2 on 256 px images in S
 T=1000, cosine schedule, learned sigma, EMA 0.9999, label dropout 0.1. Without --data the demo preset (DEMO below)
 fills every flag that was not given. --latents DIR encodes every image (and its flip) once and trains from DIR.
 """
+
 import argparse
 import errno
 import glob
@@ -32,17 +33,46 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import dtr
 
-PAPER = dict(model="DiT-L/2", image_size=256, global_batch_size=256, lr=1e-4, ema_decay=0.9999, steps=400_000,
-             log_every=100, ckpt_every=50_000, sample_every=0, num_workers=4)
+PAPER = dict(
+    model="DiT-L/2",
+    image_size=256,
+    global_batch_size=256,
+    lr=1e-4,
+    ema_decay=0.9999,
+    steps=400_000,
+    log_every=100,
+    ckpt_every=50_000,
+    sample_every=0,
+    num_workers=4,
+)
 PIXEL_DIT_MAX = 64  # with --data, a DiT on larger images defaults to --vae ema (the paper's latent DiTs)
-DEMO = dict(model="DiT-T/2", image_size=16, global_batch_size=64, lr=2e-3, ema_decay=0.995, steps=2400,
-            log_every=100, ckpt_every=800, sample_every=0, num_workers=0)
+DEMO = dict(
+    model="DiT-T/2",
+    image_size=16,
+    global_batch_size=64,
+    lr=2e-3,
+    ema_decay=0.995,
+    steps=2400,
+    log_every=100,
+    ckpt_every=800,
+    sample_every=0,
+    num_workers=0,
+)
 # Arguments a resumed run must keep besides dtr.MODEL_ARGS: the data order and the per-step random draws (seed,
 # global batch, flips, the demo's data) and the loss. A resume is bit-exact only with them unchanged, and a run that
 # changed them halfway would be neither of the two experiments. Every other flag (lr, weight decay, uw-lr, EMA decay,
 # steps, log, checkpoint and sample intervals, precision, compile, workers, ...) is applied and its change logged.
-RESUME_FIXED = ("seed", "global_batch_size", "flip_prob", "demo_images_per_class", "loss_weight", "min_snr_gamma",
-                "p2_gamma", "p2_k", "uw_clusters")
+RESUME_FIXED = (
+    "seed",
+    "global_batch_size",
+    "flip_prob",
+    "demo_images_per_class",
+    "loss_weight",
+    "min_snr_gamma",
+    "p2_gamma",
+    "p2_k",
+    "uw_clusters",
+)
 GRID_MIN_WIDTH = 512  # training grids are upscaled (nearest neighbour, integer factor) to at least this many pixels
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -66,14 +96,16 @@ def make_shapes(num_per_class, image_size, seed=0):
     r = 0.3 + 0.08 * torch.rand(n, 1, 1, generator=g)  # (N, 1, 1): shapes fill most of the frame, never leave it
     dx, dy = grid[None, None, :] - center[:, 0], grid[None, :, None] - center[:, 1]  # (N, S, S)
     dist = (dx**2 + dy**2).sqrt()
-    inside = torch.stack([
-        dist <= r,  # circle
-        torch.maximum(dx.abs(), dy.abs()) <= 0.85 * r,  # square
-        (dy <= 0.7 * r) & (dx.abs() <= 0.6 * (dy + r)),  # triangle, apex up
-        (dist <= r) & (dist >= 0.55 * r),  # ring
-        ((dx.abs() <= 0.3 * r) & (dy.abs() <= r)) | ((dy.abs() <= 0.3 * r) & (dx.abs() <= r)),  # cross
-        dx.abs() + dy.abs() <= r,  # diamond
-    ])[labels, torch.arange(n)]  # (N, S, S)
+    inside = torch.stack(
+        [
+            dist <= r,  # circle
+            torch.maximum(dx.abs(), dy.abs()) <= 0.85 * r,  # square
+            (dy <= 0.7 * r) & (dx.abs() <= 0.6 * (dy + r)),  # triangle, apex up
+            (dist <= r) & (dist >= 0.55 * r),  # ring
+            ((dx.abs() <= 0.3 * r) & (dy.abs() <= r)) | ((dy.abs() <= 0.3 * r) & (dx.abs() <= r)),  # cross
+            dx.abs() + dy.abs() <= r,  # diamond
+        ]
+    )[labels, torch.arange(n)]  # (N, S, S)
     color = torch.tensor(SHAPE_COLORS, dtype=torch.float32)[labels] + 20 * torch.randn(n, 3, generator=g)
     background = 20 + 40 * torch.rand(n, 1, generator=g)
     img = torch.where(inside[:, None], color[:, :, None, None], background[:, :, None, None])
@@ -83,13 +115,14 @@ def make_shapes(num_per_class, image_size, seed=0):
 def center_crop(image, size):
     """ADM's resize: halve with a box filter while >= 2x too big, bicubic to `size` on the short side, center crop."""
     from PIL import Image
+
     while min(image.size) >= 2 * size:
         image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
     scale = size / min(image.size)
     image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
     arr = np.asarray(image)
     top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
-    return torch.from_numpy(arr[top:top + size, left:left + size].copy()).permute(2, 0, 1)  # (3, S, S) uint8
+    return torch.from_numpy(arr[top : top + size, left : left + size].copy()).permute(2, 0, 1)  # (3, S, S) uint8
 
 
 class ImageData(torch.utils.data.Dataset):
@@ -103,6 +136,7 @@ class ImageData(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         from PIL import Image
+
         if self.files is not None:  # (path, class) pairs
             path, label = self.files[i]
             return center_crop(dtr.open_image(path), self.size), label
@@ -123,6 +157,7 @@ def load_data(args):
     if args.data.endswith((".npz", ".npy")):
         return load_npz(args)
     from torchvision.datasets import ImageFolder
+
     try:
         folder = ImageFolder(args.data)
     except (FileNotFoundError, OSError) as e:
@@ -146,16 +181,22 @@ def load_npz(args):
     except Exception as e:
         raise dtr.InputError(f"cannot read {args.data} as an .npz with arr_0 or an .npy ({type(e).__name__}: {e})")
     if images is None:
-        stored = args.data[:-len(".npz")] + "-stored.npz"
-        raise dtr.InputError(f"{args.data} is compressed (np.savez_compressed) and cannot be memory-mapped; store it "
-                             f"uncompressed once: python -c \"import numpy as np; np.savez('{stored}', "
-                             f"**np.load('{args.data}'))\"")
+        stored = args.data[: -len(".npz")] + "-stored.npz"
+        raise dtr.InputError(
+            f"{args.data} is compressed (np.savez_compressed) and cannot be memory-mapped; store it "
+            f"uncompressed once: python -c \"import numpy as np; np.savez('{stored}', "
+            f"**np.load('{args.data}'))\""
+        )
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or len(images) == 0:
-        raise dtr.InputError(f"{args.data}: arr_0 must be non-empty uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
+        raise dtr.InputError(
+            f"{args.data}: arr_0 must be non-empty uint8 (N, H, W, 3), got {images.dtype} {images.shape}"
+        )
     if labels is None or args.unconditional:
         return ImageData(images, np.zeros(len(images), dtype=np.int64), size=args.image_size), 1
     if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
-        raise dtr.InputError(f"{args.data}: arr_1 must hold one non-negative integer label per image, got {labels.dtype} {labels.shape}")
+        raise dtr.InputError(
+            f"{args.data}: arr_1 must hold one non-negative integer label per image, got {labels.dtype} {labels.shape}"
+        )
     return ImageData(images, labels, size=args.image_size), int(labels.max()) + 1
 
 
@@ -170,7 +211,9 @@ def load_text_data(args):
     entries = dtr.read_coco_captions(args.captions)
     missing = [name for name, _ in entries if not os.path.isfile(os.path.join(args.data, name))]
     if missing:
-        raise dtr.InputError(f"{len(missing)} of the {len(entries)} images of {args.captions} are not in {args.data} (e.g. {missing[0]})")
+        raise dtr.InputError(
+            f"{len(missing)} of the {len(entries)} images of {args.captions} are not in {args.data} (e.g. {missing[0]})"
+        )
     files = [(os.path.join(args.data, name), i) for i, (name, _) in enumerate(entries)]  # label: the image's index
     return ImageData(files=files, size=args.image_size), [c for _, c in entries]
 
@@ -184,7 +227,14 @@ class StepBatches(torch.utils.data.Sampler):
     """This rank's indices of every global batch from `start` on; epoch e is a permutation seeded by (seed, e)."""
 
     def __init__(self, size, global_batch, rank, world, seed, start):
-        self.size, self.global_batch, self.rank, self.world, self.seed, self.start = size, global_batch, rank, world, seed, start
+        self.size, self.global_batch, self.rank, self.world, self.seed, self.start = (
+            size,
+            global_batch,
+            rank,
+            world,
+            seed,
+            start,
+        )
 
     def __iter__(self):
         per_epoch, local = self.size // self.global_batch, self.global_batch // self.world
@@ -192,9 +242,12 @@ class StepBatches(torch.utils.data.Sampler):
         for step in range(self.start, 2**62):
             e, i = divmod(step, per_epoch)
             if e != epoch:  # drop_last: a global batch never spans two epochs
-                epoch, perm = e, torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 2**20 + e))
-            batch = perm[i * self.global_batch:(i + 1) * self.global_batch]
-            yield batch[self.rank * local:(self.rank + 1) * local].tolist()
+                epoch, perm = (
+                    e,
+                    torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 2**20 + e)),
+                )
+            batch = perm[i * self.global_batch : (i + 1) * self.global_batch]
+            yield batch[self.rank * local : (self.rank + 1) * local].tolist()
 
 
 #################################################################################
@@ -233,13 +286,24 @@ def cache_record(args, dataset, vae):
     """What a cache holds and how it was made; cache.json. Per image: (F, 2, C, h, w) float32, F = 2 with flips
     (the image, then its horizontal flip), 2 = the VAE posterior's mean and std."""
     side, channels, flips = args.image_size // dtr.VAE_FACTOR, vae.config.latent_channels, args.flip_prob > 0
-    return {"format": CACHE_FORMAT,
-            "vae": {"kind": args.vae, "path": args.vae_path, "digest": dtr.weights_digest(vae), "latent_channels": channels},
-            "image_size": args.image_size, "preprocessing": CACHE_PREPROCESSING, "flips": flips,
-            "source": {"path": args.data, **source_record(dataset, args.data)},
-            "layout": "shard_NNNNN.npy: (images, F, 2, C, h, w); F: the image, then its flip; 2: posterior mean, std",
-            "dtype": "float32", "shape": [1 + flips, 2, channels, side, side],
-            "shard_size": args.latent_shard_size, "num_shards": math.ceil(len(dataset) / args.latent_shard_size)}
+    return {
+        "format": CACHE_FORMAT,
+        "vae": {
+            "kind": args.vae,
+            "path": args.vae_path,
+            "digest": dtr.weights_digest(vae),
+            "latent_channels": channels,
+        },
+        "image_size": args.image_size,
+        "preprocessing": CACHE_PREPROCESSING,
+        "flips": flips,
+        "source": {"path": args.data, **source_record(dataset, args.data)},
+        "layout": "shard_NNNNN.npy: (images, F, 2, C, h, w); F: the image, then its flip; 2: posterior mean, std",
+        "dtype": "float32",
+        "shape": [1 + flips, 2, channels, side, side],
+        "shard_size": args.latent_shard_size,
+        "num_shards": math.ceil(len(dataset) / args.latent_shard_size),
+    }
 
 
 def check_record(found, want, args):
@@ -247,25 +311,39 @@ def check_record(found, want, args):
     cache, data = f"--latents {args.latents}", args.data or "the built-in shapes"
     fix = f"pass a new --latents DIR (or delete {args.latents}) to encode anew"
     if found.get("format") != CACHE_FORMAT:
-        raise dtr.InputError(f"{cache} has cache format {found.get('format')!r}, this train.py reads {CACHE_FORMAT}: {fix}")
+        raise dtr.InputError(
+            f"{cache} has cache format {found.get('format')!r}, this train.py reads {CACHE_FORMAT}: {fix}"
+        )
     vae = found["vae"]
     if vae["digest"] != want["vae"]["digest"]:
         path = f" --vae-path {vae['path']}" if vae["path"] else ""
-        raise dtr.InputError(f"{cache} holds latents of another VAE (--vae {vae['kind']}{path}, weights {vae['digest']}; this one's "
-             f"are {want['vae']['digest']}): pass that VAE, or {fix}")
+        raise dtr.InputError(
+            f"{cache} holds latents of another VAE (--vae {vae['kind']}{path}, weights {vae['digest']}; this one's "
+            f"are {want['vae']['digest']}): pass that VAE, or {fix}"
+        )
     if found["image_size"] != want["image_size"]:
-        raise dtr.InputError(f"{cache} holds {found['image_size']} px images, not --image-size {want['image_size']}: "
-             f"pass --image-size {found['image_size']}, or {fix}")
+        raise dtr.InputError(
+            f"{cache} holds {found['image_size']} px images, not --image-size {want['image_size']}: "
+            f"pass --image-size {found['image_size']}, or {fix}"
+        )
     if found["preprocessing"] != want["preprocessing"]:
-        raise dtr.InputError(f"{cache} was made with preprocessing {found['preprocessing']!r}, this train.py does "
-             f"{want['preprocessing']!r}: {fix}")
+        raise dtr.InputError(
+            f"{cache} was made with preprocessing {found['preprocessing']!r}, this train.py does "
+            f"{want['preprocessing']!r}: {fix}"
+        )
     if want["flips"] and not found["flips"]:
-        raise dtr.InputError(f"{cache} was built without flips but --flip-prob is {args.flip_prob}: pass --flip-prob 0, or {fix}")
+        raise dtr.InputError(
+            f"{cache} was built without flips but --flip-prob is {args.flip_prob}: pass --flip-prob 0, or {fix}"
+        )
     if found["source"]["count"] != want["source"]["count"]:
-        raise dtr.InputError(f"{data} holds {want['source']['count']:,} images but {cache} was built from "
-             f"{found['source']['count']:,}: the source changed since; {fix}")
+        raise dtr.InputError(
+            f"{data} holds {want['source']['count']:,} images but {cache} was built from "
+            f"{found['source']['count']:,}: the source changed since; {fix}"
+        )
     if found["source"]["digest"] != want["source"]["digest"]:
-        raise dtr.InputError(f"the images of {data} are not those {cache} was built from (other names or contents): {fix}")
+        raise dtr.InputError(
+            f"the images of {data} are not those {cache} was built from (other names or contents): {fix}"
+        )
 
 
 def latent_shard_file(directory, k):
@@ -289,15 +367,19 @@ def shard_problem(path, shape):
 
 def write_shard(path, moments):
     """Save a shard through a temp file and a rename: a killed run leaves finished shards whole, at most a temp file."""
+
     def save(tmp):
         with open(tmp, "wb") as f:  # a file object: np.save would append .npy to the temp name
             np.save(f, moments)
+
     try:
         dtr.atomic_write(path, save)
     except OSError as e:
         if e.errno == errno.ENOSPC:
-            raise dtr.InputError(f"no space left on the device while writing {path} (the finished shards are kept): free some, or "
-                 f"pass --latents a folder on a larger disk; re-running continues where it stopped")
+            raise dtr.InputError(
+                f"no space left on the device while writing {path} (the finished shards are kept): free some, or "
+                f"pass --latents a folder on a larger disk; re-running continues where it stopped"
+            )
         raise dtr.InputError(f"cannot write {path} ({e.strerror or e})")
 
 
@@ -313,6 +395,7 @@ def encode_moments(vae, x, flips):
 def build_latents(args, run, dataset, vae, record, missing):
     """Encode the shards in `missing` (each rank its share) and write cache.json last, when every shard is whole."""
     from tqdm.auto import tqdm
+
     directory, size, shape = args.latents, record["shard_size"], record["shape"]
     bounds = {k: range(k * size, min((k + 1) * size, len(dataset))) for k in range(record["num_shards"])}
     if run.rank == 0:
@@ -325,15 +408,22 @@ def build_latents(args, run, dataset, vae, record, missing):
         need = sum(len(bounds[k]) for k in missing) * math.prod(shape) * 4
         free = shutil.disk_usage(directory).free
         if need > free:
-            raise dtr.InputError(f"--latents {directory} needs {need / 1e9:.2f} GB more but its disk has {free / 1e9:.2f} GB free: "
-                 f"free some, or pass a folder on a larger disk")
+            raise dtr.InputError(
+                f"--latents {directory} needs {need / 1e9:.2f} GB more but its disk has {free / 1e9:.2f} GB free: "
+                f"free some, or pass a folder on a larger disk"
+            )
     if run.world > 1:
         dist.barrier()
-    mine = missing[run.rank::run.world]
-    batches = [list(bounds[k][i:i + ENCODE_BATCH]) for k in mine for i in range(0, len(bounds[k]), ENCODE_BATCH)]
+    mine = missing[run.rank :: run.world]
+    batches = [list(bounds[k][i : i + ENCODE_BATCH]) for k in mine for i in range(0, len(bounds[k]), ENCODE_BATCH)]
     loader = iter(torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=args.num_workers))
-    bar = tqdm(total=sum(len(bounds[k]) for k in mine), disable=run.rank != 0, dynamic_ncols=True, unit="img",
-               desc=f"encoding {len(mine)} of the {len(missing)} missing shard(s) into {directory}")
+    bar = tqdm(
+        total=sum(len(bounds[k]) for k in mine),
+        disable=run.rank != 0,
+        dynamic_ncols=True,
+        unit="img",
+        desc=f"encoding {len(mine)} of the {len(missing)} missing shard(s) into {directory}",
+    )
     try:
         for k in mine:
             parts = []
@@ -350,7 +440,10 @@ def build_latents(args, run, dataset, vae, record, missing):
         for k, images in bounds.items():
             problem = shard_problem(latent_shard_file(directory, k), (len(images), *shape))
             if problem:
-                raise dtr.InputError(f"--latents {directory}: {latent_shard_file(directory, k)} is missing or bad after encoding ({problem})")
+                raise dtr.InputError(
+                    f"--latents {directory}: {latent_shard_file(directory, k)} is missing or bad after encoding "
+                    f"({problem})"
+                )
         done = os.path.join(directory, "cache.json")  # last: its presence says the cache is complete
         dtr.atomic_write(done, lambda tmp: dtr.write_text(tmp, json.dumps(record, indent=2)))
         os.remove(partial)
@@ -367,7 +460,9 @@ def read_record(path):
     except (OSError, ValueError) as e:
         problem = type(e).__name__
     if problem:
-        raise dtr.InputError(f"cannot read {path} ({problem}): pass a new --latents DIR (or delete its folder) to encode anew")
+        raise dtr.InputError(
+            f"cannot read {path} ({problem}): pass a new --latents DIR (or delete its folder) to encode anew"
+        )
     return record
 
 
@@ -381,8 +476,10 @@ def prepare_latents(args, run, dataset, vae):
     if found is not None:
         check_record(found, want, args)
     elif glob.glob(os.path.join(args.latents, "shard_*.npy")):  # a build writes its record before any shard
-        raise dtr.InputError(f"--latents {args.latents} holds shards but no cache.json: nothing says how they were made; pass a new "
-             f"--latents DIR (or delete that folder) to encode anew")
+        raise dtr.InputError(
+            f"--latents {args.latents} holds shards but no cache.json: nothing says how they were made; pass a new "
+            f"--latents DIR (or delete that folder) to encode anew"
+        )
     record = found or want  # an existing cache keeps its layout (e.g. its flips when this run does not flip)
     size, shape = record["shard_size"], record["shape"]
     counts = [min(size, len(dataset) - k * size) for k in range(record["num_shards"])]
@@ -390,8 +487,10 @@ def prepare_latents(args, run, dataset, vae):
     bad = [(k, why) for k in present if (why := shard_problem(latent_shard_file(args.latents, k), (counts[k], *shape)))]
     if bad:
         k, why = bad[0]
-        raise dtr.InputError(f"{latent_shard_file(args.latents, k)} is truncated or corrupt ({why}; {len(bad)} bad shard(s) in all): "
-             f"delete the bad shards and re-run with the same flags to encode them again")
+        raise dtr.InputError(
+            f"{latent_shard_file(args.latents, k)} is truncated or corrupt ({why}; {len(bad)} bad shard(s) in all): "
+            f"delete the bad shards and re-run with the same flags to encode them again"
+        )
     missing = sorted(set(range(len(counts))) - set(present))
     if missing or not os.path.exists(records[0]):
         build_latents(args, run, dataset, vae, record, missing)
@@ -432,8 +531,13 @@ def cached_latents(moments, draws):
 
 
 SD_VAE_CONFIG = dict(  # Stable Diffusion's AutoencoderKL (sd-vae-ft-ema / -mse share it): for benchmarks, offline
-    block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4, sample_size=256)
+    block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    layers_per_block=2,
+    latent_channels=4,
+    sample_size=256,
+)
 
 
 def bench_latents(vae_path=None, model="DiT-B/2", image_size=256, batch_size=4, rounds=5, seed=0):
@@ -444,18 +548,39 @@ def bench_latents(vae_path=None, model="DiT-B/2", image_size=256, batch_size=4, 
     AdamW, EMA. Round 0 warms up; the two paths alternate their order every round, so drift hits both alike."""
     import statistics
     import tempfile
+
     with tempfile.TemporaryDirectory() as tmp:
         if vae_path is None:
             from diffusers.models import AutoencoderKL
+
             vae_path = os.path.join(tmp, "vae")
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 AutoencoderKL(**SD_VAE_CONFIG).save_pretrained(vae_path)
         data = os.path.join(tmp, "images.npz")
         np.savez(data, np.random.default_rng(seed).integers(0, 256, (batch_size, image_size, image_size, 3), np.uint8))
-        args = resolve_preset(parser().parse_args([
-            "--data", data, "--model", model, "--image-size", str(image_size), "--vae", "ema", "--vae-path", vae_path,
-            "--global-batch-size", str(batch_size), "--num-workers", "0", "--latents", os.path.join(tmp, "latents")]))
+        args = resolve_preset(
+            parser().parse_args(
+                [
+                    "--data",
+                    data,
+                    "--model",
+                    model,
+                    "--image-size",
+                    str(image_size),
+                    "--vae",
+                    "ema",
+                    "--vae-path",
+                    vae_path,
+                    "--global-batch-size",
+                    str(batch_size),
+                    "--num-workers",
+                    "0",
+                    "--latents",
+                    os.path.join(tmp, "latents"),
+                ]
+            )
+        )
         run = Run(0, 1, torch.device("cpu"), slice(None))
         images = load_training_data(args, run)  # unconditional: no labels in the .npz
         vae = dtr.load_vae(args.vae, args.vae_path, run.device)
@@ -474,15 +599,17 @@ def bench_latents(vae_path=None, model="DiT-B/2", image_size=256, batch_size=4, 
 
         times = {"on the fly": [], "cache": []}
         for i in range(1 + rounds):
-            for name in (("on the fly", "cache") if i % 2 else ("cache", "on the fly")):
+            for name in ("on the fly", "cache") if i % 2 else ("cache", "on the fly"):
                 seconds = step(cache if name == "cache" else images, i)
                 if i:
                     times[name].append(seconds)
     result = {k: statistics.median(v) for k, v in times.items()}
-    print(f"{args.model} {image_size} px, batch {batch_size}, {torch.get_num_threads()} threads, median of {rounds} "
-          f"interleaved rounds: on the fly {result['on the fly']:.3f} s/step, from the cache {result['cache']:.3f} "
-          f"s/step ({result['on the fly'] / result['cache']:.2f}x); building the cache ({batch_size} images and their "
-          f"flips): {encode_once:.1f} s")
+    print(
+        f"{args.model} {image_size} px, batch {batch_size}, {torch.get_num_threads()} threads, median of {rounds} "
+        f"interleaved rounds: on the fly {result['on the fly']:.3f} s/step, from the cache {result['cache']:.3f} "
+        f"s/step ({result['on the fly'] / result['cache']:.2f}x); building the cache ({batch_size} images and their "
+        f"flips): {encode_once:.1f} s"
+    )
     for k, v in times.items():
         print(f"  {k}: {' '.join(f'{t:.2f}' for t in v)} s")
     return result
@@ -491,6 +618,7 @@ def bench_latents(vae_path=None, model="DiT-B/2", image_size=256, batch_size=4, 
 #################################################################################
 #               Set-up: processes, model, optimizer, resume, folders            #
 #################################################################################
+
 
 @dataclass
 class Run:
@@ -532,11 +660,17 @@ def setup(args):
         raise dtr.InputError(f"global batch size {args.global_batch_size} is not divisible by the world size {world}")
     local = args.global_batch_size // world
     if args.loss_weight == "ant-uw" and not 1 <= args.uw_clusters <= args.num_timesteps:
-        raise dtr.InputError(f"--uw-clusters {args.uw_clusters} must be between 1 and --num-timesteps {args.num_timesteps}")
+        raise dtr.InputError(
+            f"--uw-clusters {args.uw_clusters} must be between 1 and --num-timesteps {args.num_timesteps}"
+        )
     if not 1 <= args.grid_steps <= args.num_timesteps:  # the sample grid respaces the T training steps
-        raise dtr.InputError(f"--grid-steps {args.grid_steps} must be between 1 and --num-timesteps {args.num_timesteps}")
+        raise dtr.InputError(
+            f"--grid-steps {args.grid_steps} must be between 1 and --num-timesteps {args.num_timesteps}"
+        )
     if args.loss_weight == "ant-uw" and local % args.uw_clusters:
-        raise dtr.InputError(f"per-rank batch {local} is not divisible by the {args.uw_clusters} ANT-UW timestep clusters")
+        raise dtr.InputError(
+            f"per-rank batch {local} is not divisible by the {args.uw_clusters} ANT-UW timestep clusters"
+        )
     if args.vae and args.image_size % dtr.VAE_FACTOR:
         raise dtr.InputError(f"--image-size {args.image_size} is not divisible by the VAE factor {dtr.VAE_FACTOR}")
     if device.type == "cuda":
@@ -577,8 +711,11 @@ def resume_checkpoint(args):
     for k in dtr.MODEL_ARGS + RESUME_FIXED:
         if before.get(k) != getattr(args, k):
             raise dtr.InputError(f"--resume {path}: {k} is {before.get(k)!r} there but {getattr(args, k)!r} now")
-    changed = [f"--{k.replace('_', '-')} {v} (was {before.get(k)})" for k, v in vars(args).items()
-               if k != "resume" and before.get(k) != v]  # applied: logged once the log exists
+    changed = [
+        f"--{k.replace('_', '-')} {v} (was {before.get(k)})"
+        for k, v in vars(args).items()
+        if k != "resume" and before.get(k) != v
+    ]  # applied: logged once the log exists
     return ckpt, changed
 
 
@@ -595,8 +732,12 @@ def init_state(args, run, ckpt=None):
     groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
     if uw is not None:  # ANT-UW log-variances s_k: their own group, lr 0.025 and no weight decay
         groups.append({"params": [uw], "lr": args.uw_lr, "weight_decay": 0.0})
-    opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay,
-                            **({"fused": True} if run.device.type == "cuda" else {"foreach": True}))
+    opt = torch.optim.AdamW(
+        groups,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        **({"fused": True} if run.device.type == "cuda" else {"foreach": True}),
+    )
     scaler = torch.amp.GradScaler(run.device.type, enabled=args.precision == "fp16")
     state = State(model, deepcopy(model).requires_grad_(False), opt, uw, scaler)  # EMA starts from the model
     if ckpt is not None:
@@ -640,15 +781,21 @@ def open_experiment(args, run, data, state, resumed, changed=()):
         exp = new_experiment_dir(args) if run.rank == 0 else None
     log = Logger(exp if run.rank == 0 else None)
     if run.rank == 0 and not resumed:
-        dtr.atomic_write(os.path.join(exp, "args.json"), lambda tmp: dtr.write_text(tmp, json.dumps(vars(args), indent=2)))
+        dtr.atomic_write(
+            os.path.join(exp, "args.json"), lambda tmp: dtr.write_text(tmp, json.dumps(vars(args), indent=2))
+        )
     condition = f"{args.num_classes} classes"
     if data.text is not None:
-        condition = (f"{sum(map(len, data.captions)):,} captions, text encoder {args.text_encoder} "
-                     f"({data.text.length} x {data.text.dim})")
-    log(f"{f'resuming {args.resume} at step {state.step}' if resumed else f'experiment {exp}'}: {args.model}, "
+        condition = (
+            f"{sum(map(len, data.captions)):,} captions, text encoder {args.text_encoder} "
+            f"({data.text.length} x {data.text.dim})"
+        )
+    log(
+        f"{f'resuming {args.resume} at step {state.step}' if resumed else f'experiment {exp}'}: {args.model}, "
         f"routing {args.routing} (alpha {args.alpha}, beta {args.beta}), {len(data.dataset):,} images, {condition}, "
         f"{sum(p.numel() for p in state.model.parameters()):,} parameters, "
-        f"{run.world} process(es) x batch {args.global_batch_size // run.world} on {run.device}")
+        f"{run.world} process(es) x batch {args.global_batch_size // run.world} on {run.device}"
+    )
     if changed:
         log(f"changed on resume: {', '.join(changed)}")
     return exp, log
@@ -658,8 +805,9 @@ def size_multiple(model):
     """What the network's input side must be a multiple of: DiT's patch size, or the UNet's total downsampling."""
     if isinstance(model, dtr.DiT):
         return model.patch_size
-    return 2 ** sum(isinstance(m, dtr.Downsample) or isinstance(m, dtr.ResBlock) and m.updown == "down"
-                    for m in model.modules())
+    return 2 ** sum(
+        isinstance(m, dtr.Downsample) or isinstance(m, dtr.ResBlock) and m.updown == "down" for m in model.modules()
+    )
 
 
 def clean_state_dict(sd):
@@ -694,10 +842,17 @@ def save_checkpoint(args, run, exp, state):
     if run.rank:
         return None
     path = os.path.join(exp, "checkpoints", f"{state.step:07d}.pt")
-    ckpt = {"model": state.model.state_dict(), "ema": state.ema.state_dict(), "opt": state.opt.state_dict(),
-            "model_args": dtr.model_args(args), "args": vars(args), "step": state.step,
-            "uw": None if state.uw is None else state.uw.detach().cpu(), "rng": rng,
-            "scaler": state.scaler.state_dict() if state.scaler.is_enabled() else None}  # fp16 only
+    ckpt = {
+        "model": state.model.state_dict(),
+        "ema": state.ema.state_dict(),
+        "opt": state.opt.state_dict(),
+        "model_args": dtr.model_args(args),
+        "args": vars(args),
+        "step": state.step,
+        "uw": None if state.uw is None else state.uw.detach().cpu(),
+        "rng": rng,
+        "scaler": state.scaler.state_dict() if state.scaler.is_enabled() else None,
+    }  # fp16 only
     dtr.atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
     return path
 
@@ -740,6 +895,7 @@ def new_experiment_dir(args):
 #                                  Training loop                                #
 #################################################################################
 
+
 def train(args):
     """Train, log and checkpoint as `args` say; returns the experiment directory."""
     # set-up: processes, data, model and optimizer (new, initialised or resumed), experiment folder
@@ -748,8 +904,11 @@ def train(args):
     ckpt, changed = resume_checkpoint(args)
     state = init_state(args, run, ckpt)
     exp, log = open_experiment(args, run, data, state, ckpt is not None, changed)
-    net = DDP(state.model, device_ids=[run.device.index] if run.device.type == "cuda" else None) \
-        if run.world > 1 else state.model
+    net = (
+        DDP(state.model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+        if run.world > 1
+        else state.model
+    )
     net = torch.compile(net) if args.compile else net
     diffusion = dtr.build_diffusion(dtr.model_args(args), **loss_weighting(args))
     vae = dtr.load_vae(args.vae, args.vae_path, run.device) if args.vae else None
@@ -767,7 +926,9 @@ def train(args):
             meter.update(state.step, draws["t"], losses, loss, state.uw)
             if state.step % args.ckpt_every == 0 or state.step == args.steps:
                 log(f"saved {save_checkpoint(args, run, exp, state)}")
-            if run.rank == 0 and (args.sample_every and state.step % args.sample_every == 0 or state.step == args.steps):
+            if run.rank == 0 and (
+                args.sample_every and state.step % args.sample_every == 0 or state.step == args.steps
+            ):
                 log(f"saved {save_training_grid(args, exp, state.step, state.ema, vae, run.device, data)}")
     finally:  # errors then print on a line of their own
         meter.close()
@@ -786,8 +947,13 @@ def loss_weighting(args):
 def make_loader(args, run, dataset, step):
     """This rank's batches of every global batch from `step` on (see StepBatches)."""
     sampler = StepBatches(len(dataset), args.global_batch_size, run.rank, run.world, args.seed, step)
-    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
-                                       pin_memory=run.device.type == "cuda", persistent_workers=args.num_workers > 0)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=args.num_workers,
+        pin_memory=run.device.type == "cuda",
+        persistent_workers=args.num_workers > 0,
+    )
 
 
 def next_batch(batches):
@@ -808,10 +974,12 @@ def step_randomness(args, step, run):
     n, side = args.global_batch_size, dtr.latent_size(dtr.model_args(args))
     shape = (4 if args.vae else 3, side, side)
     clusters = args.uw_clusters if args.loss_weight == "ant-uw" else None
-    draws = dict(t=dtr.sample_timesteps(n, args.num_timesteps, clusters, run.device, g),
-                 noise=torch.randn(n, *shape, generator=g, device=run.device),
-                 flip=torch.rand(n, generator=g, device=run.device) < args.flip_prob,
-                 drop=torch.rand(n, generator=g, device=run.device) < args.class_dropout_prob)
+    draws = dict(
+        t=dtr.sample_timesteps(n, args.num_timesteps, clusters, run.device, g),
+        noise=torch.randn(n, *shape, generator=g, device=run.device),
+        flip=torch.rand(n, generator=g, device=run.device) < args.flip_prob,
+        drop=torch.rand(n, generator=g, device=run.device) < args.class_dropout_prob,
+    )
     if args.vae:
         draws["posterior"] = torch.randn(n, *shape, generator=g, device=run.device)  # z = mean + std * noise
     if args.context_dim is not None:  # which of its captions each image gets this time
@@ -868,6 +1036,7 @@ def update_ema(ema, model, decay):
 #                        Logging, progress and sample grids                     #
 #################################################################################
 
+
 class Logger:
     """Prints on rank 0 and appends to DIR/log.txt; silent on other ranks."""
 
@@ -877,6 +1046,7 @@ class Logger:
     def __call__(self, msg):
         if self.path:
             from tqdm.auto import tqdm
+
             tqdm.write(msg)
             with open(self.path, "a") as f:
                 f.write(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}\n")
@@ -888,6 +1058,7 @@ class Meter:
 
     def __init__(self, args, run, log, exp, step):
         from tqdm.auto import tqdm
+
         self.args, self.run, self.log, self.exp = args, run, log, exp
         self.bar = tqdm(initial=step, total=args.steps, disable=run.rank != 0, dynamic_ncols=True, desc="train")
         self.stats = torch.zeros(2, 4, device=run.device)  # loss sum and sample count per timestep quarter
@@ -900,8 +1071,9 @@ class Meter:
         self.stats[1].index_add_(0, quarter, torch.ones_like(losses))
         check = all_reduce_mean(loss.reshape(1).clone(), self.run.world).item()
         if not math.isfinite(check):
-            raise dtr.InputError(f"loss is {check} at step {step}; stopped, the last checkpoint in {self.exp} is the "
-                                 f"last good one")
+            raise dtr.InputError(
+                f"loss is {check} at step {step}; stopped, the last checkpoint in {self.exp} is the last good one"
+            )
         self.bar.set_postfix(loss=f"{check:.4f}")
         self.bar.update()
         if step % self.args.log_every == 0 or step == self.args.steps:
@@ -913,8 +1085,10 @@ class Meter:
         per_quarter = (totals[0] / totals[1].clamp(min=1)).tolist()
         mean = (totals[0].sum() / totals[1].sum().clamp(min=1)).item()
         speed = (step - self.start_step) / (time.perf_counter() - self.start)
-        msg = (f"step {step:07d}  loss {mean:.4f}  [t quarters {' '.join(f'{q:.4f}' for q in per_quarter)}]  "
-               f"{speed:.2f} steps/s  {speed * self.args.global_batch_size:.1f} img/s")
+        msg = (
+            f"step {step:07d}  loss {mean:.4f}  [t quarters {' '.join(f'{q:.4f}' for q in per_quarter)}]  "
+            f"{speed:.2f} steps/s  {speed * self.args.global_batch_size:.1f} img/s"
+        )
         if uw is not None:  # the weight each cluster's loss gets: 0.5 exp(-s_k)
             msg += "  uw " + " ".join(f"{w:.3f}" for w in (0.5 * torch.exp(-uw.detach())).tolist())
         self.stats.zero_()
@@ -931,6 +1105,7 @@ def save_training_grid(args, exp, step, ema, vae, device, data=None):
     Each sample is upscaled by an integer factor (nearest neighbour) so the 8 columns are at least GRID_MIN_WIDTH
     pixels wide; tiles are separated by 1-pixel black lines."""
     from torchvision.utils import save_image
+
     path = os.path.join(exp, f"samples_{step:07d}.png")
     rows = min(args.num_classes, 8) if args.num_classes > 1 else 8
     labels = None if args.num_classes == 1 else torch.arange(rows).repeat_interleave(8).tolist()
@@ -943,8 +1118,9 @@ def save_training_grid(args, exp, step, ema, vae, device, data=None):
     ema.eval()
     diffusion = dtr.build_diffusion(dtr.model_args(args), str(args.grid_steps))
     cfg_scale = args.grid_cfg_scale if args.class_dropout_prob > 0 else 1.0
-    images = dtr.generate(ema, diffusion, labels, range(rows * 8), cfg_scale=cfg_scale, vae=vae, device=device,
-                          context_mask=mask)
+    images = dtr.generate(
+        ema, diffusion, labels, range(rows * 8), cfg_scale=cfg_scale, vae=vae, device=device, context_mask=mask
+    )
     factor = max(1, math.ceil(GRID_MIN_WIDTH / (8 * images.shape[2])))
     images = images.repeat_interleave(factor, dim=1).repeat_interleave(factor, dim=2)  # (N, H f, W f, 3)
     grid = images.permute(0, 3, 1, 2).float() / 255
@@ -956,6 +1132,7 @@ def save_training_grid(args, exp, step, ema, vae, device, data=None):
 #                                   Command line                                #
 #################################################################################
 
+
 def resolve_preset(args):
     """Fill flags left unset from the demo preset (no --data) or the paper's settings (with --data); text encoder."""
     if args.text_demo and (args.data is not None or args.captions is not None):
@@ -963,8 +1140,9 @@ def resolve_preset(args):
     if args.text_demo or args.captions is not None:
         args.text_encoder = args.text_encoder or (dtr.DEMO_TEXT_ENCODER if args.text_demo else dtr.COCO_TEXT_ENCODER)
     elif args.text_encoder or args.cache_text or args.text_mask:
-        raise dtr.InputError("--text-encoder, --cache-text and --text-mask apply to text-to-image runs "
-                             "(--captions or --text-demo)")
+        raise dtr.InputError(
+            "--text-encoder, --cache-text and --text-mask apply to text-to-image runs (--captions or --text-demo)"
+        )
     preset = DEMO if args.data is None else PAPER
     for k, v in preset.items():
         if getattr(args, k) is None:
@@ -973,8 +1151,9 @@ def resolve_preset(args):
         args.vae = "ema"  # the paper's DiTs learn Stable Diffusion's latents (256 px: 32x32x4); ADMs learn pixels
     args.vae = None if args.vae == "none" else args.vae
     if args.latents and not args.vae:
-        raise dtr.InputError("--latents stores VAE latents: it needs --vae ema|mse (a pixel-space run reads its images "
-                             "directly)")
+        raise dtr.InputError(
+            "--latents stores VAE latents: it needs --vae ema|mse (a pixel-space run reads its images directly)"
+        )
     return args
 
 
@@ -988,38 +1167,71 @@ def parser():
     """The command line; every flag the demo or the paper presets leave unset defaults to None."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # data
-    p.add_argument("--data", default=None, help="image folder (ImageFolder), ADM .npz (uncompressed; memory-mapped) or "
-                                                ".npy of images; default: built-in coloured shapes")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="image folder (ImageFolder), ADM .npz (uncompressed; memory-mapped) or "
+        ".npy of images; default: built-in coloured shapes",
+    )
     p.add_argument("--image-size", type=int, default=None, help="pixels (demo 16, paper 256)")
     p.add_argument("--unconditional", action="store_true", help="ignore class labels")
     p.add_argument("--flip-prob", type=float, default=0.5, help="random horizontal flips")
     p.add_argument("--demo-images-per-class", type=int, default=500)
     p.add_argument("--num-workers", type=int, default=None)
-    p.add_argument("--vae", choices=["ema", "mse", "none"], default=None,
-                   help="train in Stable Diffusion's latent space (needs diffusers), or none: pixels. Default with "
-                        f"--data: ema for a DiT above {PIXEL_DIT_MAX} px (the paper's setting), else none (ADMs, small "
-                        "images, the demo)")
-    p.add_argument("--vae-path", default=None, help="local AutoencoderKL directory (default: the hub's stabilityai/sd-vae-ft-*)")
-    p.add_argument("--latents", default=None, metavar="DIR",
-                   help="pre-encoded latents: the VAE posterior's mean and std of every image and of its flip, float32, "
-                        "in DIR; built first if missing or incomplete (sharded over ranks, resumable), then training "
-                        "reads no image and runs no encoder. Needs --vae; refused if DIR was made with another VAE, "
-                        "image size, flips or source")
-    p.add_argument("--latent-shard-size", type=int, default=1024, help="images per --latents shard file (64 MiB at 256 px)")
+    p.add_argument(
+        "--vae",
+        choices=["ema", "mse", "none"],
+        default=None,
+        help="train in Stable Diffusion's latent space (needs diffusers), or none: pixels. Default with "
+        f"--data: ema for a DiT above {PIXEL_DIT_MAX} px (the paper's setting), else none (ADMs, small "
+        "images, the demo)",
+    )
+    p.add_argument(
+        "--vae-path", default=None, help="local AutoencoderKL directory (default: the hub's stabilityai/sd-vae-ft-*)"
+    )
+    p.add_argument(
+        "--latents",
+        default=None,
+        metavar="DIR",
+        help="pre-encoded latents: the VAE posterior's mean and std of every image and of its flip, float32, "
+        "in DIR; built first if missing or incomplete (sharded over ranks, resumable), then training "
+        "reads no image and runs no encoder. Needs --vae; refused if DIR was made with another VAE, "
+        "image size, flips or source",
+    )
+    p.add_argument(
+        "--latent-shard-size", type=int, default=1024, help="images per --latents shard file (64 MiB at 256 px)"
+    )
     # text-to-image (needs transformers)
-    p.add_argument("--captions", default=None, help="COCO captions_*.json for the images in --data: text-to-image training")
-    p.add_argument("--text-demo", action="store_true", help="text-to-image on the built-in shapes, captioned 'a red circle', ...")
-    p.add_argument("--text-encoder", default=None, help=f"CLIP text encoder: local directory or hub name (default {dtr.COCO_TEXT_ENCODER}; "
-                                           f"--text-demo: {dtr.DEMO_TEXT_ENCODER}, a tiny random one)")
-    p.add_argument("--cache-text", default=None, metavar="DIR", help="keep every caption's embedding in DIR (encoded once)")
-    p.add_argument("--text-mask", action="store_true", help="cross-attend only to the caption's tokens, not to CLIP's padding")
+    p.add_argument(
+        "--captions", default=None, help="COCO captions_*.json for the images in --data: text-to-image training"
+    )
+    p.add_argument(
+        "--text-demo", action="store_true", help="text-to-image on the built-in shapes, captioned 'a red circle', ..."
+    )
+    p.add_argument(
+        "--text-encoder",
+        default=None,
+        help=f"CLIP text encoder: local directory or hub name (default {dtr.COCO_TEXT_ENCODER}; "
+        f"--text-demo: {dtr.DEMO_TEXT_ENCODER}, a tiny random one)",
+    )
+    p.add_argument(
+        "--cache-text", default=None, metavar="DIR", help="keep every caption's embedding in DIR (encoded once)"
+    )
+    p.add_argument(
+        "--text-mask", action="store_true", help="cross-attend only to the caption's tokens, not to CLIP's padding"
+    )
     # model and routing
     p.add_argument("--model", choices=list(dtr.MODELS), default=None, help="demo DiT-T/2, paper DiT-L/2")
     p.add_argument("--routing", choices=dtr.ROUTINGS, default="dtr")
     p.add_argument("--alpha", type=float, default=4.0)
     p.add_argument("--beta", type=float, default=0.8)
     p.add_argument("--routing-seed", type=int, default=0, help="seeds the R-TR masks")
-    p.add_argument("--class-dropout-prob", type=float, default=0.1, help="label (text: caption) dropout for classifier-free guidance")
+    p.add_argument(
+        "--class-dropout-prob",
+        type=float,
+        default=0.1,
+        help="label (text: caption) dropout for classifier-free guidance",
+    )
     p.add_argument("--fixed-sigma", dest="learn_sigma", action="store_false", help="do not learn the variance")
     # diffusion and loss
     p.add_argument("--num-timesteps", type=int, default=1000)
@@ -1038,14 +1250,20 @@ def parser():
     p.add_argument("--steps", type=int, default=None, help="demo 2400, paper 400000")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (DiT and ADM blocks): recompute "
-                   "activations in backward, for less memory; the weights and state dict are unchanged")
+    p.add_argument(
+        "--grad-ckpt",
+        action="store_true",
+        help="gradient checkpointing (DiT and ADM blocks): recompute "
+        "activations in backward, for less memory; the weights and state dict are unchanged",
+    )
     p.add_argument("--seed", type=int, default=0)
     # bookkeeping
     p.add_argument("--results-dir", default="results")
     p.add_argument("--log-every", type=int, default=None)
     p.add_argument("--ckpt-every", type=int, default=None)
-    p.add_argument("--sample-every", type=int, default=None, help="also write a sample grid every N steps (0: only at the end)")
+    p.add_argument(
+        "--sample-every", type=int, default=None, help="also write a sample grid every N steps (0: only at the end)"
+    )
     p.add_argument("--grid-steps", type=int, default=250, help="DDPM steps for the sample grid")
     p.add_argument("--grid-cfg-scale", type=float, default=4.0, help="guidance scale for the sample grid")
     p.add_argument("--resume", default=None, help="checkpoint path, or 'auto' for the newest under --results-dir")
