@@ -18,6 +18,7 @@ import statistics
 import struct
 import time
 import zipfile
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -27,6 +28,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 ROUTINGS = ("dtr", "random", "cdtr", "ercdt", "none")
+BENCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # bench --precision
+BENCH_EMA_DECAY = 0.9999  # the paper's EMA, for bench --mode train
+H100_BF16_DENSE_TFLOPS = 989.0  # bench --peak-tflops: NVIDIA H100 SXM, bf16 tensor cores without sparsity
 
 
 class InputError(ValueError):
@@ -335,14 +339,19 @@ class DiTBlock(nn.Module):
     def forward(self, x, c, mask=None, context=None, context_mask=None):
         """x (N, T, D), condition c (N, D), routing mask (N, D) or None; text context (N, L, C), key mask (N, L)."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        h = x if mask is None else x * mask[:, None]  # m_t * z
-        h = h + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(h), shift_msa, scale_msa))  # Eq. (5)
+        # Eq. (8) with a binary m: (1 - m) * z + Block(m * z) = z + [Block(m * z) - m * z], i.e. the residual branches,
+        # computed from h = m * z, join z itself. Exact, and no (1 - m) product is left, forward or backward.
+        routed = mask is not None
+        h = x * mask[:, None] if routed else x  # m_t * z: the routed block's stream
+        branch = gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(h), shift_msa, scale_msa))  # Eq. (5)
+        # z: the output stream (unrouted: h itself), a new tensor that no other op reads or saves for backward, so the
+        # later branches are added to it in place: a routed block allocates one activation more than an unrouted one.
+        h, z = h + branch, x + branch if routed else None
         if context is not None:  # inside the routed block: the routing wraps self-attention, cross-attention and MLP
-            h = h + self.cross_attn(self.norm_cross(h), context, context_mask)
-        h = h + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(h), shift_mlp, scale_mlp))
-        if mask is None:
-            return h
-        return torch.addcmul(h, x, 1 - mask[:, None])  # Eq. (8); exact, since x * (1 - m) is x or 0
+            branch = self.cross_attn(self.norm_cross(h), context, context_mask)
+            h, z = h + branch, z.add_(branch) if routed else None
+        branch = gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(h), shift_mlp, scale_mlp))
+        return z.add_(branch) if routed else h + branch
 
 
 class FinalLayer(nn.Module):
@@ -564,7 +573,10 @@ class ResBlock(nn.Module):
         # The mask follows GroupNorm (App. A.1), so GN's statistics still see every channel of z: an inactive channel
         # can shift the normalisation of active channels in its group, but never enters the conv itself.
         norm_act, conv = self.in_layers[:2], self.in_layers[2]  # guided-diffusion's layout: [GN, SiLU, conv]
-        h = conv(resample(route(norm_act(x), mask), self.updown))  # conv(m_t * SiLU(GN(z))): (N, C_out, H', W')
+        h = norm_act(x)
+        # A channel mask commutes with resampling (it is constant over space): apply it on the smaller side.
+        h = route(resample(h, "down"), mask) if self.updown == "down" else resample(route(h, mask), self.updown)
+        h = conv(h)  # conv(m_t * SiLU(GN(z))): (N, C_out, H', W')
         e = self.emb_layers(emb).to(h.dtype)[:, :, None, None]
         if self.use_scale_shift_norm:  # AdaGN: GN(h) * (1 + scale) + shift
             scale, shift = e.chunk(2, dim=1)
@@ -796,12 +808,22 @@ def discretized_gaussian_log_likelihood(x, means, log_scales):
 
 
 def extract(table, t, ndim=4):
-    """A schedule table (T,) at timesteps t (N,), as float32 (N, 1, ..., 1) to broadcast against ndim-D tensors."""
+    """A schedule table (T,) at timesteps t (N,), as float32 (N, 1, ..., 1) to broadcast against ndim-D tensors.
+
+    A float32 table already on t's device (GaussianDiffusion.tables) costs one gather and no copy."""
     return table.to(t.device)[t].float().reshape(-1, *[1] * (ndim - 1))
 
 
-def randn(shape, generators=None, device=None):
-    """Standard normal (N, ...) noise; with one torch.Generator per sample, sample i's noise depends on its own alone."""
+def randn(shape, generators=None, device=None, out=None):
+    """Standard normal (N, ...) noise; with one torch.Generator per sample, sample i's noise depends on its own alone.
+
+    out: a tensor of `shape` (on the generators' device) to fill in place instead of allocating one."""
+    if out is not None:
+        if generators is None:
+            return out.normal_()
+        for g, row in zip(generators, out):  # each row is a view: drawn as torch.randn(shape[1:], generator=g)
+            torch.randn(shape[1:], generator=g, out=row)
+        return out
     if generators is None:
         return torch.randn(shape, device=device)
     return torch.stack([torch.randn(shape[1:], generator=g, device=g.device) for g in generators]).to(device)
@@ -839,95 +861,122 @@ class GaussianDiffusion:
         self.posterior_mean_coef1 = table(betas * np.sqrt(acp_prev) / (1.0 - acp))
         self.posterior_mean_coef2 = table((1.0 - acp_prev) * np.sqrt(1.0 - betas) / (1.0 - acp))
         self.fixed_large_variance, self.fixed_large_log_variance = table(large_var), table(np.log(large_var))
+        self.nonzero = table(np.arange(len(betas)) > 0)  # 1 where a sampling step adds noise (t > 0)
+        self._device_tables = {}  # torch.device -> the tables there, see tables()
+
+    def tables(self, device):
+        """The schedule tables above as float32, and timestep_map, on `device`: copied there once, so that a lookup
+        in the sampling loop is one gather (no host-to-device copy, which syncs on CUDA, and no cast)."""
+        device = torch.device(device)
+        if device not in self._device_tables:
+            floats = {k: v.to(device, torch.float32) for k, v in vars(self).items()
+                      if torch.is_tensor(v) and v.is_floating_point()}
+            self._device_tables[device] = SimpleNamespace(**floats, timestep_map=self.timestep_map.to(device))
+        return self._device_tables[device]
 
     def _model(self, model, x, t, model_kwargs):
         """The network always sees original timesteps (respacing maps its step index back)."""
-        return model(x, self.timestep_map.to(t.device)[t], **(model_kwargs or {}))
+        return model(x, self.tables(t.device).timestep_map[t], **(model_kwargs or {}))
 
     # -- forward process ---------------------------------------------------------
     def q_sample(self, x_start, t, noise=None):
         """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps."""
         noise = torch.randn_like(x_start) if noise is None else noise
-        return extract(self.sqrt_alphas_cumprod, t, x_start.ndim) * x_start + extract(self.sqrt_one_minus_alphas_cumprod, t, x_start.ndim) * noise
+        tab, n = self.tables(t.device), x_start.ndim
+        return extract(tab.sqrt_alphas_cumprod, t, n) * x_start + \
+            extract(tab.sqrt_one_minus_alphas_cumprod, t, n) * noise
+
+    def q_posterior_mean(self, x_start, x_t, t):
+        """Mean of q(x_{t-1} | x_t, x_0)."""
+        tab, n = self.tables(t.device), x_t.ndim
+        return extract(tab.posterior_mean_coef1, t, n) * x_start + extract(tab.posterior_mean_coef2, t, n) * x_t
 
     def q_posterior_mean_variance(self, x_start, x_t, t):
         """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0)."""
-        n = x_t.ndim
-        mean = extract(self.posterior_mean_coef1, t, n) * x_start + extract(self.posterior_mean_coef2, t, n) * x_t
-        return mean, extract(self.posterior_variance, t, n), extract(self.posterior_log_variance_clipped, t, n)
+        tab, n = self.tables(t.device), x_t.ndim
+        mean = self.q_posterior_mean(x_start, x_t, t)
+        return mean, extract(tab.posterior_variance, t, n), extract(tab.posterior_log_variance_clipped, t, n)
 
     def predict_xstart_from_eps(self, x_t, t, eps):
         """x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
-        return extract(self.sqrt_recip_alphas_cumprod, t, x_t.ndim) * x_t - extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.ndim) * eps
+        tab, n = self.tables(t.device), x_t.ndim
+        return extract(tab.sqrt_recip_alphas_cumprod, t, n) * x_t - extract(tab.sqrt_recipm1_alphas_cumprod, t, n) * eps
 
     def predict_eps_from_xstart(self, x_t, t, x_start):
         """Inverse of predict_xstart_from_eps."""
-        n = x_t.ndim
-        return (extract(self.sqrt_recip_alphas_cumprod, t, n) * x_t - x_start) / extract(self.sqrt_recipm1_alphas_cumprod, t, n)
+        tab, n = self.tables(t.device), x_t.ndim
+        return (extract(tab.sqrt_recip_alphas_cumprod, t, n) * x_t - x_start) / \
+            extract(tab.sqrt_recipm1_alphas_cumprod, t, n)
 
     # -- reverse process ---------------------------------------------------------
     def p_mean_variance(self, model, x, t, clip_denoised=False, model_kwargs=None, model_output=None):
-        """p(x_{t-1} | x_t): dict of mean, variance, log_variance, pred_xstart (all like x)."""
+        """p(x_{t-1} | x_t): dict of mean, log_variance, pred_xstart (all like x); the variance is exp(log_variance)."""
         out = self._model(model, x, t, model_kwargs) if model_output is None else model_output
-        n, c = x.shape[:2]
+        c, tab = x.shape[1], self.tables(t.device)
         if self.learn_sigma:  # learned range: v in [-1, 1] interpolates log beta_t and log beta~_t (IDDPM)
             out, v = out.split(c, dim=1)
             frac = (v + 1) / 2
-            log_var = frac * extract(self.log_betas, t, x.ndim) + (1 - frac) * extract(self.posterior_log_variance_clipped, t, x.ndim)
-            variance = torch.exp(log_var)
+            log_var = frac * extract(tab.log_betas, t, x.ndim) + \
+                (1 - frac) * extract(tab.posterior_log_variance_clipped, t, x.ndim)
         else:  # fixed: beta~_t (small) or beta_t with beta~_1 at t = 0 (large)
-            tables = (self.posterior_variance, self.posterior_log_variance_clipped) if self.sigma_small else \
-                (self.fixed_large_variance, self.fixed_large_log_variance)
-            variance, log_var = (extract(table, t, x.ndim).expand_as(x) for table in tables)
+            table = tab.posterior_log_variance_clipped if self.sigma_small else tab.fixed_large_log_variance
+            log_var = extract(table, t, x.ndim).expand_as(x)
         x0 = out if self.predict_xstart else self.predict_xstart_from_eps(x, t, out)
         x0 = x0.clamp(-1, 1) if clip_denoised else x0
-        mean, _, _ = self.q_posterior_mean_variance(x0, x, t)
-        return {"mean": mean, "variance": variance, "log_variance": log_var, "pred_xstart": x0}
+        return {"mean": self.q_posterior_mean(x0, x, t), "log_variance": log_var, "pred_xstart": x0}
 
     def p_sample(self, model, x, t, clip_denoised=False, model_kwargs=None, noise=None):
         """One ancestral DDPM step x_t -> x_{t-1} (no noise at t = 0)."""
         out = self.p_mean_variance(model, x, t, clip_denoised, model_kwargs)
         noise = torch.randn_like(x) if noise is None else noise
-        nonzero = (t != 0).float().reshape(-1, *[1] * (x.ndim - 1))
+        nonzero = extract(self.tables(t.device).nonzero, t, x.ndim)
         return {"sample": out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * noise, "pred_xstart": out["pred_xstart"]}
 
     def ddim_sample(self, model, x, t, clip_denoised=False, model_kwargs=None, noise=None, eta=0.0):
         """One DDIM step (Song et al., 2021, their Eq. (12)); eta = 0 is deterministic."""
         out = self.p_mean_variance(model, x, t, clip_denoised, model_kwargs)
         eps = self.predict_eps_from_xstart(x, t, out["pred_xstart"])
-        abar, abar_prev = extract(self.alphas_cumprod, t, x.ndim), extract(self.alphas_cumprod_prev, t, x.ndim)
-        sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)
+        tab = self.tables(t.device)
+        abar, abar_prev = extract(tab.alphas_cumprod, t, x.ndim), extract(tab.alphas_cumprod_prev, t, x.ndim)
+        sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev) if eta > 0 else 0.0
         mean = out["pred_xstart"] * torch.sqrt(abar_prev) + torch.sqrt(1 - abar_prev - sigma**2) * eps
-        nonzero = (t != 0).float().reshape(-1, *[1] * (x.ndim - 1))
         if eta > 0:
+            nonzero = extract(tab.nonzero, t, x.ndim)
             mean = mean + nonzero * sigma * (torch.randn_like(x) if noise is None else noise)
         return {"sample": mean, "pred_xstart": out["pred_xstart"]}
 
     @torch.no_grad()
     def p_sample_loop(self, model, shape, noise=None, clip_denoised=False, model_kwargs=None, device=None,
                       progress=False, generators=None, sampler="ddpm", eta=0.0):
-        """Sample (N, C, H, W) from x_T ~ N(0, I) (or `noise`); per-sample `generators` make every draw reproducible."""
+        """Sample (N, C, H, W) from x_T ~ N(0, I) (or `noise`); per-sample `generators` make every draw reproducible.
+
+        A step neither syncs with the host nor allocates beyond the network and the update's own arithmetic: the
+        timesteps, the schedule tables (on the device) and the step-noise buffer are made once, before the loop."""
         if sampler not in ("ddpm", "ddim"):
             raise InputError(f"unknown sampler {sampler!r}; choose 'ddpm' or 'ddim'")
         device = device if device is not None else noise.device if noise is not None else "cpu"
         x = randn(shape, generators, device) if noise is None else noise.to(device)
-        steps = range(self.num_timesteps - 1, -1, -1)
+        timesteps = torch.arange(self.num_timesteps - 1, -1, -1, device=device)[:, None].repeat(1, shape[0])  # (T, N)
+        # Step noise, refilled in place; with per-sample generators it is drawn on their device, then moved (a no-op
+        # when that is `device`). DDIM with eta = 0 never uses it.
+        stochastic = sampler == "ddpm" or eta > 0
+        z = torch.empty(shape, device=generators[0].device if generators else device) if stochastic else None
+        steps = timesteps.unbind(0)
         if progress:
             from tqdm.auto import tqdm
             steps = tqdm(steps, leave=False)
-        for i in steps:
-            t = torch.full((shape[0],), i, device=device, dtype=torch.long)
-            z = randn(shape, generators, device) if generators is not None else None
+        for t in steps:
+            step_noise = randn(shape, generators, out=z).to(device) if stochastic else None
             if sampler == "ddpm":
-                x = self.p_sample(model, x, t, clip_denoised, model_kwargs, z)["sample"]
+                x = self.p_sample(model, x, t, clip_denoised, model_kwargs, step_noise)["sample"]
             else:
-                x = self.ddim_sample(model, x, t, clip_denoised, model_kwargs, z, eta)["sample"]
+                x = self.ddim_sample(model, x, t, clip_denoised, model_kwargs, step_noise, eta)["sample"]
         return x
 
     # -- training ----------------------------------------------------------------
     def snr(self, t):
         """Signal-to-noise ratio abar_t / (1 - abar_t) at timesteps t (N,), float32."""
-        return extract(self.snrs, t, 1)
+        return extract(self.tables(t.device).snrs, t, 1)
 
     def mse_weight(self, t):
         """Per-sample weight (N,) of the MSE term: constant, Min-SNR-gamma or P2."""
@@ -1384,40 +1433,103 @@ def masks_main(args):
     print(f"wrote {args.out}: {args.kind} masks, {args.tasks} tasks x {args.channels} channels, {int(m[0].sum())} active in row 0")
 
 
+def dit_gmacs(model):
+    """Multiply-accumulates (x 1e9) of one image's forward through a class-conditional DiT: DiT's "Gflops" (Tab. 4)."""
+    d, tokens, patch = model.pos_embed.shape[-1], model.x_embedder.num_patches, model.patch_size
+    block = model.blocks[0]
+    per_block = (4 * tokens * d * d  # qkv and output projections
+                 + 2 * tokens * d * block.mlp.fc1.out_features  # MLP
+                 + 2 * tokens * tokens * d  # q k^T and attention-weighted values
+                 + d * block.adaLN_modulation[-1].out_features)  # adaLN, once per image
+    embed = tokens * patch * patch * model.in_channels * d + model.t_embedder.mlp[0].in_features * d + d * d
+    final = d * 2 * d + tokens * d * patch * patch * model.out_channels
+    return (len(model.blocks) * per_block + embed + final) / 1e9
+
+
+def peak_memory(device):
+    """Peak bytes so far: CUDA's allocated memory (reset before every step by the bench), or on CPU the process'
+    peak resident set (all models and steps together)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 2**10  # Linux reports KiB
+
+
 def bench_main(args):
-    """Median forward+backward step time per routing kind, interleaved so drift hits all kinds alike."""
+    """Median step time per routing kind (forward+backward, or a full training step), interleaved so that drift hits
+    all kinds alike."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.clock == "cpu" and device.type == "cuda":
+        raise InputError("--clock cpu times the host only; on CUDA use --clock wall")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    kinds = ("none", "random", "dtr")
+    kinds = list(dict.fromkeys(args.routings))
     models = {k: create_model(args.model, input_size=args.image_size, routing=k).to(device) for k in kinds}
     for k in kinds[1:]:
-        models[k].load_state_dict(models["none"].state_dict())
-    ref = models["none"]
+        models[k].load_state_dict(models[kinds[0]].state_dict())
+    ref = models[kinds[0]]
+    nets = {k: torch.compile(m) if args.compile else m for k, m in models.items()}
     x = torch.randn(args.batch_size, ref.in_channels, args.image_size, args.image_size, device=device)
+    noise = torch.randn_like(x)
     t = torch.randint(0, 1000, (args.batch_size,), device=device)
     y = torch.randint(0, ref.num_classes or 1, (args.batch_size,), device=device)  # ignored by unconditional ADMs
+    amp = dict(device_type=device.type, dtype=BENCH_DTYPES[args.precision], enabled=args.precision != "fp32")
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+    diffusion = create_diffusion("")
+    fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0.0, **fused) for k, m in models.items()}
+    emas = {k: [p.detach().clone() for p in m.parameters()] for k, m in models.items()} if args.mode == "train" else {}
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
 
-    def step(model):
+    def step(k):
+        """One timed step of kind k: forward+backward of a squared output, or train.py's step (loss, AdamW, EMA)."""
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         sync()
-        start = time.perf_counter()
-        model(x, t, y).square().mean().backward()
+        start = clock()
+        if args.mode == "fwdbwd":
+            with torch.autocast(**amp):
+                loss = nets[k](x, t, y).float().square().mean()
+            scaler.scale(loss).backward()
+        else:
+            with torch.autocast(**amp):
+                loss = diffusion.training_losses(nets[k], x, t, dict(y=y), noise)["loss"].mean()
+            opts[k].zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opts[k])
+            scaler.update()
+            torch._foreach_lerp_(emas[k], [p.detach() for p in models[k].parameters()], 1 - BENCH_EMA_DECAY)
         sync()
-        return time.perf_counter() - start
+        return clock() - start
 
-    times = {k: [] for k in kinds}
+    times, peaks = {k: [] for k in kinds}, {k: 0 for k in kinds}
     for rep in range(args.warmup + args.steps):
-        for k in kinds[rep % 3:] + kinds[: rep % 3]:  # rotate the order every repetition
-            dt = step(models[k])
-            models[k].zero_grad(set_to_none=True)
+        for k in kinds[rep % len(kinds):] + kinds[: rep % len(kinds)]:  # rotate the order every repetition
+            dt = step(k)
+            if args.mode == "fwdbwd":
+                models[k].zero_grad(set_to_none=True)
             if rep >= args.warmup:
                 times[k].append(dt)
-    base = statistics.median(times["none"])
+                peaks[k] = max(peaks[k], peak_memory(device))
+    gmacs = dit_gmacs(ref) if isinstance(ref, DiT) and ref.context_dim is None else None
     print(f"{args.model}  input {args.image_size}x{args.image_size}  batch {args.batch_size}  {device}  "
-          f"threads {torch.get_num_threads()}  {args.steps} steps")
+          f"threads {torch.get_num_threads()}  {args.steps} steps  {args.mode}  {args.precision}"
+          f"{'  compiled' if args.compile else ''}  clock {args.clock}"
+          f"{f'  {gmacs:.4g} GMACs/img fwd' if gmacs else ''}")
     for k in kinds:
         med = statistics.median(times[k])
-        print(f"  {k:<7} {1000 * med:9.2f} ms/step   {'' if k == 'none' else f'{100 * (med / base - 1):+.2f}% vs none'}")
+        row = [f"  {k:<7} {1000 * med:9.2f} ms/step", f"{args.batch_size / med:9.2f} img/s",
+               f"peak {'' if device.type == 'cuda' else 'RSS '}{peaks[k] / 2**30:.2f} GiB"]
+        if device.type == "cuda":  # training ~ 3x the forward's FLOPs (2 per MAC): forward, and backward's two
+            row.append("MFU n/a" if gmacs is None else
+                       f"MFU {100 * 3 * 2 * gmacs * 1e9 * args.batch_size / med / (args.peak_tflops * 1e12):.1f}%")
+        if k != kinds[0]:
+            # the median of per-repetition ratios: a repetition's steps run back to back, so slow drift cancels
+            ratio = statistics.median(a / b for a, b in zip(times[k], times[kinds[0]]))
+            row.append(f"{100 * (ratio - 1):+.2f}% vs {kinds[0]}")
+        print("  ".join(row))
 
 
 def main(args):
@@ -1437,11 +1549,22 @@ if __name__ == "__main__":
     p.add_argument("--tasks", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="masks.png")
-    p = sub.add_parser("bench", help="time forward+backward with routing none / random / dtr")
+    p = sub.add_parser("bench", help="time a training step with routing none / random / dtr")
     p.add_argument("--model", choices=list(MODELS), default="DiT-S/2")
     p.add_argument("--image-size", type=int, default=32, help="the network's input side (latent side for DiT)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--device", default=None)
+    p.add_argument("--warmup", type=int, default=3, help="untimed repetitions first (torch.compile compiles here)")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--routings", nargs="+", choices=ROUTINGS, default=["none", "random", "dtr"],
+                   help="kinds to time, interleaved; the first is the baseline")
+    p.add_argument("--mode", choices=["fwdbwd", "train"], default="fwdbwd",
+                   help="fwdbwd: forward+backward of a squared output; train: diffusion loss, backward, AdamW, EMA")
+    p.add_argument("--precision", choices=list(BENCH_DTYPES), default="fp32", help="bf16 / fp16: autocast")
+    p.add_argument("--compile", action="store_true", help="torch.compile every model")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="cpu: the process' CPU time, robust to other processes on a shared machine (CPU only)")
+    p.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS,
+                   help="the device's peak, for MFU (default: H100 SXM bf16 dense)")
     main(parser.parse_args())

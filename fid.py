@@ -301,7 +301,7 @@ def preprocess(images, protocol="adm"):
         return (tf1_resize_bilinear(x, (299, 299)) - 128) / 128
     if protocol == "pytorch-fid":
         return 2 * F.interpolate(x / 255, size=(299, 299), mode="bilinear", align_corners=False) - 1
-    raise ValueError(f"unknown protocol {protocol!r}")
+    raise InputError(f"unknown protocol {protocol!r}")
 
 
 # -----------------------------------------------------------------------------

@@ -520,6 +520,11 @@ def conditioning(labels, captions, text, text_mask):
 def run(args, model_args, state, rank, world, device, captions=None):
     """The body of main, once every rank has joined; captions (N,) for text models."""
     model = load_model(model_args, state, device)
+    if args.compile:  # in place, so that forward_with_cfg's self(...) runs compiled too
+        try:
+            model.compile(backend=args.compile)
+        except RuntimeError as e:  # an unknown backend
+            raise dtr.InputError(f"--compile {args.compile}: {e}")
     diffusion = dtr.build_diffusion(model_args, str(args.num_sampling_steps))
     text = None if captions is None else load_text_encoder(model_args, device)
     conditional = model_args["num_classes"] > 1
@@ -586,6 +591,8 @@ def parser():
     p.add_argument("--text-encoder", default=None, help="text models: a local copy of the checkpoint's CLIP text encoder")
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
     p.add_argument("--precision", choices=list(PRECISIONS), default="fp32")
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile the network (backend default: inductor; compiles again for a new batch size)")
     p.add_argument("--out", default=None, help="output folder (default: samples/<model>-<ckpt>-<settings>)")
     p.add_argument("--shard-size", type=int, default=256, help="samples per shard file (the unit of --resume)")
     p.add_argument("--save-png", action="store_true", help="also write DIR/images/{i:06d}.png")

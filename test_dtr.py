@@ -325,6 +325,42 @@ def test_routed_dit_block_is_eq8():
         assert torch.allclose(block(z + dz, c, m)[0] - routed[0], dz[0], atol=1e-5)
 
 
+def official_routed_block(block, z, c, m, ctx=None, ctx_mask=None):
+    """Eq. (8) composed as the official code does: (1 - m) * z + DiTBlock(m * z), DiTBlock as facebookresearch/DiT's
+    (x + gate * attn(...), [+ cross-attention], x + gate * mlp(...)), from the block's own sublayers."""
+    s1, g1, a1, s2, g2, a2 = block.adaLN_modulation(c).chunk(6, dim=1)
+    mod = lambda v, shift, scale: v * (1 + scale[:, None]) + shift[:, None]
+    x = m[:, None] * z
+    x = x + a1[:, None] * block.attn(mod(block.norm1(x), s1, g1))
+    if ctx is not None:
+        x = x + block.cross_attn(block.norm_cross(x), ctx, ctx_mask)
+    x = x + a2[:, None] * block.mlp(mod(block.norm2(x), s2, g2))
+    return (1 - m[:, None]) * z + x
+
+
+@pytest.mark.parametrize("context_dim", [None, 24])
+def test_routed_block_reformulation_matches_the_official_composition(context_dim):
+    # DiTBlock adds the residual branches of m * z to z itself (no (1 - m) * z pass): exact for binary masks
+    block = randomize(dtr.DiTBlock(64, 4, context_dim=context_dim), scale=0.1)
+    g = torch.Generator().manual_seed(0)
+    z, c = torch.randn(4, 16, 64, generator=g), torch.randn(4, 64, generator=g)
+    ctx = None if context_dim is None else torch.randn(4, 5, context_dim, generator=g)
+    keep = None if context_dim is None else torch.rand(4, 5, generator=g) > 0.3
+    t = torch.tensor([0, 400, 999, 700])
+    for m in (dtr.dtr_masks(1000, 64)[t], dtr.random_masks(1000, 64, seed=3)[t], torch.ones(4, 64)):
+        outs, grads = [], []
+        for f in (lambda *a: block(*a[:3], *a[3:]), lambda *a: official_routed_block(block, *a)):
+            zz, cc = z.clone().requires_grad_(), c.clone().requires_grad_()
+            block.zero_grad(set_to_none=True)
+            out = f(zz, cc, m, ctx, keep)
+            (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()  # a loss that sees every output
+            outs.append(out.detach())
+            grads.append([zz.grad, cc.grad, *(p.grad for p in block.parameters())])
+        torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=1e-6)
+        for ours, official in zip(*grads):
+            torch.testing.assert_close(ours, official, rtol=1e-5, atol=1e-6)
+
+
 def test_routing_none_equals_beta_one():
     none, full = tiny_dit(routing="none"), tiny_dit(routing="dtr", beta=1.0)
     x, t, y = torch.randn(4, 4, 8, 8), torch.tensor([0, 1, 500, 999]), torch.tensor([0, 1, 2, 9])
@@ -862,6 +898,79 @@ def test_sampling_is_per_sample_reproducible():
         d.p_sample_loop(model, x_T.shape, sampler="euler", **kw)
 
 
+def test_ddpm_loop_matches_a_reference_sampler():
+    # guided-diffusion's ancestral step with a learned range, from the float64 schedule, every step's noise drawn as
+    # torch.randn(shape[1:], generator=g) per sample (the loop fills one buffer in place instead)
+    d = dtr.create_diffusion("6", noise_schedule="cosine")
+    torch.manual_seed(0)
+    net = torch.nn.Conv2d(2, 4, 3, padding=1)
+    model = lambda x, t: net(x) * (1 + t.float()[:, None, None, None] / 1000)
+    seeds, shape = [3, 4, 5], (3, 2, 4, 4)
+    gens = lambda: [torch.Generator().manual_seed(s) for s in seeds]
+    x_T = torch.randn(shape)
+    with torch.no_grad():
+        ours = d.p_sample_loop(model, shape, noise=x_T, generators=gens(), clip_denoised=True)
+        abar = d.alphas_cumprod.numpy()
+        betas = 1 - abar / np.append(1.0, abar[:-1])
+        x, g = x_T.double(), gens()
+        for i in reversed(range(6)):
+            t = torch.full((3,), int(d.timestep_map[i]))
+            eps, v = model(x.float(), t).double().chunk(2, dim=1)
+            ap = abar[i - 1] if i else 1.0
+            post_var = betas[i] * (1 - ap) / (1 - abar[i])
+            post_log_var = math.log(betas[1] * (1 - abar[0]) / (1 - abar[1]) if i == 0 else post_var)
+            log_var = (v + 1) / 2 * math.log(betas[i]) + (1 - v) / 2 * post_log_var
+            x0 = ((x - math.sqrt(1 - abar[i]) * eps) / math.sqrt(abar[i])).clamp(-1, 1)
+            mean = (math.sqrt(ap) * betas[i] * x0 + math.sqrt(1 - betas[i]) * (1 - ap) * x) / (1 - abar[i])
+            noise = torch.stack([torch.randn(shape[1:], generator=gi) for gi in g]).double()
+            x = mean + (i > 0) * torch.exp(0.5 * log_var) * noise
+    torch.testing.assert_close(ours, x.float(), rtol=0, atol=1e-4)
+
+
+class OpLog(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the aten ops run while active (and not paused)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.paused = {}, False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.paused:
+            name = func.overloadpacket.__name__
+            self.ops[name] = self.ops.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+@pytest.mark.parametrize("per_sample", [True, False])
+def test_sampling_steps_neither_copy_nor_cast_nor_allocate_setup(sampler, per_sample):
+    # the ops a step runs outside the network: lookups (gathers), the update's arithmetic and in-place noise; the
+    # timesteps, the device tables and the noise buffer are made once (on CUDA a copy to the device syncs)
+    def ops(steps):
+        d, log = dtr.create_diffusion(str(steps)), OpLog()
+
+        def model(x, t):
+            log.paused = True
+            out = torch.cat([0.1 * x, torch.zeros_like(x)], dim=1)
+            log.paused = False
+            return out
+
+        gens = lambda: [torch.Generator().manual_seed(i) for i in range(3)] if per_sample else None
+        d.p_sample_loop(model, (3, 2, 4, 4), generators=gens(), sampler=sampler)  # makes the tables on the CPU
+        with log:
+            d.p_sample_loop(model, (3, 2, 4, 4), generators=gens(), sampler=sampler)
+        return log.ops
+
+    few, many = ops(3), ops(6)
+    per_step = {k: (many.get(k, 0) - few.get(k, 0)) / 3 for k in many}
+    allocating = {"_to_copy", "copy_", "full", "empty", "arange", "zeros", "ones", "stack", "cat", "clone", "randn",
+                  "randn_like", "ne", "repeat"}
+    assert not {k for k, n in per_step.items() if n} & allocating, per_step
+    assert "_to_copy" not in many  # the tables were cast once, by the first loop, never per lookup
+    assert per_step.get("normal_", 0) == (0 if sampler == "ddim" else 3 if per_sample else 1)  # DDIM (eta 0): none
+    assert per_step["index"] <= 11  # table lookups: a gather each
+
+
 #################################################################################
 #                             dtr.py: ANT-UW pieces                             #
 #################################################################################
@@ -1087,6 +1196,33 @@ def test_bench_cli_reports_three_kinds():
     rows = {line.split()[0]: line for line in r.stdout.splitlines()[1:]}
     assert set(rows) == {"none", "random", "dtr"}
     assert all(float(rows[k].split()[1]) > 0 for k in rows) and "% vs none" in rows["dtr"]
+
+
+@pytest.mark.slow
+def test_bench_train_mode_cli():
+    r = run_cli("bench", "--model", "DiT-T/2", "--image-size", "8", "--batch-size", "2", "--steps", "1", "--warmup", "0",
+                "--mode", "train", "--routings", "none", "dtr", "--precision", "bf16", "--threads", "1", "--clock", "cpu")
+    assert r.returncode == 0, r.stderr
+    head, *lines = r.stdout.splitlines()
+    assert "train" in head and "bf16" in head and "clock cpu" in head and "threads 1" in head
+    assert float(re.search(r"([\d.]+) GMACs/img", head)[1]) == pytest.approx(dtr.dit_gmacs(tiny_dit()), rel=1e-3)
+    rows = {line.split()[0]: line for line in lines}
+    assert list(rows) == ["none", "dtr"] and "% vs none" in rows["dtr"]
+    for row in rows.values():
+        ms, img_s = (float(re.search(rf"([\d.]+) {unit}", row)[1]) for unit in ("ms/step", "img/s"))
+        assert ms > 0 and img_s == pytest.approx(2 / (ms / 1000), rel=1e-2)
+        assert float(re.search(r"peak RSS ([\d.]+) GiB", row)[1]) > 0  # CPU: the process' peak resident set
+    r = run_cli("bench", "--device", "cuda", "--clock", "cpu")
+    assert r.returncode != 0 and r.stderr.strip().count("\n") == 0 and "--clock cpu" in r.stderr
+
+
+def test_dit_gmacs_match_dit_table_4():
+    # Peebles & Xie, Tab. 4 (256x256 images, i.e. 32x32 latents): forward Gflops, which count multiply-accumulates
+    for name, gflops in [("DiT-S/2", 6.06), ("DiT-B/2", 23.01), ("DiT-L/2", 80.71), ("DiT-XL/2", 118.64),
+                         ("DiT-XL/4", 29.05), ("DiT-S/8", 0.36)]:
+        with torch.device("meta"):
+            model = dtr.create_model(name, input_size=32, routing="none")
+        assert dtr.dit_gmacs(model) == pytest.approx(gflops, rel=2e-3, abs=5e-3), name
 
 
 def test_atomic_write_keeps_old_file_on_failure(tmp_path):
@@ -1986,6 +2122,31 @@ def test_sample_ddim_eta0_depends_only_on_the_initial_noise(fitted_dit, tmp_path
     assert np.array_equal(out["arr_0"], reference_samples(model, [2] * 6, range(6), sampler="ddim", noise=noise))
     ddpm = run_sample(ckpt, tmp_path / "ddpm", "--seed", "5", "--class-labels", "2")
     assert (ddpm["arr_0"] != out["arr_0"]).any()
+
+
+def test_sample_compile_runs_the_network_compiled_with_the_same_images(fitted_dit, tmp_path, monkeypatch):
+    # inductor needs minutes on a small CPU, so the graphs dynamo captures run eagerly here (same ops, same images)
+    ckpt, _ = fitted_dit
+    backends, graphs, compile_ = [], [], torch.compile
+
+    def recording(fn, backend="inductor", **kw):
+        backends.append(backend)
+        return compile_(fn, backend=lambda gm, inputs: graphs.append(gm) or gm.forward, **kw)
+
+    monkeypatch.setattr(torch, "compile", recording)
+    torch._dynamo.reset()
+    try:
+        plain = run_sample(ckpt, tmp_path / "plain", "--cfg-scale", "1.5", "--batch-size", "4")
+        assert backends == [] and graphs == []
+        compiled = run_sample(ckpt, tmp_path / "compiled", "--cfg-scale", "1.5", "--batch-size", "4", "--compile")
+        assert backends == ["inductor"] and graphs  # the flag reached torch.compile, and dynamo captured the network
+        assert np.array_equal(plain["arr_0"], compiled["arr_0"])
+        monkeypatch.undo()  # the real torch.compile refuses a backend it does not know, before anything is written
+        with pytest.raises(SystemExit, match="--compile nope"):
+            run_sample(ckpt, tmp_path / "bad", "--compile", "nope")
+        assert not os.path.exists(tmp_path / "bad")
+    finally:
+        torch._dynamo.reset()
 
 
 def test_sample_weights_flag_picks_raw_weights(fitted_dit, tmp_path):
