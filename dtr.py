@@ -8,6 +8,7 @@ Gaussian diffusion -> ANT-UW.
     python dtr.py masks --kind dtr --channels 1152 --out masks.png       # paper Fig. 2
     python dtr.py bench --model DiT-S/2 --image-size 32 --batch-size 8   # DTR's cost (paper Tab. 7)
 """
+
 import argparse
 import contextlib
 import hashlib
@@ -40,6 +41,7 @@ class InputError(ValueError):
 #################################################################################
 #                       Routing Masks (Sec. 4.2-4.3, App. F)                    #
 #################################################################################
+
 
 def dtr_masks(num_tasks, channels, alpha=4.0, beta=0.8):
     """DTR masks (T, C): a window of int(beta*C) active channels sliding right as t grows (App. A, Code 1)."""
@@ -127,8 +129,11 @@ class TaskRouter(nn.Module):
         keys = list(range(len(widths))) if per_block else sorted(set(widths))
         self.table_of_block = [i if per_block else keys.index(w) for i, w in enumerate(widths)]
         for j, key in enumerate(keys):  # derived state: bool (4x smaller than float), never saved in a state_dict
-            self.register_buffer(f"table{j}", torch.empty(num_tasks, widths[key] if per_block else key,
-                                                          dtype=torch.bool), persistent=False)
+            self.register_buffer(
+                f"table{j}",
+                torch.empty(num_tasks, widths[key] if per_block else key, dtype=torch.bool),
+                persistent=False,
+            )
         self.reset_parameters()
 
     @torch.no_grad()
@@ -160,6 +165,7 @@ class TaskRouter(nn.Module):
 #                  Embeddings for Timesteps, Class Labels and Patches           #
 #################################################################################
 
+
 def timestep_embedding(t, dim, max_period=10000):
     """Sinusoidal embedding (N, dim) of timesteps t (N,), [cos | sin] as in GLIDE / ADM / DiT."""
     half = dim // 2
@@ -172,7 +178,9 @@ def timestep_embedding(t, dim, max_period=10000):
 def sincos_pos_embed(dim, grid_size):
     """Fixed 2-D sin-cos position embedding (grid_size**2, dim): first half encodes the column, second the row."""
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))  # (dim/4,)
-    rows, cols = torch.meshgrid(torch.arange(grid_size, dtype=torch.float64), torch.arange(grid_size, dtype=torch.float64), indexing="ij")
+    rows, cols = torch.meshgrid(
+        torch.arange(grid_size, dtype=torch.float64), torch.arange(grid_size, dtype=torch.float64), indexing="ij"
+    )
 
     def embed(pos):  # (G*G,) -> (G*G, dim/2)
         angle = pos.reshape(-1, 1) * omega
@@ -186,7 +194,9 @@ class TimestepEmbedder(nn.Module):
 
     def __init__(self, hidden_size, frequency_embedding_size=256):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
+        )
         self.frequency_embedding_size = frequency_embedding_size
 
     def forward(self, t):
@@ -202,7 +212,7 @@ def drop_ids(n, prob, force_drop_ids=None, device=None):
 
 
 def drop_labels(labels, null_class, prob, force_drop_ids=None):
-    """Replace labels (N,) by the null class with probability prob, or where force_drop_ids (N,) is True (CFG training)."""
+    """Labels (N,) with the null class where CFG training drops them: with probability prob, or force_drop_ids (N,)."""
     drop = drop_ids(len(labels), prob, force_drop_ids, labels.device)
     return labels if drop is None else torch.where(drop, null_class, labels)
 
@@ -216,7 +226,9 @@ class LabelEmbedder(nn.Module):
         self.num_classes, self.dropout_prob = num_classes, dropout_prob
 
     def forward(self, labels, train, force_drop_ids=None):
-        return self.embedding_table(drop_labels(labels, self.num_classes, self.dropout_prob if train else 0.0, force_drop_ids))
+        return self.embedding_table(
+            drop_labels(labels, self.num_classes, self.dropout_prob if train else 0.0, force_drop_ids)
+        )
 
 
 class PatchEmbed(nn.Module):
@@ -265,6 +277,7 @@ class GuidedModel(nn.Module):
 #################################################################################
 #                     DiT with Denoising Task Routing (App. A.1)                #
 #################################################################################
+
 
 def modulate(x, shift, scale):
     """adaLN: x (N, T, D) scaled and shifted per sample by (N, D) vectors."""
@@ -464,7 +477,9 @@ class DiT(GuidedModel):
             return y, mask
         if y is None:
             return self.null_context.expand(n, 1, self.context_dim), None
-        return drop_context(y, mask, self.null_context, self.class_dropout_prob if self.training else 0.0, force_drop_ids)
+        return drop_context(
+            y, mask, self.null_context, self.class_dropout_prob if self.training else 0.0, force_drop_ids
+        )
 
     def forward(self, x, t, y=None, force_drop_ids=None, context_mask=None):
         """x (N, C, H, W), integer timesteps t (N,), labels y (N,) (None: unconditional) -> (N, C_out, H, W).
@@ -502,6 +517,7 @@ DiT_models = {
 #################################################################################
 #        ADM (UNet) with Denoising Task Routing (App. A.1, Pseudo Code 2)       #
 #################################################################################
+
 
 def zero_module(module):
     """Zero a module's parameters, so that the residual branch it ends starts at 0 (ADM's init); returns it."""
@@ -557,15 +573,22 @@ class Upsample(nn.Module):
 class ResBlock(nn.Module):
     """ADM residual block, routed by Eq. (3): z' = skip(z) + Block(m_t * SiLU(GN(z))) (Pseudo Code 2)."""
 
-    def __init__(self, channels, emb_channels, dropout, out_channels=None, use_scale_shift_norm=False,
-                 updown=None):  # "up" / "down": resample both paths 2x (resblock_updown), None: keep the size
+    def __init__(
+        self, channels, emb_channels, dropout, out_channels=None, use_scale_shift_norm=False, updown=None
+    ):  # "up" / "down": resample both paths 2x (resblock_updown), None: keep the size
         super().__init__()
         out_channels = out_channels or channels
         self.channels, self.updown, self.use_scale_shift_norm = channels, updown, use_scale_shift_norm
-        self.in_layers = nn.Sequential(GroupNorm32(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.in_layers = nn.Sequential(
+            GroupNorm32(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+        )
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels * (1 + use_scale_shift_norm)))
-        self.out_layers = nn.Sequential(GroupNorm32(out_channels), nn.SiLU(), nn.Dropout(dropout),
-                                        zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)))
+        self.out_layers = nn.Sequential(
+            GroupNorm32(out_channels),
+            nn.SiLU(),
+            nn.Dropout(dropout),
+            zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)),
+        )
         self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
 
     def forward(self, x, emb, mask=None):
@@ -720,27 +743,61 @@ class ADM(GuidedModel):
 
 def _adm(default_classes, **cfg):
     """Registry entry: DiT_models' keywords (input_size, in_channels, num_classes, learn_sigma, ...) -> ADM."""
+
     def make(input_size=64, in_channels=3, num_classes=default_classes, learn_sigma=True, **kw):
         num_classes = None if num_classes in (None, 1) else num_classes  # 1 class = unconditional, as for DiT
-        return ADM(image_size=input_size, in_channels=in_channels, out_channels=in_channels * (1 + learn_sigma),
-                   num_classes=num_classes, **{**cfg, **kw})
+        return ADM(
+            image_size=input_size,
+            in_channels=in_channels,
+            out_channels=in_channels * (1 + learn_sigma),
+            num_classes=num_classes,
+            **{**cfg, **kw},
+        )
+
     return make
 
 
 ADM_models = {
     # guided-diffusion's ImageNet 64x64 model (Dhariwal & Nichol, Tab. 15): attention at 32, 16, 8 (ds 2, 4, 8)
-    "ADM-64": _adm(1000, model_channels=192, num_res_blocks=3, channel_mult=(1, 2, 3, 4), attention_resolutions=(2, 4, 8),
-                   num_head_channels=64, dropout=0.1, use_scale_shift_norm=True, resblock_updown=True,
-                   use_new_attention_order=True),
+    "ADM-64": _adm(
+        1000,
+        model_channels=192,
+        num_res_blocks=3,
+        channel_mult=(1, 2, 3, 4),
+        attention_resolutions=(2, 4, 8),
+        num_head_channels=64,
+        dropout=0.1,
+        use_scale_shift_norm=True,
+        resblock_updown=True,
+        use_new_attention_order=True,
+    ),
     # The DTR paper states no FFHQ 64x64 ADM setting (and released no ADM code). We take the default of P2 weighting's
     # code (Choi et al., 2022), the guided-diffusion fork DTR cites for its loss-weighting runs: a "lightweight ADM" for
     # unconditional FFHQ with 128 channels, 1 res block, attention at 16x16 (ds 4 here), 64-channel heads,
     # resblock_updown, AdaGN and no dropout; at 64x64 with guided-diffusion's channel_mult (1, 2, 3, 4) for that size.
-    "ADM-FFHQ-64": _adm(None, model_channels=128, num_res_blocks=1, channel_mult=(1, 2, 3, 4), attention_resolutions=(4,),
-                        num_head_channels=64, dropout=0.0, use_scale_shift_norm=True, resblock_updown=True),
+    "ADM-FFHQ-64": _adm(
+        None,
+        model_channels=128,
+        num_res_blocks=1,
+        channel_mult=(1, 2, 3, 4),
+        attention_resolutions=(4,),
+        num_head_channels=64,
+        dropout=0.0,
+        use_scale_shift_norm=True,
+        resblock_updown=True,
+    ),
     # tiny: tests and the CPU demo (attention at ds 2, i.e. 16x16 for 32x32 inputs)
-    "ADM-T": _adm(None, model_channels=32, num_res_blocks=1, channel_mult=(1, 2), attention_resolutions=(2,),
-                  num_head_channels=32, use_scale_shift_norm=True, resblock_updown=True, use_new_attention_order=True),
+    "ADM-T": _adm(
+        None,
+        model_channels=32,
+        num_res_blocks=1,
+        channel_mult=(1, 2),
+        attention_resolutions=(2,),
+        num_head_channels=32,
+        use_scale_shift_norm=True,
+        resblock_updown=True,
+        use_new_attention_order=True,
+    ),
 }
 
 MODELS = {**DiT_models, **ADM_models}  # every name create_model, train.py and the bench accept
@@ -749,6 +806,7 @@ MODELS = {**DiT_models, **ADM_models}  # every name create_model, train.py and t
 #################################################################################
 #                          Gaussian Diffusion (DDPM / IDDPM)                    #
 #################################################################################
+
 
 def get_named_beta_schedule(name, num_timesteps):
     """Betas (T,) float64: 'linear' (DDPM, scaled to T) or 'cosine' (IDDPM's squared cosine, beta <= 0.999)."""
@@ -834,8 +892,18 @@ class GaussianDiffusion:
 
     LOSS_WEIGHTS = ("constant", "min-snr", "p2")
 
-    def __init__(self, betas, timestep_map=None, learn_sigma=True, sigma_small=False, predict_xstart=False,
-                 loss_weight="constant", min_snr_gamma=5.0, p2_gamma=1.0, p2_k=1.0):
+    def __init__(
+        self,
+        betas,
+        timestep_map=None,
+        learn_sigma=True,
+        sigma_small=False,
+        predict_xstart=False,
+        loss_weight="constant",
+        min_snr_gamma=5.0,
+        p2_gamma=1.0,
+        p2_k=1.0,
+    ):
         if loss_weight not in self.LOSS_WEIGHTS:
             raise InputError(f"unknown loss weight {loss_weight!r}; choose one of {', '.join(self.LOSS_WEIGHTS)}")
         betas = np.asarray(betas, dtype=np.float64)  # schedules in float64, as guided-diffusion and DiT
@@ -869,8 +937,11 @@ class GaussianDiffusion:
         in the sampling loop is one gather (no host-to-device copy, which syncs on CUDA, and no cast)."""
         device = torch.device(device)
         if device not in self._device_tables:
-            floats = {k: v.to(device, torch.float32) for k, v in vars(self).items()
-                      if torch.is_tensor(v) and v.is_floating_point()}
+            floats = {
+                k: v.to(device, torch.float32)
+                for k, v in vars(self).items()
+                if torch.is_tensor(v) and v.is_floating_point()
+            }
             self._device_tables[device] = SimpleNamespace(**floats, timestep_map=self.timestep_map.to(device))
         return self._device_tables[device]
 
@@ -883,8 +954,9 @@ class GaussianDiffusion:
         """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps."""
         noise = torch.randn_like(x_start) if noise is None else noise
         tab, n = self.tables(t.device), x_start.ndim
-        return extract(tab.sqrt_alphas_cumprod, t, n) * x_start + \
-            extract(tab.sqrt_one_minus_alphas_cumprod, t, n) * noise
+        return (
+            extract(tab.sqrt_alphas_cumprod, t, n) * x_start + extract(tab.sqrt_one_minus_alphas_cumprod, t, n) * noise
+        )
 
     def q_posterior_mean(self, x_start, x_t, t):
         """Mean of q(x_{t-1} | x_t, x_0)."""
@@ -905,8 +977,9 @@ class GaussianDiffusion:
     def predict_eps_from_xstart(self, x_t, t, x_start):
         """Inverse of predict_xstart_from_eps."""
         tab, n = self.tables(t.device), x_t.ndim
-        return (extract(tab.sqrt_recip_alphas_cumprod, t, n) * x_t - x_start) / \
-            extract(tab.sqrt_recipm1_alphas_cumprod, t, n)
+        return (extract(tab.sqrt_recip_alphas_cumprod, t, n) * x_t - x_start) / extract(
+            tab.sqrt_recipm1_alphas_cumprod, t, n
+        )
 
     # -- reverse process ---------------------------------------------------------
     def p_mean_variance(self, model, x, t, clip_denoised=False, model_kwargs=None, model_output=None):
@@ -916,8 +989,9 @@ class GaussianDiffusion:
         if self.learn_sigma:  # learned range: v in [-1, 1] interpolates log beta_t and log beta~_t (IDDPM)
             out, v = out.split(c, dim=1)
             frac = (v + 1) / 2
-            log_var = frac * extract(tab.log_betas, t, x.ndim) + \
-                (1 - frac) * extract(tab.posterior_log_variance_clipped, t, x.ndim)
+            log_var = frac * extract(tab.log_betas, t, x.ndim) + (1 - frac) * extract(
+                tab.posterior_log_variance_clipped, t, x.ndim
+            )
         else:  # fixed: beta~_t (small) or beta_t with beta~_1 at t = 0 (large)
             table = tab.posterior_log_variance_clipped if self.sigma_small else tab.fixed_large_log_variance
             log_var = extract(table, t, x.ndim).expand_as(x)
@@ -930,7 +1004,10 @@ class GaussianDiffusion:
         out = self.p_mean_variance(model, x, t, clip_denoised, model_kwargs)
         noise = torch.randn_like(x) if noise is None else noise
         nonzero = extract(self.tables(t.device).nonzero, t, x.ndim)
-        return {"sample": out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * noise, "pred_xstart": out["pred_xstart"]}
+        return {
+            "sample": out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * noise,
+            "pred_xstart": out["pred_xstart"],
+        }
 
     def ddim_sample(self, model, x, t, clip_denoised=False, model_kwargs=None, noise=None, eta=0.0):
         """One DDIM step (Song et al., 2021, their Eq. (12)); eta = 0 is deterministic."""
@@ -946,8 +1023,19 @@ class GaussianDiffusion:
         return {"sample": mean, "pred_xstart": out["pred_xstart"]}
 
     @torch.no_grad()
-    def p_sample_loop(self, model, shape, noise=None, clip_denoised=False, model_kwargs=None, device=None,
-                      progress=False, generators=None, sampler="ddpm", eta=0.0):
+    def p_sample_loop(
+        self,
+        model,
+        shape,
+        noise=None,
+        clip_denoised=False,
+        model_kwargs=None,
+        device=None,
+        progress=False,
+        generators=None,
+        sampler="ddpm",
+        eta=0.0,
+    ):
         """Sample (N, C, H, W) from x_T ~ N(0, I) (or `noise`); per-sample `generators` make every draw reproducible.
 
         A step neither syncs with the host nor allocates beyond the network and the update's own arithmetic: the
@@ -964,6 +1052,7 @@ class GaussianDiffusion:
         steps = timesteps.unbind(0)
         if progress:
             from tqdm.auto import tqdm
+
             steps = tqdm(steps, leave=False)
         for t in steps:
             step_noise = randn(shape, generators, out=z).to(device) if stochastic else None
@@ -1011,8 +1100,15 @@ class GaussianDiffusion:
         return {"loss": mse + vb, "mse": mse, "vb": vb}
 
 
-def create_diffusion(timestep_respacing, noise_schedule="linear", learn_sigma=True, sigma_small=False,
-                     predict_xstart=False, diffusion_steps=1000, **loss_kw):
+def create_diffusion(
+    timestep_respacing,
+    noise_schedule="linear",
+    learn_sigma=True,
+    sigma_small=False,
+    predict_xstart=False,
+    diffusion_steps=1000,
+    **loss_kw,
+):
     """A GaussianDiffusion over `diffusion_steps`, respaced to `timestep_respacing` ('' or None: all steps)."""
     betas = get_named_beta_schedule(noise_schedule, diffusion_steps)
     sections = [timestep_respacing] if isinstance(timestep_respacing, int) else timestep_respacing or [diffusion_steps]
@@ -1025,6 +1121,7 @@ def create_diffusion(timestep_respacing, noise_schedule="linear", learn_sigma=Tr
 #################################################################################
 #              ANT-UW: uncertainty-weighted timestep clusters (App. C)          #
 #################################################################################
+
 
 def sample_timesteps(batch_size, num_timesteps, num_clusters=None, device=None, generator=None):
     """Timesteps (N,): uniform, or stratified so that sample i falls in cluster i mod K (uniform within it)."""
@@ -1057,9 +1154,24 @@ def uncertainty_weighted_loss(loss, t, log_vars, num_timesteps):
 
 # What defines the network and its diffusion: saved in every checkpoint as "model_args" (the text_* entries are None
 # for class-conditional models), compared on resume, and all sample.py needs to rebuild the model.
-MODEL_ARGS = ("model", "image_size", "vae", "num_classes", "learn_sigma", "class_dropout_prob", "routing", "alpha",
-              "beta", "routing_seed", "num_timesteps", "noise_schedule", "context_dim", "text_digest", "text_length",
-              "text_mask")
+MODEL_ARGS = (
+    "model",
+    "image_size",
+    "vae",
+    "num_classes",
+    "learn_sigma",
+    "class_dropout_prob",
+    "routing",
+    "alpha",
+    "beta",
+    "routing_seed",
+    "num_timesteps",
+    "noise_schedule",
+    "context_dim",
+    "text_digest",
+    "text_length",
+    "text_mask",
+)
 MASK_KEY = ".routing._unit_mapping"  # the official DTR code stores each block's masks in its state dict
 VAE_SCALE = 0.18215  # Stable Diffusion's latent scale
 VAE_FACTOR = 8  # the VAE's spatial downsampling
@@ -1077,17 +1189,31 @@ def build_model(model_args, **kwargs):
         raise InputError(f"text-to-image needs a DiT model, not {m['model']}")
     text = {} if m["context_dim"] is None else {"context_dim": m["context_dim"]}
     return create_model(
-        m["model"], input_size=latent_size(m), in_channels=4 if m["vae"] else 3, num_classes=m["num_classes"],
-        learn_sigma=m["learn_sigma"], class_dropout_prob=m["class_dropout_prob"],
-        routing=m["routing"], alpha=m["alpha"], beta=m["beta"], num_tasks=m["num_timesteps"],
-        routing_seed=m["routing_seed"], **text, **kwargs)
+        m["model"],
+        input_size=latent_size(m),
+        in_channels=4 if m["vae"] else 3,
+        num_classes=m["num_classes"],
+        learn_sigma=m["learn_sigma"],
+        class_dropout_prob=m["class_dropout_prob"],
+        routing=m["routing"],
+        alpha=m["alpha"],
+        beta=m["beta"],
+        num_tasks=m["num_timesteps"],
+        routing_seed=m["routing_seed"],
+        **text,
+        **kwargs,
+    )
 
 
 def build_diffusion(model_args, respacing="", **loss_kw):
     """The diffusion `model_args` describe, respaced to `respacing` ('' = all T steps); loss_kw: its loss weight."""
-    return create_diffusion(respacing, noise_schedule=model_args["noise_schedule"],
-                            learn_sigma=model_args["learn_sigma"], diffusion_steps=model_args["num_timesteps"],
-                            **loss_kw)
+    return create_diffusion(
+        respacing,
+        noise_schedule=model_args["noise_schedule"],
+        learn_sigma=model_args["learn_sigma"],
+        diffusion_steps=model_args["num_timesteps"],
+        **loss_kw,
+    )
 
 
 def unwrap_state_dict(sd):
@@ -1103,8 +1229,9 @@ def read_checkpoint(path):
         return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
     except Exception as e:
         if isinstance(e, ModuleNotFoundError) and (e.name or "").split(".")[0] == "omegaconf":
-            raise InputError(f"{path} holds the official DTR code's hydra config (an omegaconf DictConfig): "
-                             f"pip install omegaconf") from None
+            raise InputError(
+                f"{path} holds the official DTR code's hydra config (an omegaconf DictConfig): pip install omegaconf"
+            ) from None
         raise InputError(f"cannot read checkpoint {path} ({type(e).__name__}: {first_line(e)})") from None
 
 
@@ -1133,8 +1260,21 @@ def to_uint8(x):
 
 
 @torch.no_grad()
-def generate(model, diffusion, labels, seeds, *, cfg_scale=1.0, guided_channels=None, vae=None, device="cpu",
-             sampler="ddpm", eta=0.0, progress=False, context_mask=None):
+def generate(
+    model,
+    diffusion,
+    labels,
+    seeds,
+    *,
+    cfg_scale=1.0,
+    guided_channels=None,
+    vae=None,
+    device="cpu",
+    sampler="ddpm",
+    eta=0.0,
+    progress=False,
+    context_mask=None,
+):
     """uint8 images (N, H, W, 3): sample i depends only on seeds[i] (and labels[i]), never on the batch it is in.
 
     labels: class labels (N,), text tokens (N, L, C) (with an optional key mask context_mask (N, L)), or None."""
@@ -1145,12 +1285,24 @@ def generate(model, diffusion, labels, seeds, *, cfg_scale=1.0, guided_channels=
         cond["context_mask"] = torch.as_tensor(context_mask, device=device)
     net = model
     if labels is not None and cfg_scale != 1.0:  # classifier-free guidance: [cond | uncond] as one batch, in which
+
         def net(x, t, **cond):  # the model drops the second half's condition itself (null class or null context)
             both = {k: torch.cat([v, v]) for k, v in cond.items()}
-            return model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), cfg_scale=cfg_scale,
-                                          guided_channels=guided_channels, **both)[: len(x)]
-    x = diffusion.p_sample_loop(net, shape, model_kwargs=cond, device=device, progress=progress, generators=gens,
-                                sampler=sampler, eta=eta, clip_denoised=vae is None)  # pixels: clip x0 as ADM does
+            return model.forward_with_cfg(
+                torch.cat([x, x]), torch.cat([t, t]), cfg_scale=cfg_scale, guided_channels=guided_channels, **both
+            )[: len(x)]
+
+    x = diffusion.p_sample_loop(
+        net,
+        shape,
+        model_kwargs=cond,
+        device=device,
+        progress=progress,
+        generators=gens,
+        sampler=sampler,
+        eta=eta,
+        clip_denoised=vae is None,
+    )  # pixels: clip x0 as ADM does
     if vae is not None:
         x = vae.decode(x / VAE_SCALE).sample
     return to_uint8(x)
@@ -1171,13 +1323,16 @@ def load_vae(kind, path=None, device="cpu"):
     except ImportError:
         raise InputError("--vae needs the optional package diffusers: pip install diffusers")
     if path is not None and not os.path.isdir(path):
-        raise InputError(f"cannot load the VAE from {path!r}: not a directory (an AutoencoderKL saved with save_pretrained)")
+        raise InputError(
+            f"cannot load the VAE from {path!r}: not a directory (an AutoencoderKL saved with save_pretrained)"
+        )
     source = path or f"stabilityai/sd-vae-ft-{kind}"
     try:
         return AutoencoderKL.from_pretrained(source).to(device).eval().requires_grad_(False)
     except Exception as e:  # offline, missing or broken files
-        raise InputError(f"cannot load the VAE from {source!r} ({type(e).__name__}); pass --vae-path DIR with a local copy")
-
+        raise InputError(
+            f"cannot load the VAE from {source!r} ({type(e).__name__}); pass --vae-path DIR with a local copy"
+        )
 
 
 def tiny_clip(seed=0):
@@ -1187,6 +1342,7 @@ def tiny_clip(seed=0):
     a stand-in for CLIP in tests. Random, it knows no language, but it maps different captions to different tokens."""
     import tempfile
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
     chars = [chr(c) for c in range(33, 127)]  # printable ASCII is its own byte-level symbol; spaces split words
     vocab = {w: i for i, w in enumerate(["<|startoftext|>", "<|endoftext|>", *chars, *(c + "</w>" for c in chars)])}
     with tempfile.TemporaryDirectory() as d:  # no merges: every word is spelled out character by character
@@ -1195,9 +1351,17 @@ def tiny_clip(seed=0):
         with open(os.path.join(d, "merges.txt"), "w") as f:
             f.write("#version: 0.2\n")
         tokenizer = CLIPTokenizer.from_pretrained(d, model_max_length=32)
-    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                            num_attention_heads=4, max_position_embeddings=32, bos_token_id=0, eos_token_id=1,
-                            pad_token_id=1)
+    config = CLIPTextConfig(
+        vocab_size=len(vocab),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=32,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return tokenizer, CLIPTextModel(config)
@@ -1214,8 +1378,10 @@ def load_clip(name):
     try:
         return CLIPTokenizer.from_pretrained(name), CLIPTextModel.from_pretrained(name)
     except Exception as e:  # offline, missing or broken files
-        raise InputError(f"cannot load a CLIP text encoder from {name!r} ({type(e).__name__}); pass --text-encoder DIR, "
-             f"a local copy (tokenizer and CLIPTextModel saved with save_pretrained)")
+        raise InputError(
+            f"cannot load a CLIP text encoder from {name!r} ({type(e).__name__}); pass --text-encoder DIR, "
+            f"a local copy (tokenizer and CLIPTextModel saved with save_pretrained)"
+        )
 
 
 def weights_digest(module, extra=b""):
@@ -1249,8 +1415,9 @@ class TextEncoder:
     @torch.no_grad()
     def encode(self, captions):
         """Run the encoder on a list of captions."""
-        tokens = self.tokenizer(list(captions), padding="max_length", max_length=self.length, truncation=True,
-                                return_tensors="pt")
+        tokens = self.tokenizer(
+            list(captions), padding="max_length", max_length=self.length, truncation=True, return_tensors="pt"
+        )
         hidden = self.model(input_ids=tokens.input_ids.to(self.device)).last_hidden_state.float()
         return hidden, tokens.attention_mask.to(self.device).bool()
 
@@ -1278,7 +1445,6 @@ class TextEncoder:
         return hidden, torch.stack([found[c]["mask"] for c in captions]).to(self.device)
 
 
-
 def read_coco_captions(path):
     """[(file_name, [captions])] from a COCO captions_*.json, in the order of its images (those without captions left
     out); InputError with a one-line reason for anything else."""
@@ -1287,7 +1453,9 @@ def read_coco_captions(path):
             coco = json.load(f)
     except (OSError, ValueError) as e:
         raise InputError(f"cannot read captions {path} ({type(e).__name__}: {first_line(e)})") from None
-    if not (isinstance(coco, dict) and isinstance(coco.get("images"), list) and isinstance(coco.get("annotations"), list)):
+    if not (
+        isinstance(coco, dict) and isinstance(coco.get("images"), list) and isinstance(coco.get("annotations"), list)
+    ):
         raise InputError(f"{path} is not a COCO captions file: it needs lists 'images' and 'annotations'")
     names, captions = {}, {}
     for j, image in enumerate(coco["images"]):
@@ -1310,10 +1478,10 @@ def read_coco_captions(path):
     return [(name, captions[i]) for i, name in names.items() if i in captions]
 
 
-
 #################################################################################
 #              Processes and files: torchrun, atomic writes, errors             #
 #################################################################################
+
 
 def setup_distributed(timeout=None, device=None):
     """(rank, world_size, device) from the torchrun environment; one process without it. device: e.g. "cpu" to stay
@@ -1327,7 +1495,6 @@ def setup_distributed(timeout=None, device=None):
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if cuda else "gloo", **({} if timeout is None else {"timeout": timeout}))
     return dist.get_rank(), dist.get_world_size(), device
-
 
 
 def atomic_write(path, write):
@@ -1345,6 +1512,7 @@ def atomic_write(path, write):
 def open_image(path):
     """An image file as an RGB PIL image; one line naming the file if it cannot be read."""
     from PIL import Image
+
     try:
         with Image.open(path) as im:
             return im.convert("RGB")
@@ -1376,9 +1544,11 @@ def memmap_npz(path, name="arr_0"):
 
 def save_npz(path, arrays):
     """np.savez to `path` atomically (through an open file, so numpy adds no '.npz' to the temporary name)."""
+
     def write(tmp):
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
+
     atomic_write(path, write)
 
 
@@ -1412,6 +1582,7 @@ def one_line_errors(script):
 #                        Command line: mask pictures and benchmark              #
 #################################################################################
 
+
 def create_model(name, **kwargs):
     """A model from the registries by name, e.g. create_model('DiT-S/2', input_size=32, routing='dtr')."""
     if name not in MODELS:
@@ -1428,19 +1599,25 @@ def draw_masks(masks):
 def masks_main(args):
     """Save the routing-mask table as a PNG: one row per task t (top: t = 0), one column per channel."""
     from torchvision.utils import save_image
+
     m = routing_masks(args.kind, args.tasks, args.channels, args.alpha, args.beta, args.seed)
     atomic_write(args.out, lambda tmp: save_image(draw_masks(m), tmp, format="png"))
-    print(f"wrote {args.out}: {args.kind} masks, {args.tasks} tasks x {args.channels} channels, {int(m[0].sum())} active in row 0")
+    print(
+        f"wrote {args.out}: {args.kind} masks, {args.tasks} tasks x {args.channels} channels, "
+        f"{int(m[0].sum())} active in row 0"
+    )
 
 
 def dit_gmacs(model):
     """Multiply-accumulates (x 1e9) of one image's forward through a class-conditional DiT: DiT's "Gflops" (Tab. 4)."""
     d, tokens, patch = model.pos_embed.shape[-1], model.x_embedder.num_patches, model.patch_size
     block = model.blocks[0]
-    per_block = (4 * tokens * d * d  # qkv and output projections
-                 + 2 * tokens * d * block.mlp.fc1.out_features  # MLP
-                 + 2 * tokens * tokens * d  # q k^T and attention-weighted values
-                 + d * block.adaLN_modulation[-1].out_features)  # adaLN, once per image
+    per_block = (
+        4 * tokens * d * d  # qkv and output projections
+        + 2 * tokens * d * block.mlp.fc1.out_features  # MLP
+        + 2 * tokens * tokens * d  # q k^T and attention-weighted values
+        + d * block.adaLN_modulation[-1].out_features
+    )  # adaLN, once per image
     embed = tokens * patch * patch * model.in_channels * d + model.t_embedder.mlp[0].in_features * d + d * d
     final = d * 2 * d + tokens * d * patch * patch * model.out_channels
     return (len(model.blocks) * per_block + embed + final) / 1e9
@@ -1452,6 +1629,7 @@ def peak_memory(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     import resource
+
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 2**10  # Linux reports KiB
 
 
@@ -1506,7 +1684,7 @@ def bench_main(args):
 
     times, peaks = {k: [] for k in kinds}, {k: 0 for k in kinds}
     for rep in range(args.warmup + args.steps):
-        for k in kinds[rep % len(kinds):] + kinds[: rep % len(kinds)]:  # rotate the order every repetition
+        for k in kinds[rep % len(kinds) :] + kinds[: rep % len(kinds)]:  # rotate the order every repetition
             dt = step(k)
             if args.mode == "fwdbwd":
                 models[k].zero_grad(set_to_none=True)
@@ -1514,17 +1692,25 @@ def bench_main(args):
                 times[k].append(dt)
                 peaks[k] = max(peaks[k], peak_memory(device))
     gmacs = dit_gmacs(ref) if isinstance(ref, DiT) and ref.context_dim is None else None
-    print(f"{args.model}  input {args.image_size}x{args.image_size}  batch {args.batch_size}  {device}  "
-          f"threads {torch.get_num_threads()}  {args.steps} steps  {args.mode}  {args.precision}"
-          f"{'  compiled' if args.compile else ''}  clock {args.clock}"
-          f"{f'  {gmacs:.4g} GMACs/img fwd' if gmacs else ''}")
+    print(
+        f"{args.model}  input {args.image_size}x{args.image_size}  batch {args.batch_size}  {device}  "
+        f"threads {torch.get_num_threads()}  {args.steps} steps  {args.mode}  {args.precision}"
+        f"{'  compiled' if args.compile else ''}  clock {args.clock}"
+        f"{f'  {gmacs:.4g} GMACs/img fwd' if gmacs else ''}"
+    )
     for k in kinds:
         med = statistics.median(times[k])
-        row = [f"  {k:<7} {1000 * med:9.2f} ms/step", f"{args.batch_size / med:9.2f} img/s",
-               f"peak {'' if device.type == 'cuda' else 'RSS '}{peaks[k] / 2**30:.2f} GiB"]
+        row = [
+            f"  {k:<7} {1000 * med:9.2f} ms/step",
+            f"{args.batch_size / med:9.2f} img/s",
+            f"peak {'' if device.type == 'cuda' else 'RSS '}{peaks[k] / 2**30:.2f} GiB",
+        ]
         if device.type == "cuda":  # training ~ 3x the forward's FLOPs (2 per MAC): forward, and backward's two
-            row.append("MFU n/a" if gmacs is None else
-                       f"MFU {100 * 3 * 2 * gmacs * 1e9 * args.batch_size / med / (args.peak_tflops * 1e12):.1f}%")
+            row.append(
+                "MFU n/a"
+                if gmacs is None
+                else f"MFU {100 * 3 * 2 * gmacs * 1e9 * args.batch_size / med / (args.peak_tflops * 1e12):.1f}%"
+            )
         if k != kinds[0]:
             # the median of per-repetition ratios: a repetition's steps run back to back, so slow drift cancels
             ratio = statistics.median(a / b for a, b in zip(times[k], times[kinds[0]]))
@@ -1556,15 +1742,32 @@ if __name__ == "__main__":
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3, help="untimed repetitions first (torch.compile compiles here)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--routings", nargs="+", choices=ROUTINGS, default=["none", "random", "dtr"],
-                   help="kinds to time, interleaved; the first is the baseline")
-    p.add_argument("--mode", choices=["fwdbwd", "train"], default="fwdbwd",
-                   help="fwdbwd: forward+backward of a squared output; train: diffusion loss, backward, AdamW, EMA")
+    p.add_argument(
+        "--routings",
+        nargs="+",
+        choices=ROUTINGS,
+        default=["none", "random", "dtr"],
+        help="kinds to time, interleaved; the first is the baseline",
+    )
+    p.add_argument(
+        "--mode",
+        choices=["fwdbwd", "train"],
+        default="fwdbwd",
+        help="fwdbwd: forward+backward of a squared output; train: diffusion loss, backward, AdamW, EMA",
+    )
     p.add_argument("--precision", choices=list(BENCH_DTYPES), default="fp32", help="bf16 / fp16: autocast")
     p.add_argument("--compile", action="store_true", help="torch.compile every model")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                   help="cpu: the process' CPU time, robust to other processes on a shared machine (CPU only)")
-    p.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS,
-                   help="the device's peak, for MFU (default: H100 SXM bf16 dense)")
+    p.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="cpu: the process' CPU time, robust to other processes on a shared machine (CPU only)",
+    )
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=H100_BF16_DENSE_TFLOPS,
+        help="the device's peak, for MFU (default: H100 SXM bf16 dense)",
+    )
     main(parser.parse_args())

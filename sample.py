@@ -3,12 +3,14 @@
     python sample.py --ckpt results/000-DiT-L-2/checkpoints/0400000.pt            # 64 images and grid.png
     torchrun --nproc_per_node=8 sample.py --ckpt results/.../0400000.pt --num-samples 50000 --cfg-scale 1.5
     python sample.py --ckpt results/001-DiT-T-2-dtr/checkpoints/0003000.pt --prompts prompts.txt   # text-to-image
-    torchrun --nproc_per_node=8 sample.py --ckpt ... --captions captions_val2014.json --num-samples 30000 --cfg-scale 1.5
+    torchrun --nproc_per_node=8 sample.py --ckpt ... --captions captions_val2014.json --num-samples 30000 \\
+        --cfg-scale 1.5
 
 Sample i starts from the noise of seed `--seed + i` and draws every step's noise from it, so a command gives the
 same images for any number of ranks and any batch size. The images go to DIR/samples_{N}x{H}x{W}x3.npz (arr_0:
 uint8 NHWC, arr_1: int64 labels, or captions: str for text models), the format openai's ADM evaluator and fid.py read.
 """
+
 import argparse
 import functools
 import hashlib
@@ -30,8 +32,16 @@ import dtr
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # A bare state dict is read as a facebookresearch/DiT checkpoint: DiT's diffusion and no routing.
-PLAIN_ARGS = dict(dtr.model_args({}), vae_path=None, routing="none", alpha=4.0, beta=0.8, routing_seed=0,
-                  num_timesteps=1000, noise_schedule="linear")
+PLAIN_ARGS = dict(
+    dtr.model_args({}),
+    vae_path=None,
+    routing="none",
+    alpha=4.0,
+    beta=0.8,
+    routing_seed=0,
+    num_timesteps=1000,
+    noise_schedule="linear",
+)
 # The official DTR code (byeongjun-park/DTR) fixes alpha and the number of diffusion steps in code, not in its config;
 # its config's default schedule is cosine. Its routing.init_method names our routing kinds.
 OFFICIAL_ALPHA, OFFICIAL_STEPS, OFFICIAL_SCHEDULE = 4.0, 1000, "cosine"
@@ -53,13 +63,16 @@ def warn(msg):
 #                      Checkpoint -> model, diffusion and VAE                   #
 #################################################################################
 
+
 def plain_args(state, model, image_size, vae, config=None):
     """Training arguments of a state dict without train.py's, read off its shapes (classes, null class, sigma, latent
     or pixel); routing and schedule from the official DTR code's `config` if given, else from its masks if any."""
     if model is None or image_size is None:
         raise dtr.InputError("the checkpoint holds no training arguments; name its --model and --image-size")
     if model not in dtr.DiT_models:
-        raise dtr.InputError(f"a checkpoint without training arguments is read as facebookresearch/DiT's; {model!r} is not a DiT")
+        raise dtr.InputError(
+            f"a checkpoint without training arguments is read as facebookresearch/DiT's; {model!r} is not a DiT"
+        )
     try:
         c_in, patch = state["x_embedder.proj.weight"].shape[1:3]
         c_out = state["final_layer.linear.weight"].shape[0] // patch**2
@@ -67,10 +80,18 @@ def plain_args(state, model, image_size, vae, config=None):
     except KeyError as e:
         raise dtr.InputError(f"the checkpoint is not a DiT state dict (no {e.args[0]})")
     if c_in not in (3, 4):
-        raise dtr.InputError(f"the checkpoint's DiT takes {c_in} input channels; expected 4 (VAE latents) or 3 (pixels)")
-    args = dict(PLAIN_ARGS, model=model, image_size=image_size, vae=(vae or "ema") if c_in == 4 else None,
-                num_classes=max(rows - 1, 1), class_dropout_prob=0.1 if rows > 1 else 0.0,  # DiT: null row if > 1 class
-                learn_sigma=c_out == 2 * c_in)
+        raise dtr.InputError(
+            f"the checkpoint's DiT takes {c_in} input channels; expected 4 (VAE latents) or 3 (pixels)"
+        )
+    args = dict(
+        PLAIN_ARGS,
+        model=model,
+        image_size=image_size,
+        vae=(vae or "ema") if c_in == 4 else None,
+        num_classes=max(rows - 1, 1),
+        class_dropout_prob=0.1 if rows > 1 else 0.0,  # DiT: null row if > 1 class
+        learn_sigma=c_out == 2 * c_in,
+    )
     if config is not None:
         return dict(args, **config_args(config))
     masks = {k: v for k, v in state.items() if k.endswith(dtr.MASK_KEY)}
@@ -91,18 +112,29 @@ def config_args(config):
     """Routing, schedule and classes of an official DTR checkpoint, from the hydra config its train.py saves with it."""
     kind = setting(config, "models.routing.init_method")
     if kind not in OFFICIAL_ROUTINGS:
-        raise dtr.InputError(f"the checkpoint's config has routing init_method {kind!r}; expected {' or '.join(OFFICIAL_ROUTINGS)}")
+        raise dtr.InputError(
+            f"the checkpoint's config has routing init_method {kind!r}; expected {' or '.join(OFFICIAL_ROUTINGS)}"
+        )
     beta, tasks = float(setting(config, "models.routing.sharing_ratio")), setting(config, "models.routing.taskcount")
     if not 0 < beta <= 1:
         raise dtr.InputError(f"the checkpoint's config has sharing_ratio (beta) {beta}; expected a value in (0, 1]")
     if tasks != OFFICIAL_STEPS:  # the official diffusion always has 1000 steps; masks of other lengths do not fit it
-        raise dtr.InputError(f"the checkpoint's config has taskcount {tasks}; the official code samples {OFFICIAL_STEPS} steps")
+        raise dtr.InputError(
+            f"the checkpoint's config has taskcount {tasks}; the official code samples {OFFICIAL_STEPS} steps"
+        )
     schedule = setting(config, "general.schedule_name")
     if schedule not in ("linear", "cosine"):
         raise dtr.InputError(f"the checkpoint's config has schedule_name {schedule!r}; expected 'linear' or 'cosine'")
     classes = 1 if setting(config, "data.is_uncond") else int(setting(config, "data.num_classes"))
-    return dict(routing=OFFICIAL_ROUTINGS[kind], alpha=OFFICIAL_ALPHA, beta=beta, num_timesteps=tasks,
-                noise_schedule=schedule, num_classes=classes, class_dropout_prob=0.1 if classes > 1 else 0.0)
+    return dict(
+        routing=OFFICIAL_ROUTINGS[kind],
+        alpha=OFFICIAL_ALPHA,
+        beta=beta,
+        num_timesteps=tasks,
+        noise_schedule=schedule,
+        num_classes=classes,
+        class_dropout_prob=0.1 if classes > 1 else 0.0,
+    )
 
 
 def mask_beta(active, channels):
@@ -124,7 +156,8 @@ def mask_alpha(table, beta):
     for alpha in dict.fromkeys([OFFICIAL_ALPHA] + [k / 100 for step in (100, 10, 1) for k in range(step, 1001, step)]):
         # dtr_masks' offsets, computed as it does; only a match is then checked in full
         if np.array_equal((frac**alpha * free).round(), start) and torch.equal(
-                dtr.dtr_masks(tasks, channels, alpha, beta).bool(), table):
+            dtr.dtr_masks(tasks, channels, alpha, beta).bool(), table
+        ):
             return alpha
     return None
 
@@ -135,18 +168,29 @@ def mask_args(masks):
     tables = [m != 0 for m in masks.values()]
     counts = torch.cat([t.sum(dim=1) for t in tables]).unique()
     if len(counts) != 1 or not counts.item():
-        raise dtr.InputError("the checkpoint's routing masks do not keep one number of channels per task; cannot tell its beta")
+        raise dtr.InputError(
+            "the checkpoint's routing masks do not keep one number of channels per task; cannot tell its beta"
+        )
     tasks, channels = tables[0].shape
     if tasks != OFFICIAL_STEPS:
-        raise dtr.InputError(f"the checkpoint's routing masks have {tasks} tasks; the official code samples {OFFICIAL_STEPS} steps")
+        raise dtr.InputError(
+            f"the checkpoint's routing masks have {tasks} tasks; the official code samples {OFFICIAL_STEPS} steps"
+        )
     beta = mask_beta(counts.item(), channels)
     same = all(t.shape == tables[0].shape and torch.equal(t, tables[0]) for t in tables)
     alpha = mask_alpha(tables[0], beta) if same else None
     routing = f"DTR with alpha {alpha:g}" if alpha is not None else "R-TR with the checkpoint's own masks (not DTR's)"
-    warn(f"the checkpoint has the official DTR code's masks but no config: assuming {routing}, beta {beta:g} (from the "
-         f"masks), the {OFFICIAL_SCHEDULE} schedule (the official default) and {OFFICIAL_STEPS} steps")
-    return dict(routing="dtr" if alpha is not None else "random", alpha=OFFICIAL_ALPHA if alpha is None else alpha,
-                beta=beta, num_timesteps=OFFICIAL_STEPS, noise_schedule=OFFICIAL_SCHEDULE)
+    warn(
+        f"the checkpoint has the official DTR code's masks but no config: assuming {routing}, beta {beta:g} (from the "
+        f"masks), the {OFFICIAL_SCHEDULE} schedule (the official default) and {OFFICIAL_STEPS} steps"
+    )
+    return dict(
+        routing="dtr" if alpha is not None else "random",
+        alpha=OFFICIAL_ALPHA if alpha is None else alpha,
+        beta=beta,
+        num_timesteps=OFFICIAL_STEPS,
+        noise_schedule=OFFICIAL_SCHEDULE,
+    )
 
 
 def load_checkpoint(path, weights="ema", model=None, image_size=None, vae=None, vae_path=None, text_encoder=None):
@@ -174,18 +218,26 @@ def load_checkpoint(path, weights="ema", model=None, image_size=None, vae=None, 
             raise dtr.InputError("--vae applies to latent models; this checkpoint's model works on pixels")
         if text_encoder is not None and trained["context_dim"] is None:
             raise dtr.InputError("--text-encoder applies to text-to-image models; this checkpoint's model is not one")
-        args = dict(trained, vae=vae or trained["vae"], vae_path=given.get("vae_path"),
-                    text_encoder=text_encoder or trained["text_encoder"])
+        args = dict(
+            trained,
+            vae=vae or trained["vae"],
+            vae_path=given.get("vae_path"),
+            text_encoder=text_encoder or trained["text_encoder"],
+        )
     else:
         given = given or {}
         if text_encoder is not None:
             raise dtr.InputError("--text-encoder applies to text-to-image models; this checkpoint's model is not one")
         if config is not None:  # official DTR: model, image size and VAE from its config
-            given = {name: setting(config, key) for name, key in (("model", "models.name"),
-                                                                  ("image_size", "general.image_size"))}
+            given = {
+                name: setting(config, key)
+                for name, key in (("model", "models.name"), ("image_size", "general.image_size"))
+            }
             for flag, name in ((model, "model"), (image_size, "image_size")):
                 if flag is not None and flag != given[name]:
-                    raise dtr.InputError(f"--{name.replace('_', '-')} {flag} contradicts the checkpoint's {given[name]}")
+                    raise dtr.InputError(
+                        f"--{name.replace('_', '-')} {flag} contradicts the checkpoint's {given[name]}"
+                    )
             vae = vae or setting(config, "general.vae")
         args = plain_args(state, model or given.get("model"), image_size or given.get("image_size"), vae, config)
     return dict(args, vae_path=vae_path or args.get("vae_path")), state
@@ -198,17 +250,23 @@ def check_masks(model, state):
     tables, router = list(model.router.buffers()), model.router
     adopt = router.kind == "random"
     if adopt and stored and len(stored) != router.num_blocks:
-        raise dtr.InputError(f"the checkpoint has R-TR masks for {len(stored)} of its model's {router.num_blocks} blocks")
+        raise dtr.InputError(
+            f"the checkpoint has R-TR masks for {len(stored)} of its model's {router.num_blocks} blocks"
+        )
     for key, masks in stored.items():
         i = int(key.split(".")[1])  # blocks.{i}.routing._unit_mapping
         ours = tables[router.table_of_block[i]] if tables and i < router.num_blocks else None
         if adopt and ours is not None:
             if masks.shape != ours.shape:
-                raise dtr.InputError(f"the checkpoint's {key} has shape {tuple(masks.shape)}; this model's R-TR masks have "
-                     f"{tuple(ours.shape)}")
+                raise dtr.InputError(
+                    f"the checkpoint's {key} has shape {tuple(masks.shape)}; this model's R-TR masks have "
+                    f"{tuple(ours.shape)}"
+                )
             active = int(ours[0].sum())  # int(beta * C), as ours are drawn
             if not ((masks == 0) | (masks == 1)).all() or not (masks.sum(dim=1) == active).all():
-                raise dtr.InputError(f"the checkpoint's {key} is not a 0/1 table with {active} (= int(beta*C)) ones in every row")
+                raise dtr.InputError(
+                    f"the checkpoint's {key} is not a 0/1 table with {active} (= int(beta*C)) ones in every row"
+                )
             ours.copy_(masks != 0)
         elif ours is None or masks.shape != ours.shape or not torch.equal(masks != 0, ours):
             raise dtr.InputError(f"the checkpoint's {key} differs from this model's {router.kind} masks")
@@ -223,8 +281,11 @@ def load_model(model_args, state, device):
     shapes = [k for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
     if missing or unexpected or shapes:
         example = (missing or unexpected or shapes)[0]
-        raise dtr.InputError(f"the checkpoint's weights do not fit {model_args['model']}: {len(missing)} missing, {len(unexpected)} unexpected, "
-             f"{len(shapes)} mis-shaped keys (e.g. {example})")
+        raise dtr.InputError(
+            f"the checkpoint's weights do not fit {model_args['model']}: {len(missing)} missing, "
+            f"{len(unexpected)} unexpected, "
+            f"{len(shapes)} mis-shaped keys (e.g. {example})"
+        )
     model.load_state_dict(state)
     return model.to(device).eval().requires_grad_(False)
 
@@ -232,6 +293,7 @@ def load_model(model_args, state, device):
 #################################################################################
 #                      Labels, shards and the settings of a run                 #
 #################################################################################
+
 
 def make_labels(num_classes, num_samples, seed, class_labels=None):
     """Labels (N,) int64: class_labels repeated (sample i gets class_labels[i % len]), or uniform from `seed`."""
@@ -280,19 +342,30 @@ def shard_ranges(num_samples, shard_size):
 
 def default_out(args, model_args):
     """samples/<model>-<checkpoint>-<weights>-<sampler><steps>-cfg<scale>[g<guided channels>]-seed<seed>."""
-    return os.path.join("samples", "-".join([
-        model_args["model"].replace("/", "-"), os.path.splitext(os.path.basename(args.ckpt))[0], args.weights,
-        f"{args.sampler}{args.num_sampling_steps}",
-        f"cfg{args.cfg_scale}" + ("" if args.guided_channels is None else f"g{args.guided_channels}"),
-        f"seed{args.seed}"]))
+    return os.path.join(
+        "samples",
+        "-".join(
+            [
+                model_args["model"].replace("/", "-"),
+                os.path.splitext(os.path.basename(args.ckpt))[0],
+                args.weights,
+                f"{args.sampler}{args.num_sampling_steps}",
+                f"cfg{args.cfg_scale}" + ("" if args.guided_channels is None else f"g{args.guided_channels}"),
+                f"seed{args.seed}",
+            ]
+        ),
+    )
 
 
 def paths(out, num_samples, image_size):
     """Files of a run in `out`: settings, shard folder, PNG folder, grid, and the final .npz."""
     return argparse.Namespace(
-        settings=os.path.join(out, "run.json"), shards=os.path.join(out, ".shards"),
-        pngs=os.path.join(out, "images"), grid=os.path.join(out, "grid.png"),
-        npz=os.path.join(out, f"samples_{num_samples}x{image_size}x{image_size}x3.npz"))
+        settings=os.path.join(out, "run.json"),
+        shards=os.path.join(out, ".shards"),
+        pngs=os.path.join(out, "images"),
+        grid=os.path.join(out, "grid.png"),
+        npz=os.path.join(out, f"samples_{num_samples}x{image_size}x{image_size}x3.npz"),
+    )
 
 
 def shard_file(files, k):
@@ -301,8 +374,20 @@ def shard_file(files, k):
 
 def run_settings(args, model_args, captions=None):
     """Everything that decides the images (and so must match when resuming); not the ranks or the batch size."""
-    keys = ("weights", "num_samples", "seed", "class_labels", "cfg_scale", "guided_channels", "sampler",
-            "num_sampling_steps", "eta", "precision", "shard_size", "save_png")
+    keys = (
+        "weights",
+        "num_samples",
+        "seed",
+        "class_labels",
+        "cfg_scale",
+        "guided_channels",
+        "sampler",
+        "num_sampling_steps",
+        "eta",
+        "precision",
+        "shard_size",
+        "save_png",
+    )
     settings = dict(ckpt=os.path.abspath(args.ckpt), model_args=model_args, **{k: getattr(args, k) for k in keys})
     if captions is not None:  # text models: every sample's caption
         settings["captions_sha256"] = hashlib.sha256("\n".join(captions).encode()).hexdigest()
@@ -316,7 +401,9 @@ def prepare_out(out, files, settings, num_shards, resume=False, overwrite=False,
         for p in ours:
             shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
     elif ours and not resume:
-        raise dtr.InputError(f"{out} already holds samples; pass --resume to finish an interrupted run or --overwrite to redo it")
+        raise dtr.InputError(
+            f"{out} already holds samples; pass --resume to finish an interrupted run or --overwrite to redo it"
+        )
     elif ours:
         if not os.path.exists(files.settings):
             raise dtr.InputError(f"--resume: {out} holds samples but no run.json; pass --overwrite to redo them")
@@ -324,7 +411,9 @@ def prepare_out(out, files, settings, num_shards, resume=False, overwrite=False,
             before = json.load(f)
         changed = [k for k in settings if before.get(k) != settings[k]]
         if changed:
-            raise dtr.InputError(f"--resume: {out} was sampled with other settings ({', '.join(changed)}); use another --out")
+            raise dtr.InputError(
+                f"--resume: {out} was sampled with other settings ({', '.join(changed)}); use another --out"
+            )
         if os.path.exists(files.npz):
             return None
     os.makedirs(files.shards, exist_ok=True)
@@ -339,27 +428,33 @@ def prepare_out(out, files, settings, num_shards, resume=False, overwrite=False,
 #                                   Outputs                                     #
 #################################################################################
 
+
 def merge_shards(path, shard_files, ranges, image_shape, keys=()):
     """Stream the shards into one uncompressed ADM .npz (arr_0 uint8 NHWC, then the per-sample arrays `keys`, e.g.
     arr_1 int64 labels or captions str) -> its first 64 images."""
     missing = [f for f in shard_files if not os.path.isfile(f)]
     if missing:  # e.g. ranks on other machines wrote theirs to a folder this one cannot see
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise dtr.InputError(f"shard {missing[0]}{more} is missing: put --out on a filesystem every rank shares, or rerun with "
-             f"--resume to sample the missing shards here")
+        raise dtr.InputError(
+            f"shard {missing[0]}{more} is missing: put --out on a filesystem every rank shares, or rerun with "
+            f"--resume to sample the missing shards here"
+        )
     first, extras = [], {k: [] for k in keys}
 
     def write(tmp):
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
             with zf.open("arr_0.npy", "w", force_zip64=True) as f:  # what np.save writes, one shard at a time
-                np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False,
-                                                         "shape": (ranges[-1][1], *image_shape)})
+                np.lib.format.write_array_header_1_0(
+                    f, {"descr": "|u1", "fortran_order": False, "shape": (ranges[-1][1], *image_shape)}
+                )
                 for shard, (start, end) in zip(shard_files, ranges):
                     with np.load(shard) as z:
                         images, index = z["arr_0"], z["index"]
                         expected = (end - start, *image_shape)
                         if images.shape != expected or not np.array_equal(index, np.arange(start, end)):
-                            raise dtr.InputError(f"{shard} does not hold samples {start}..{end - 1}; delete it and --resume")
+                            raise dtr.InputError(
+                                f"{shard} does not hold samples {start}..{end - 1}; delete it and --resume"
+                            )
                         f.write(np.ascontiguousarray(images, dtype=np.uint8).data)
                         for k in keys:
                             extras[k].append(z[k])
@@ -375,6 +470,7 @@ def merge_shards(path, shard_files, ranges, image_shape, keys=()):
 def save_grid(path, images):
     """First images (n, H, W, 3) uint8 -> an 8-wide PNG grid."""
     from torchvision.utils import save_image
+
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
     dtr.atomic_write(path, lambda tmp: save_image(x, tmp, nrow=8, format="png"))
 
@@ -382,6 +478,7 @@ def save_grid(path, images):
 def save_pngs(folder, images, start):
     """Images (n, H, W, 3) uint8 -> folder/{start + j:06d}.png."""
     from PIL import Image
+
     for j, image in enumerate(images):
         Image.fromarray(image).save(os.path.join(folder, f"{start + j:06d}.png"))
 
@@ -389,6 +486,7 @@ def save_pngs(folder, images, start):
 #################################################################################
 #                                 Sampling                                      #
 #################################################################################
+
 
 def from_rank0(fn, rank, world):
     """fn() computed on rank 0 alone and handed to every rank; if it fails there, every rank stops."""
@@ -412,7 +510,9 @@ def check_args(args, model_args):
     if args.num_samples <= 0 or args.batch_size <= 0 or args.shard_size <= 0:
         raise dtr.InputError("--num-samples, --batch-size and --shard-size must be positive")
     if not 0 < args.num_sampling_steps <= model_args["num_timesteps"]:
-        raise dtr.InputError(f"--num-sampling-steps must be in 1..{model_args['num_timesteps']}, got {args.num_sampling_steps}")
+        raise dtr.InputError(
+            f"--num-sampling-steps must be in 1..{model_args['num_timesteps']}, got {args.num_sampling_steps}"
+        )
     if args.eta < 0 or (args.eta and args.sampler != "ddim"):
         raise dtr.InputError("--eta must be >= 0 and applies to --sampler ddim only")
     if args.seed < 0:
@@ -423,20 +523,31 @@ def check_args(args, model_args):
         raise dtr.InputError(f"--cfg-scale must be >= 0 (1: no guidance), got {args.cfg_scale}")
     channels = 4 if model_args["vae"] else 3  # the eps channels: VAE latents or RGB
     if args.guided_channels is not None and not 1 <= args.guided_channels <= channels:
-        raise dtr.InputError(f"--guided-channels must be in 1..{channels} (the model's noise channels), got {args.guided_channels}")
+        raise dtr.InputError(
+            f"--guided-channels must be in 1..{channels} (the model's noise channels), got {args.guided_channels}"
+        )
     if args.guided_channels is not None and args.cfg_scale == 1:
         warn("--cfg-scale 1 runs no guidance; --guided-channels ignored")
     text = model_args.get("context_dim", None) is not None
     conditional = model_args["num_classes"] > 1 or text
     if args.cfg_scale != 1 and not (conditional and model_args["class_dropout_prob"] > 0):
-        why = ("is unconditional" if not conditional else "was trained without caption dropout (no null context)"
-               if text else "was trained without label dropout (no null class)")
+        why = (
+            "is unconditional"
+            if not conditional
+            else "was trained without caption dropout (no null context)"
+            if text
+            else "was trained without label dropout (no null class)"
+        )
         raise dtr.InputError(f"--cfg-scale {args.cfg_scale} needs guidance, but the model {why}; use --cfg-scale 1")
     if text:
         if args.class_labels:
-            raise dtr.InputError("--class-labels is for class-conditional models; this one is text-to-image (--prompts, --captions)")
+            raise dtr.InputError(
+                "--class-labels is for class-conditional models; this one is text-to-image (--prompts, --captions)"
+            )
         if (args.prompts is None) == (args.captions is None):
-            raise dtr.InputError("a text-to-image model needs its captions: --prompts FILE or --captions COCO.json (one of them)")
+            raise dtr.InputError(
+                "a text-to-image model needs its captions: --prompts FILE or --captions COCO.json (one of them)"
+            )
         return
     if args.prompts is not None or args.captions is not None:
         raise dtr.InputError("--prompts and --captions are for text-to-image models; this one takes class labels")
@@ -447,26 +558,41 @@ def check_args(args, model_args):
         warn("the model is unconditional; --class-labels ignored")
 
 
-def sample_shards(model, diffusion, shards, *, args, ranges, files, condition, record, vae=None, device="cpu",
-                  progress=False):
+def sample_shards(
+    model, diffusion, shards, *, args, ranges, files, condition, record, vae=None, device="cpu", progress=False
+):
     """Sample the shards `shards`, batch by batch, writing each to its own file once complete.
 
     condition(i) -> (y, context_mask) of the samples i; record(i) -> the arrays saved with their images."""
     from tqdm import tqdm
+
     autocast = nullcontext() if args.precision == "fp32" else torch.autocast(device.type, PRECISIONS[args.precision])
-    bar = tqdm(total=sum(ranges[k][1] - ranges[k][0] for k in shards), unit="img", disable=not progress,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=sum(ranges[k][1] - ranges[k][0] for k in shards), unit="img", disable=not progress, dynamic_ncols=True
+    )
     for k in shards:
         start, end = ranges[k]
         index = np.arange(start, end)
         batches = []
         for b in range(0, len(index), args.batch_size):
-            i = index[b: b + args.batch_size]
+            i = index[b : b + args.batch_size]
             y, mask = condition(i)
             with autocast:
-                batches.append(dtr.generate(model, diffusion, y, args.seed + i, cfg_scale=args.cfg_scale,
-                                            guided_channels=args.guided_channels, vae=vae, device=device,
-                                            sampler=args.sampler, eta=args.eta, context_mask=mask).numpy())
+                batches.append(
+                    dtr.generate(
+                        model,
+                        diffusion,
+                        y,
+                        args.seed + i,
+                        cfg_scale=args.cfg_scale,
+                        guided_channels=args.guided_channels,
+                        vae=vae,
+                        device=device,
+                        sampler=args.sampler,
+                        eta=args.eta,
+                        context_mask=mask,
+                    ).numpy()
+                )
             bar.update(len(i))
         images = np.concatenate(batches)  # (n, H, W, 3) uint8
         if args.save_png:
@@ -483,8 +609,9 @@ def main(args):
 
 def sample(args):
     """main's body; bad input raises dtr.InputError."""
-    model_args, state = load_checkpoint(args.ckpt, args.weights, args.model, args.image_size, args.vae, args.vae_path,
-                                        args.text_encoder)
+    model_args, state = load_checkpoint(
+        args.ckpt, args.weights, args.model, args.image_size, args.vae, args.vae_path, args.text_encoder
+    )
     check_args(args, model_args)
     captions = None if model_args.get("context_dim", None) is None else text_captions(args)
     # Ranks may finish up to a shard apart before the final barrier: allow more than the default 10-30 minutes.
@@ -500,17 +627,22 @@ def load_text_encoder(model_args, device):
     """The checkpoint's CLIP text encoder, checked to be the one its model was trained with."""
     text = dtr.TextEncoder(model_args["text_encoder"], device)
     if text.digest != model_args["text_digest"]:
-        raise dtr.InputError(f"the text encoder {model_args['text_encoder']} is not the one the model was trained with (digest "
-             f"{text.digest}, trained with {model_args['text_digest']}); pass that one with --text-encoder")
+        raise dtr.InputError(
+            f"the text encoder {model_args['text_encoder']} is not the one the model was trained with (digest "
+            f"{text.digest}, trained with {model_args['text_digest']}); pass that one with --text-encoder"
+        )
     return text
 
 
 def conditioning(labels, captions, text, text_mask):
-    """(condition, record) for sample_shards: from class labels (N,), captions (N,) through the text encoder, or none."""
+    """(condition, record) for sample_shards: from class labels (N,), captions (N,) through the text encoder, or
+    none."""
     if captions is not None:
+
         def condition(i):
             context, mask = text([str(c) for c in captions[i]])
             return context, mask if text_mask else None
+
         return condition, lambda i: {"captions": captions[i]}
     if labels is not None:
         return (lambda i: (labels[i], None)), (lambda i: {"arr_1": labels[i]})
@@ -535,8 +667,9 @@ def run(args, model_args, state, rank, world, device, captions=None):
     files = paths(out, args.num_samples, model_args["image_size"])
     ranges = shard_ranges(args.num_samples, args.shard_size)
     settings = run_settings(args, model_args, captions)
-    todo = from_rank0(lambda: prepare_out(out, files, settings, len(ranges), args.resume, args.overwrite,
-                                          args.save_png), rank, world)
+    todo = from_rank0(
+        lambda: prepare_out(out, files, settings, len(ranges), args.resume, args.overwrite, args.save_png), rank, world
+    )
     if todo is None:
         if rank == 0:
             print(f"{files.npz} is already complete")
@@ -546,8 +679,19 @@ def run(args, model_args, state, rank, world, device, captions=None):
         print(f"resuming: {len(ranges) - len(todo)} of {len(ranges)} shards already done")
     mine = todo[rank::world]  # round-robin over the unfinished shards
     start_time = time.time()
-    sample_shards(model, diffusion, mine, args=args, ranges=ranges, files=files, condition=condition, record=record,
-                  vae=vae, device=device, progress=rank == 0)
+    sample_shards(
+        model,
+        diffusion,
+        mine,
+        args=args,
+        ranges=ranges,
+        files=files,
+        condition=condition,
+        record=record,
+        vae=vae,
+        device=device,
+        progress=rank == 0,
+    )
     if world > 1:
         dist.barrier()
     seconds = time.time() - start_time
@@ -560,16 +704,19 @@ def run(args, model_args, state, rank, world, device, captions=None):
     save_grid(files.grid, first)
     shutil.rmtree(files.shards)
     made = sum(ranges[k][1] - ranges[k][0] for k in todo)
-    print(f"wrote {files.npz}: {args.num_samples} images, {made} sampled now on {world} rank(s) in {seconds:.1f} s "
-          f"({made / max(seconds, 1e-9):.2f} images/s)")
+    print(
+        f"wrote {files.npz}: {args.num_samples} images, {made} sampled now on {world} rank(s) in {seconds:.1f} s "
+        f"({made / max(seconds, 1e-9):.2f} images/s)"
+    )
 
 
 def parser():
     """The command line; a bad argument stops with one line, like every other bad input."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.error = functools.partial(dtr.exit_one_line, "sample.py")  # one line instead of usage + message
-    p.add_argument("--ckpt", required=True,
-                   help="a train.py checkpoint, an official DTR one, or a facebookresearch/DiT state dict")
+    p.add_argument(
+        "--ckpt", required=True, help="a train.py checkpoint, an official DTR one, or a facebookresearch/DiT state dict"
+    )
     p.add_argument("--weights", choices=["ema", "model"], default="ema")
     p.add_argument("--model", default=None, help="only for checkpoints without training arguments or config (DiT's)")
     p.add_argument("--image-size", type=int, default=None, help="only for checkpoints without training arguments")
@@ -581,18 +728,39 @@ def parser():
     p.add_argument("--num-sampling-steps", type=int, default=250)
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0: deterministic)")
     p.add_argument("--cfg-scale", type=float, default=1.0, help="1: no guidance (the paper's FID: 1.5)")
-    p.add_argument("--guided-channels", type=int, default=None,
-                   help="guide only the first N noise channels (default: all; facebookresearch/DiT's FIDs: 3)")
-    p.add_argument("--class-labels", type=int, nargs="+", default=None,
-                        help="sample i gets label[i %% len]; default: uniform random labels from --seed")
+    p.add_argument(
+        "--guided-channels",
+        type=int,
+        default=None,
+        help="guide only the first N noise channels (default: all; facebookresearch/DiT's FIDs: 3)",
+    )
+    p.add_argument(
+        "--class-labels",
+        type=int,
+        nargs="+",
+        default=None,
+        help="sample i gets label[i %% len]; default: uniform random labels from --seed",
+    )
     p.add_argument("--prompts", default=None, help="text models: prompts, one a line; sample i gets line i %% len")
-    p.add_argument("--captions", default=None, help="text models: COCO captions_*.json; one random caption per image "
-                                                     "(images in a random order from --seed), recorded in the .npz")
-    p.add_argument("--text-encoder", default=None, help="text models: a local copy of the checkpoint's CLIP text encoder")
+    p.add_argument(
+        "--captions",
+        default=None,
+        help="text models: COCO captions_*.json; one random caption per image "
+        "(images in a random order from --seed), recorded in the .npz",
+    )
+    p.add_argument(
+        "--text-encoder", default=None, help="text models: a local copy of the checkpoint's CLIP text encoder"
+    )
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
     p.add_argument("--precision", choices=list(PRECISIONS), default="fp32")
-    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
-                   help="torch.compile the network (backend default: inductor; compiles again for a new batch size)")
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const="inductor",
+        default=None,
+        metavar="BACKEND",
+        help="torch.compile the network (backend default: inductor; compiles again for a new batch size)",
+    )
     p.add_argument("--out", default=None, help="output folder (default: samples/<model>-<ckpt>-<settings>)")
     p.add_argument("--shard-size", type=int, default=256, help="samples per shard file (the unit of --resume)")
     p.add_argument("--save-png", action="store_true", help="also write DIR/images/{i:06d}.png")

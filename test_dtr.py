@@ -2,6 +2,7 @@
 
 Run: python -m pytest -q test_dtr.py
 """
+
 import argparse
 import errno
 import json
@@ -31,6 +32,7 @@ torch.set_num_threads(1)  # tiny models: one thread is fastest and never oversub
 #                          Shared helpers and fixtures                          #
 #################################################################################
 
+
 def tiny_dit(**kw):
     """A 4-block DiT on 8x8 inputs with 10 classes; random (not zero) adaLN so blocks are not the identity."""
     torch.manual_seed(0)
@@ -52,13 +54,14 @@ def randomize(model, scale=0.05, seed=1, add=False):
 
 
 def reference_dtr(T, C, alpha, beta):
-    """Independent pure-Python DTR masks: row t active on [off_t, off_t + int(beta*C)), off_t = round((t/(T-1))^a (C-n))."""
+    """Independent pure-Python DTR masks: row t is active on [off_t, off_t + n), n = int(beta*C),
+    off_t = round((t/(T-1))^a (C-n))."""
     n = int(beta * C)
     out = torch.zeros(T, C)
     for t in range(T):
         frac = t / (T - 1) if T > 1 else 0.0
         off = round(frac**alpha * (C - n))  # Python's round is half-to-even, like numpy's
-        out[t, off:off + n] = 1
+        out[t, off : off + n] = 1
     return out
 
 
@@ -67,8 +70,18 @@ def tiny(seed=0, **kw):
     return randomize(dtr.ADM_models["ADM-T"](input_size=16, **kw).eval(), scale=0.02, seed=seed, add=True)
 
 
-TINY_TRAIN = ["--image-size", "8", "--global-batch-size", "8", "--demo-images-per-class", "4", "--grid-steps", "2",
-              "--log-every", "2"]
+TINY_TRAIN = [
+    "--image-size",
+    "8",
+    "--global-batch-size",
+    "8",
+    "--demo-images-per-class",
+    "4",
+    "--grid-steps",
+    "2",
+    "--log-every",
+    "2",
+]
 
 
 CPU_RUN = train.Run(rank=0, world=1, device=torch.device("cpu"), part=slice(None))  # one process, the whole batch
@@ -83,8 +96,15 @@ def run_train(tmp_path, *extra, name="r"):
 
 def torchrun(*args, nproc=2):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           os.path.join(HERE, "train.py"), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        os.path.join(HERE, "train.py"),
+        *args,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
 
 
@@ -99,9 +119,14 @@ def tiny_vae(path, seed=0):
     diffusers = pytest.importorskip("diffusers")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        vae = diffusers.AutoencoderKL(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4,
-                                      latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 4,
-                                      up_block_types=("UpDecoderBlock2D",) * 4)
+        vae = diffusers.AutoencoderKL(
+            block_out_channels=(8, 8, 8, 8),
+            layers_per_block=1,
+            norm_num_groups=4,
+            latent_channels=4,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+        )
     vae.save_pretrained(path)
     return str(path)
 
@@ -113,16 +138,40 @@ COLOURS = torch.tensor([[0.8, -0.6, -0.6], [-0.6, 0.8, -0.6], [-0.6, -0.6, 0.8],
 
 
 def ckpt_args(**kw):
-    """A train.py checkpoint's model_args (dtr.MODEL_ARGS): a 4-class pixel DiT-T/2 on 8x8 images, label dropout, DTR."""
-    args = dict(model="DiT-T/2", image_size=8, vae=None, num_classes=4, learn_sigma=True, class_dropout_prob=0.1,
-                routing="dtr", alpha=4.0, beta=0.8, routing_seed=0, num_timesteps=1000, noise_schedule="linear")
+    """A train.py checkpoint's model_args (dtr.MODEL_ARGS): a 4-class pixel DiT-T/2 on 8x8, label dropout, DTR."""
+    args = dict(
+        model="DiT-T/2",
+        image_size=8,
+        vae=None,
+        num_classes=4,
+        learn_sigma=True,
+        class_dropout_prob=0.1,
+        routing="dtr",
+        alpha=4.0,
+        beta=0.8,
+        routing_seed=0,
+        num_timesteps=1000,
+        noise_schedule="linear",
+    )
     return dtr.model_args({**args, **kw})
 
 
 def save_train_ckpt(path, args, ema, raw=None):
     """A checkpoint as train.py writes it."""
-    torch.save({"model": raw if raw is not None else ema, "ema": ema, "opt": {}, "model_args": dtr.model_args(args),
-                "args": args, "step": 0, "uw": None, "rng": None, "scaler": None}, path)
+    torch.save(
+        {
+            "model": raw if raw is not None else ema,
+            "ema": ema,
+            "opt": {},
+            "model_args": dtr.model_args(args),
+            "args": args,
+            "step": 0,
+            "uw": None,
+            "rng": None,
+            "scaler": None,
+        },
+        path,
+    )
     return str(path)
 
 
@@ -148,22 +197,34 @@ def write_coco(root, captions_per_image, size=12):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, os.path.join(HERE, "dtr.py"), *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, os.path.join(HERE, "dtr.py"), *args], capture_output=True, text=True, timeout=300
+    )
 
 
 #################################################################################
 #                  dtr.py: routing masks (Sec. 4.2-4.3, App. F)                 #
 #################################################################################
 
-@pytest.mark.parametrize("T,C,alpha,beta", [(1000, 1152, 4.0, 0.8), (1000, 384, 4.0, 0.8), (250, 64, 2.0, 0.6),
-                                            (10, 7, 1.0, 0.5), (1000, 768, 0.5, 0.8), (2, 5, 4.0, 0.2)])
+
+@pytest.mark.parametrize(
+    "T,C,alpha,beta",
+    [
+        (1000, 1152, 4.0, 0.8),
+        (1000, 384, 4.0, 0.8),
+        (250, 64, 2.0, 0.6),
+        (10, 7, 1.0, 0.5),
+        (1000, 768, 0.5, 0.8),
+        (2, 5, 4.0, 0.2),
+    ],
+)
 def test_dtr_masks_match_formula(T, C, alpha, beta):
     m = dtr.dtr_masks(T, C, alpha, beta)
     assert m.shape == (T, C) and m.dtype == torch.float32
     assert torch.equal(m, reference_dtr(T, C, alpha, beta))
     n = int(beta * C)
     assert m[0, :n].all() and not m[0, n:].any()  # row 0 starts at channel 0
-    assert m[-1, C - n:].all() and not m[-1, :C - n].any()  # row T-1 ends at channel C
+    assert m[-1, C - n :].all() and not m[-1, : C - n].any()  # row T-1 ends at channel C
 
 
 def test_dtr_masks_edge_cases():
@@ -183,13 +244,22 @@ def test_every_row_has_the_right_number_of_ones(kind):
     T, C, beta = 1000, 96, 0.8
     m = dtr.routing_masks(kind, T, C, beta=beta, seed=3)
     assert set(m.unique().tolist()) <= {0.0, 1.0}
-    expected = {"dtr": int(beta * C), "random": int(beta * C), "cdtr": int(beta * C),
-                "ercdt": C // 2 + (C - C // 2) // 8, "none": C}[kind]
+    expected = {
+        "dtr": int(beta * C),
+        "random": int(beta * C),
+        "cdtr": int(beta * C),
+        "ercdt": C // 2 + (C - C // 2) // 8,
+        "none": C,
+    }[kind]
     assert (m.sum(dim=1) == expected).all()
 
 
 def test_random_masks_reproducible_and_independent():
-    a, b, c = dtr.random_masks(50, 64, 0.8, seed=0), dtr.random_masks(50, 64, 0.8, seed=0), dtr.random_masks(50, 64, 0.8, seed=1)
+    a, b, c = (
+        dtr.random_masks(50, 64, 0.8, seed=0),
+        dtr.random_masks(50, 64, 0.8, seed=0),
+        dtr.random_masks(50, 64, 0.8, seed=1),
+    )
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert len({tuple(row.tolist()) for row in a}) == 50  # every task draws its own channels
     # expected overlap of two random rows is n^2 / C (App. B), far from the DTR neighbours' n
@@ -205,7 +275,7 @@ def test_cluster_masks():
         assert (cd[lo:hi] == table[k]).all()  # every t of a cluster shares its cluster's DTR row
     er = dtr.routing_masks("ercdt", T, C)
     assert er[:, : C // 2].all()  # half the channels serve every task
-    own = [er[lo, C // 2:] for lo, _ in dtr.timestep_clusters(K, T)]
+    own = [er[lo, C // 2 :] for lo, _ in dtr.timestep_clusters(K, T)]
     assert torch.equal(torch.stack(own).sum(0), torch.ones(C - C // 2))  # the rest is split among clusters
     assert torch.equal(er[124], er[0]) and not torch.equal(er[125], er[124])  # cluster edges at T/K
 
@@ -240,6 +310,7 @@ def test_task_router_tables():
 #                        dtr.py: DiT with DTR (App. A.1)                        #
 #################################################################################
 
+
 def dit_param_count(depth, D, p, heads, input_size=32, c_in=4, classes=1000, learn_sigma=True):
     """Parameters of a DiT from its architecture description (independent of the module code)."""
     c_out = 2 * c_in if learn_sigma else c_in
@@ -249,9 +320,15 @@ def dit_param_count(depth, D, p, heads, input_size=32, c_in=4, classes=1000, lea
     return embed + depth * block + final
 
 
-@pytest.mark.parametrize("name,arch,paper_millions,exact", [
-    ("DiT-S/2", (12, 384, 2, 6), 33, 32_963_360), ("DiT-B/2", (12, 768, 2, 12), 130, 130_512_416),
-    ("DiT-L/2", (24, 1024, 2, 16), 458, 458_102_816), ("DiT-XL/2", (28, 1152, 2, 16), 675, 675_129_632)])
+@pytest.mark.parametrize(
+    "name,arch,paper_millions,exact",
+    [
+        ("DiT-S/2", (12, 384, 2, 6), 33, 32_963_360),
+        ("DiT-B/2", (12, 768, 2, 12), 130, 130_512_416),
+        ("DiT-L/2", (24, 1024, 2, 16), 458, 458_102_816),
+        ("DiT-XL/2", (28, 1152, 2, 16), 675, 675_129_632),
+    ],
+)
 def test_dit_parameter_counts(name, arch, paper_millions, exact):
     with torch.device("meta"):
         model = dtr.DiT_models[name](input_size=32, routing="none")
@@ -261,7 +338,9 @@ def test_dit_parameter_counts(name, arch, paper_millions, exact):
 
 
 def test_dit_registry_and_state_dict_layout():
-    assert [k for k in dtr.DiT_models if k != "DiT-T/2"] == [f"DiT-{s}/{p}" for s in ("XL", "L", "B", "S") for p in (2, 4, 8)]
+    assert [k for k in dtr.DiT_models if k != "DiT-T/2"] == [
+        f"DiT-{s}/{p}" for s in ("XL", "L", "B", "S") for p in (2, 4, 8)
+    ]
     sd = tiny_dit(routing="dtr").state_dict()
     shapes = {k: tuple(v.shape) for k, v in sd.items()}
     D = 128
@@ -284,7 +363,9 @@ def test_dit_init_is_adaln_zero():
     pe = model.pos_embed[0]  # token (row i, col j) = i*4 + j; first half of dims encodes j, second half i
     omega = 1.0 / 10000 ** (torch.arange(32, dtype=torch.float64) / 32)
     i, j = 2, 3
-    expected = torch.cat([torch.sin(j * omega), torch.cos(j * omega), torch.sin(i * omega), torch.cos(i * omega)]).float()
+    expected = torch.cat(
+        [torch.sin(j * omega), torch.cos(j * omega), torch.sin(i * omega), torch.cos(i * omega)]
+    ).float()
     assert torch.allclose(pe[i * 4 + j], expected, atol=1e-6)
 
 
@@ -303,7 +384,11 @@ def hand_dit_block(block, z, c):
     o = torch.einsum("nhts,nshd->nthd", att, v).reshape(n, T, D)
     z = z + a1[:, None] * F.linear(o, block.attn.proj.weight, block.attn.proj.bias)
     h = ln(z) * (1 + g2[:, None]) + s2[:, None]
-    h = F.linear(F.gelu(F.linear(h, block.mlp.fc1.weight, block.mlp.fc1.bias), approximate="tanh"), block.mlp.fc2.weight, block.mlp.fc2.bias)
+    h = F.linear(
+        F.gelu(F.linear(h, block.mlp.fc1.weight, block.mlp.fc1.bias), approximate="tanh"),
+        block.mlp.fc2.weight,
+        block.mlp.fc2.bias,
+    )
     return z + a2[:, None] * h
 
 
@@ -392,7 +477,9 @@ def test_cfg():
         cond, uncond = model(x, t[:2], y[:2]), model(x, t[:2], y[2:])
         assert torch.allclose(model.forward_with_cfg(xx, t, y, 1.0)[:2], cond, atol=1e-6)
         g = model.forward_with_cfg(xx, t, y, 4.0)
-        assert torch.allclose(g[:2, :4], uncond[:, :4] + 4.0 * (cond[:, :4] - uncond[:, :4]), atol=1e-5)  # all 4 channels
+        assert torch.allclose(
+            g[:2, :4], uncond[:, :4] + 4.0 * (cond[:, :4] - uncond[:, :4]), atol=1e-5
+        )  # all 4 channels
         assert torch.allclose(g[:2, 4:], cond[:, 4:], atol=1e-6) and torch.equal(g[:2, :4], g[2:, :4])  # sigma unguided
         dit3 = model.forward_with_cfg(xx, t, y, 4.0, guided_channels=3)  # facebookresearch/DiT's behaviour
         assert torch.allclose(dit3[:2, 3], cond[:, 3], atol=1e-6) and torch.equal(dit3[:2, :3], g[:2, :3])
@@ -470,13 +557,17 @@ def test_dit_gradient_checkpointing_same_grads_and_state_dict(context_dim):
     runs = []
     for use_checkpoint in (False, True):
         torch.manual_seed(0)
-        m = randomize(dtr.DiT_models["DiT-T/2"](input_size=8, num_classes=10, context_dim=context_dim,
-                                                use_checkpoint=use_checkpoint))  # routing dtr; no identity blocks
+        m = randomize(
+            dtr.DiT_models["DiT-T/2"](
+                input_size=8, num_classes=10, context_dim=context_dim, use_checkpoint=use_checkpoint
+            )
+        )  # routing dtr; no identity blocks
         saved = []  # bytes autograd keeps for backward, outside the checkpointed blocks' own recomputation
 
         def pack(tensor):
             saved.append(tensor.numel() * tensor.element_size())
             return tensor
+
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
             out = m(x, t, y, force_drop_ids=torch.tensor([0, 1, 0]))
         out.square().mean().backward()
@@ -493,6 +584,7 @@ def test_dit_gradient_checkpointing_same_grads_and_state_dict(context_dim):
 #################################################################################
 #                          dtr.py: ADM (UNet) with DTR                          #
 #################################################################################
+
 
 def window(channels, lo, hi, n=2):
     """A routing mask (n, channels) with channels [lo, hi) active."""
@@ -551,7 +643,11 @@ def test_adm_conv_resampling_layout_and_legacy_heads():
 def test_adm_zero_init_like_adm():
     m = dtr.ADM_models["ADM-T"](input_size=16)
     zeroed = {n for n, p in m.named_parameters() if not p.any()}
-    assert all(n in zeroed for n, _ in m.named_parameters() if ".out_layers.3." in n or ".proj_out." in n or n.startswith("out.2."))
+    assert all(
+        n in zeroed
+        for n, _ in m.named_parameters()
+        if ".out_layers.3." in n or ".proj_out." in n or n.startswith("out.2.")
+    )
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([0, 999])
     assert torch.equal(m(x, t), torch.zeros(2, 6, 16, 16))  # the final conv starts at zero
 
@@ -583,7 +679,9 @@ def test_adm_group_norm_in_float32():
 @pytest.mark.parametrize("updown", [None, "down", "up"])
 def test_adm_resblock_mask_after_norm_and_skip_unmasked(updown):
     torch.manual_seed(0)
-    blk = randomize(dtr.ResBlock(64, 32, 0.0, 64, use_scale_shift_norm=True, updown=updown), scale=0.1, seed=0, add=True).eval()
+    blk = randomize(
+        dtr.ResBlock(64, 32, 0.0, 64, use_scale_shift_norm=True, updown=updown), scale=0.1, seed=0, add=True
+    ).eval()
     x, emb = torch.randn(2, 64, 8, 8), torch.randn(2, 32)
     mask = window(64, 0, 32)  # 32 groups of 2 channels: groups 16..31 are wholly inactive
     seen = {}
@@ -604,7 +702,9 @@ def test_adm_resblock_mask_after_norm_and_skip_unmasked(updown):
 
 def test_adm_attention_mask_after_norm_and_skip_unmasked():
     torch.manual_seed(0)
-    blk = randomize(dtr.AttentionBlock(64, num_head_channels=32, use_new_attention_order=True), scale=0.1, seed=0, add=True)
+    blk = randomize(
+        dtr.AttentionBlock(64, num_head_channels=32, use_new_attention_order=True), scale=0.1, seed=0, add=True
+    )
     x, mask = torch.randn(2, 64, 4, 4), window(64, 16, 64)
     seen = {}
     blk.qkv.register_forward_pre_hook(lambda mod, a: seen.__setitem__("qkv_in", a[0]))
@@ -648,7 +748,7 @@ def test_adm_conv_inputs_zero_outside_window_in_all_blocks():
     zero_rows = []
 
     def check(mod, args):  # the first conv / qkv input: masked channels are exactly zero, active ones are not
-        inactive = (args[0].flatten(2).abs().amax(dim=(0, 2)) == 0)
+        inactive = args[0].flatten(2).abs().amax(dim=(0, 2)) == 0
         zero_rows.append(inactive)
 
     for mod in m.modules():
@@ -679,8 +779,18 @@ def test_adm_output_shape(learn_sigma):
 
 
 def test_adm_registry_accepts_dit_keywords():
-    kw = dict(input_size=16, in_channels=4, num_classes=1, learn_sigma=True, class_dropout_prob=0.1, routing="random",
-              alpha=2.0, beta=0.5, num_tasks=100, routing_seed=3)
+    kw = dict(
+        input_size=16,
+        in_channels=4,
+        num_classes=1,
+        learn_sigma=True,
+        class_dropout_prob=0.1,
+        routing="random",
+        alpha=2.0,
+        beta=0.5,
+        num_tasks=100,
+        routing_seed=3,
+    )
     m = dtr.ADM_models["ADM-T"](**kw, dropout=0.2)
     assert m.in_channels == 4 and m.num_classes is None and not hasattr(m, "label_emb")
     assert m(torch.randn(2, 4, 16, 16), torch.tensor([0, 99])).shape == (2, 8, 16, 16)
@@ -768,6 +878,7 @@ def test_adm_training_steps_lower_the_loss():
 #                           dtr.py: Gaussian diffusion                          #
 #################################################################################
 
+
 def test_beta_schedules():
     lin = dtr.get_named_beta_schedule("linear", 1000)
     assert lin[0] == pytest.approx(1e-4) and lin[-1] == pytest.approx(0.02) and lin.dtype == np.float64
@@ -796,7 +907,9 @@ def test_q_sample_and_posterior_closed_forms():
         c2 = math.sqrt(1 - betas[ti]) * (1 - ap) / (1 - abar[ti])
         assert torch.allclose(mean[i], c1 * x0[i] + c2 * xt[i], atol=1e-5)
         assert var[i].item() == pytest.approx(betas[ti] * (1 - ap) / (1 - abar[ti]), rel=1e-5, abs=1e-12)
-    assert logvar[0].item() == pytest.approx(math.log(betas[1] * (1 - abar[0]) / (1 - abar[1])), rel=1e-6)  # clipped at t=0
+    assert logvar[0].item() == pytest.approx(
+        math.log(betas[1] * (1 - abar[0]) / (1 - abar[1])), rel=1e-6
+    )  # clipped at t=0
     assert torch.allclose(d.predict_xstart_from_eps(xt, t, eps), x0, atol=1e-4)
 
 
@@ -808,7 +921,9 @@ class Oracle(torch.nn.Module):
         self.d, self.x0, self.v = diffusion, x0, v
 
     def forward(self, x, t, y=None):
-        abar = torch.from_numpy(np.cumprod(1 - dtr.get_named_beta_schedule("linear", 1000)))[t].float().view(-1, 1, 1, 1)
+        abar = (
+            torch.from_numpy(np.cumprod(1 - dtr.get_named_beta_schedule("linear", 1000)))[t].float().view(-1, 1, 1, 1)
+        )
         eps = (x - abar.sqrt() * self.x0) / (1 - abar).sqrt()
         return torch.cat([eps, torch.full_like(x, self.v)], dim=1)
 
@@ -823,7 +938,9 @@ def test_training_losses_vanish_for_an_oracle():
     assert out["vb"][1:].abs().max() < 1e-4  # KL(q || p) = 0 when p is the true posterior
     assert out["vb"][0] > 0  # at t = 0 the term is the discretised decoder NLL in bits/dim
     worse = d.training_losses(Oracle(d, x0, v=0.5), x0, t)
-    assert worse["vb"][1] > 0.01 and torch.allclose(worse["mse"], out["mse"])  # a wrong variance costs bits (t=1: beta vs beta~ differ most)
+    assert worse["vb"][1] > 0.01 and torch.allclose(
+        worse["mse"], out["mse"]
+    )  # a wrong variance costs bits (t=1: beta vs beta~ differ most)
 
 
 def test_loss_weights_match_closed_forms():
@@ -832,8 +949,13 @@ def test_loss_weights_match_closed_forms():
     snr = torch.tensor(abar / (1 - abar))[t].float()
     kw = dict(noise_schedule="cosine")
     assert torch.allclose(dtr.create_diffusion("", **kw, loss_weight="min-snr").mse_weight(t), snr.clamp(max=5) / snr)
-    assert torch.allclose(dtr.create_diffusion("", **kw, loss_weight="min-snr", min_snr_gamma=1.0, predict_xstart=True).mse_weight(t), snr.clamp(max=1))
-    assert torch.allclose(dtr.create_diffusion("", **kw, loss_weight="p2", p2_gamma=0.5, p2_k=2.0).mse_weight(t), 1 / (2 + snr) ** 0.5)
+    assert torch.allclose(
+        dtr.create_diffusion("", **kw, loss_weight="min-snr", min_snr_gamma=1.0, predict_xstart=True).mse_weight(t),
+        snr.clamp(max=1),
+    )
+    assert torch.allclose(
+        dtr.create_diffusion("", **kw, loss_weight="p2", p2_gamma=0.5, p2_k=2.0).mse_weight(t), 1 / (2 + snr) ** 0.5
+    )
     # the weight multiplies each sample's MSE (not the VB term), one scalar per sample
     torch.manual_seed(0)
     net = torch.nn.Conv2d(3, 6, 3, padding=1)
@@ -963,8 +1085,22 @@ def test_sampling_steps_neither_copy_nor_cast_nor_allocate_setup(sampler, per_sa
 
     few, many = ops(3), ops(6)
     per_step = {k: (many.get(k, 0) - few.get(k, 0)) / 3 for k in many}
-    allocating = {"_to_copy", "copy_", "full", "empty", "arange", "zeros", "ones", "stack", "cat", "clone", "randn",
-                  "randn_like", "ne", "repeat"}
+    allocating = {
+        "_to_copy",
+        "copy_",
+        "full",
+        "empty",
+        "arange",
+        "zeros",
+        "ones",
+        "stack",
+        "cat",
+        "clone",
+        "randn",
+        "randn_like",
+        "ne",
+        "repeat",
+    }
     assert not {k for k, n in per_step.items() if n} & allocating, per_step
     assert "_to_copy" not in many  # the tables were cast once, by the first loop, never per lookup
     assert per_step.get("normal_", 0) == (0 if sampler == "ddim" else 3 if per_sample else 1)  # DDIM (eta 0): none
@@ -974,6 +1110,7 @@ def test_sampling_steps_neither_copy_nor_cast_nor_allocate_setup(sampler, per_sa
 #################################################################################
 #                             dtr.py: ANT-UW pieces                             #
 #################################################################################
+
 
 def test_timestep_clusters_and_stratified_sampling():
     assert dtr.timestep_clusters(8, 1000) == [(125 * k, 125 * (k + 1)) for k in range(8)]
@@ -992,7 +1129,9 @@ def test_uncertainty_weighting():
     loss = torch.tensor([1.0, 3.0, 4.0, 8.0, 2.0, 6.0])
     s = torch.tensor([0.0, 0.5, 0, 0, -1.0, 0, 0, 2.0], requires_grad=True)
     # clusters seen: 0 -> mean 2, 1 -> 4, 4 -> mean 4, 7 -> 8; L_k = mean / K
-    expected = sum(0.5 * (math.exp(-s[k].item()) * m / 8 + s[k].item()) for k, m in [(0, 2.0), (1, 4.0), (4, 4.0), (7, 8.0)])
+    expected = sum(
+        0.5 * (math.exp(-s[k].item()) * m / 8 + s[k].item()) for k, m in [(0, 2.0), (1, 4.0), (4, 4.0), (7, 8.0)]
+    )
     got = dtr.uncertainty_weighted_loss(loss, t, s, 1000)
     assert got.item() == pytest.approx(expected, rel=1e-6)
     perm = torch.randperm(6)
@@ -1004,6 +1143,7 @@ def test_uncertainty_weighting():
 #################################################################################
 #           dtr.py: text-to-image DiT, COCO captions (App. C, Fig. 8)           #
 #################################################################################
+
 
 def hand_attention(q, k, v, heads, mask=None):
     """softmax(q k^T / sqrt(d)) v per head for q (N, T, D), k and v (N, L, D); mask (N, L) False hides a key."""
@@ -1046,7 +1186,9 @@ def test_text_block_with_routing_is_eq8():
         expected = (1 - m[:, None]) * z + hand_text_block(block, m[:, None] * z, c, ctx, keep)  # Eq. (8), whole block
         assert torch.allclose(routed, expected, atol=1e-5)
         unmasked = block(z, c, m, ctx)
-        assert torch.allclose(unmasked, (1 - m[:, None]) * z + hand_text_block(block, m[:, None] * z, c, ctx), atol=1e-5)
+        assert torch.allclose(
+            unmasked, (1 - m[:, None]) * z + hand_text_block(block, m[:, None] * z, c, ctx), atol=1e-5
+        )
         assert (unmasked[0] - routed[0]).abs().max() > 1e-3 and torch.allclose(unmasked[1], routed[1], atol=1e-6)
         padded = torch.where(keep[:, :, None], ctx, torch.full_like(ctx, 100.0))  # hidden keys never matter
         assert torch.allclose(block(z, c, m, padded, keep), routed, atol=1e-6)
@@ -1059,13 +1201,23 @@ def test_text_dit_layout_init_and_timestep_only_adaln():
     torch.manual_seed(0)
     model = dtr.DiT_models["DiT-T/2"](input_size=8, context_dim=16)
     sd, class_sd = model.state_dict(), tiny_dit().state_dict()
-    cross = ("norm_cross.weight", "norm_cross.bias", "cross_attn.q.weight", "cross_attn.q.bias", "cross_attn.kv.weight",
-             "cross_attn.kv.bias", "cross_attn.proj.weight", "cross_attn.proj.bias")
+    cross = (
+        "norm_cross.weight",
+        "norm_cross.bias",
+        "cross_attn.q.weight",
+        "cross_attn.q.bias",
+        "cross_attn.kv.weight",
+        "cross_attn.kv.bias",
+        "cross_attn.proj.weight",
+        "cross_attn.proj.bias",
+    )
     assert set(sd) - set(class_sd) == {"null_context"} | {f"blocks.{i}.{k}" for i in range(4) for k in cross}
     assert set(class_sd) - set(sd) == {"y_embedder.embedding_table.weight"}  # no label embedder
     assert sd["null_context"].shape == (1, 16) and sd["blocks.2.cross_attn.kv.weight"].shape == (2 * 128, 16)
     assert sd["blocks.0.cross_attn.q.weight"].shape == (128, 128) and not sd["blocks.0.cross_attn.proj.weight"].any()
-    assert "null_context" not in dtr.DiT_models["DiT-T/2"](input_size=8, context_dim=16, class_dropout_prob=0).state_dict()
+    assert (
+        "null_context" not in dtr.DiT_models["DiT-T/2"](input_size=8, context_dim=16, class_dropout_prob=0).state_dict()
+    )
     x, c, t, ctx = torch.randn(2, 16, 128), torch.randn(2, 128), torch.tensor([3, 900]), torch.randn(2, 7, 16)
     with torch.no_grad():
         for block in model.blocks:  # adaLN-Zero gates and the zero cross-attention output: every block is the identity
@@ -1117,33 +1269,49 @@ def test_text_cfg_scale_one_is_conditional():
         assert (g[:2, :4] - cond[:, :4]).abs().max() > 1e-3
 
 
-COCO = {"info": {}, "licenses": [],
-        "images": [{"id": 7, "file_name": "a.png"}, {"id": 3, "file_name": "b.png"}, {"id": 9, "file_name": "c.png"}],
-        "annotations": [{"image_id": 3, "id": 1, "caption": "A dog  on a\nsofa. "},
-                        {"image_id": 7, "id": 2, "caption": "x"},
-                        {"image_id": 3, "id": 5, "caption": "two dogs"},
-                        {"image_id": 3, "id": 6, "caption": "a sofa"}]}
+COCO = {
+    "info": {},
+    "licenses": [],
+    "images": [{"id": 7, "file_name": "a.png"}, {"id": 3, "file_name": "b.png"}, {"id": 9, "file_name": "c.png"}],
+    "annotations": [
+        {"image_id": 3, "id": 1, "caption": "A dog  on a\nsofa. "},
+        {"image_id": 7, "id": 2, "caption": "x"},
+        {"image_id": 3, "id": 5, "caption": "two dogs"},
+        {"image_id": 3, "id": 6, "caption": "a sofa"},
+    ],
+}
 
 
 def test_coco_captions_parsing(tmp_path):
     path = tmp_path / "captions_train2014.json"
     path.write_text(json.dumps(COCO))
     # images in file order, several captions each (whitespace normalised), images without captions left out
-    assert dtr.read_coco_captions(str(path)) == [("a.png", ["x"]), ("b.png", ["A dog on a sofa.", "two dogs", "a sofa"])]
+    assert dtr.read_coco_captions(str(path)) == [
+        ("a.png", ["x"]),
+        ("b.png", ["A dog on a sofa.", "two dogs", "a sofa"]),
+    ]
 
 
-@pytest.mark.parametrize("edit,message", [
-    (lambda c: "{not json", "cannot read captions"),
-    (lambda c: {"images": c["images"]}, "not a COCO captions file"),
-    (lambda c: [c], "not a COCO captions file"),
-    (lambda c: dict(c, images=c["images"] + [{"id": 11}]), r"images\[3\] needs an 'id' and a 'file_name'"),
-    (lambda c: dict(c, images=c["images"] + [{"id": 3, "file_name": "d.png"}]), r"images\[3\] repeats image id 3"),
-    (lambda c: dict(c, annotations=c["annotations"] + [{"image_id": 4, "caption": "y"}]),
-     r"annotations\[4\] names image 4, which is not among the images"),
-    (lambda c: dict(c, annotations=c["annotations"] + [{"image_id": 3, "caption": " \n"}]), r"annotations\[4\] has an"),
-    (lambda c: dict(c, annotations=[{"image_id": 3, "caption": 5}]), r"annotations\[0\] needs an 'image_id' and a"),
-    (lambda c: dict(c, annotations=[]), "holds no captions"),
-])
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda c: "{not json", "cannot read captions"),
+        (lambda c: {"images": c["images"]}, "not a COCO captions file"),
+        (lambda c: [c], "not a COCO captions file"),
+        (lambda c: dict(c, images=c["images"] + [{"id": 11}]), r"images\[3\] needs an 'id' and a 'file_name'"),
+        (lambda c: dict(c, images=c["images"] + [{"id": 3, "file_name": "d.png"}]), r"images\[3\] repeats image id 3"),
+        (
+            lambda c: dict(c, annotations=c["annotations"] + [{"image_id": 4, "caption": "y"}]),
+            r"annotations\[4\] names image 4, which is not among the images",
+        ),
+        (
+            lambda c: dict(c, annotations=c["annotations"] + [{"image_id": 3, "caption": " \n"}]),
+            r"annotations\[4\] has an",
+        ),
+        (lambda c: dict(c, annotations=[{"image_id": 3, "caption": 5}]), r"annotations\[0\] needs an 'image_id' and a"),
+        (lambda c: dict(c, annotations=[]), "holds no captions"),
+    ],
+)
 def test_coco_captions_bad_entries(tmp_path, edit, message):
     path = tmp_path / "captions.json"
     bad = edit(json.loads(json.dumps(COCO)))
@@ -1156,6 +1324,7 @@ def test_coco_captions_bad_entries(tmp_path, edit, message):
 #################################################################################
 #                      dtr.py: end to end and command line                      #
 #################################################################################
+
 
 def test_a_few_training_steps_lower_the_loss():
     torch.manual_seed(0)
@@ -1177,6 +1346,7 @@ def test_a_few_training_steps_lower_the_loss():
 @pytest.mark.slow
 def test_masks_cli_draws_the_table(tmp_path):
     from PIL import Image
+
     read_image = lambda p: torch.from_numpy(np.array(Image.open(p))).permute(2, 0, 1)
     out = tmp_path / "m.png"
     r = run_cli("masks", "--kind", "dtr", "--channels", "40", "--tasks", "30", "--out", str(out))
@@ -1191,7 +1361,9 @@ def test_masks_cli_draws_the_table(tmp_path):
 
 @pytest.mark.slow
 def test_bench_cli_reports_three_kinds():
-    r = run_cli("bench", "--model", "DiT-T/2", "--image-size", "8", "--batch-size", "2", "--steps", "2", "--warmup", "0")
+    r = run_cli(
+        "bench", "--model", "DiT-T/2", "--image-size", "8", "--batch-size", "2", "--steps", "2", "--warmup", "0"
+    )
     assert r.returncode == 0, r.stderr
     rows = {line.split()[0]: line for line in r.stdout.splitlines()[1:]}
     assert set(rows) == {"none", "random", "dtr"}
@@ -1200,8 +1372,30 @@ def test_bench_cli_reports_three_kinds():
 
 @pytest.mark.slow
 def test_bench_train_mode_cli():
-    r = run_cli("bench", "--model", "DiT-T/2", "--image-size", "8", "--batch-size", "2", "--steps", "1", "--warmup", "0",
-                "--mode", "train", "--routings", "none", "dtr", "--precision", "bf16", "--threads", "1", "--clock", "cpu")
+    r = run_cli(
+        "bench",
+        "--model",
+        "DiT-T/2",
+        "--image-size",
+        "8",
+        "--batch-size",
+        "2",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--mode",
+        "train",
+        "--routings",
+        "none",
+        "dtr",
+        "--precision",
+        "bf16",
+        "--threads",
+        "1",
+        "--clock",
+        "cpu",
+    )
     assert r.returncode == 0, r.stderr
     head, *lines = r.stdout.splitlines()
     assert "train" in head and "bf16" in head and "clock cpu" in head and "threads 1" in head
@@ -1218,8 +1412,14 @@ def test_bench_train_mode_cli():
 
 def test_dit_gmacs_match_dit_table_4():
     # Peebles & Xie, Tab. 4 (256x256 images, i.e. 32x32 latents): forward Gflops, which count multiply-accumulates
-    for name, gflops in [("DiT-S/2", 6.06), ("DiT-B/2", 23.01), ("DiT-L/2", 80.71), ("DiT-XL/2", 118.64),
-                         ("DiT-XL/4", 29.05), ("DiT-S/8", 0.36)]:
+    for name, gflops in [
+        ("DiT-S/2", 6.06),
+        ("DiT-B/2", 23.01),
+        ("DiT-L/2", 80.71),
+        ("DiT-XL/2", 118.64),
+        ("DiT-XL/4", 29.05),
+        ("DiT-S/8", 0.36),
+    ]:
         with torch.device("meta"):
             model = dtr.create_model(name, input_size=32, routing="none")
         assert dtr.dit_gmacs(model) == pytest.approx(gflops, rel=2e-3, abs=5e-3), name
@@ -1244,16 +1444,35 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
 #                                    train.py                                   #
 #################################################################################
 
+
 def test_train_demo_defaults_and_outputs(tmp_path):
     args = train.resolve_preset(train.parser().parse_args([]))
-    assert (args.model, args.image_size, args.global_batch_size, args.lr, args.ema_decay) == ("DiT-T/2", 16, 64, 2e-3, 0.995)
+    assert (args.model, args.image_size, args.global_batch_size, args.lr, args.ema_decay) == (
+        "DiT-T/2",
+        16,
+        64,
+        2e-3,
+        0.995,
+    )
     paper = train.resolve_preset(train.parser().parse_args(["--data", "x"]))
-    assert (paper.lr, paper.global_batch_size, paper.ema_decay, paper.weight_decay, paper.class_dropout_prob,
-            paper.noise_schedule, paper.num_timesteps, paper.learn_sigma, paper.flip_prob) == \
-        (1e-4, 256, 0.9999, 0.0, 0.1, "cosine", 1000, True, 0.5)
+    assert (
+        paper.lr,
+        paper.global_batch_size,
+        paper.ema_decay,
+        paper.weight_decay,
+        paper.class_dropout_prob,
+        paper.noise_schedule,
+        paper.num_timesteps,
+        paper.learn_sigma,
+        paper.flip_prob,
+    ) == (1e-4, 256, 0.9999, 0.0, 0.1, "cosine", 1000, True, 0.5)
     exp, ckpt = run_train(tmp_path, "--steps", "3", "--ckpt-every", "2")
     assert sorted(os.listdir(os.path.join(exp, "checkpoints"))) == ["0000002.pt", "0000003.pt"]
-    assert ckpt["step"] == 3 and ckpt["args"]["num_classes"] == 6 and set(ckpt) >= {"model", "ema", "opt", "rng", "model_args"}
+    assert (
+        ckpt["step"] == 3
+        and ckpt["args"]["num_classes"] == 6
+        and set(ckpt) >= {"model", "ema", "opt", "rng", "model_args"}
+    )
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
     model = dtr.build_model(dtr.model_args(ckpt["args"]))
     model.load_state_dict(ckpt["ema"], strict=True)  # loadable as a plain DiT state dict
@@ -1281,10 +1500,12 @@ def test_train_grid_is_upscaled_nearest_neighbour(tmp_path, monkeypatch, size, f
     assert grid.shape == (6 * tile + 1, 8 * tile + 1, 3) and 512 <= 8 * size * factor < 512 + 8 * size
     assert calls == [torch.arange(6).repeat_interleave(8).tolist()]  # a row per class
     assert (grid[::tile] == 0).all() and (grid[:, ::tile] == 0).all()  # 1-pixel black lines between the tiles
-    for i, sample in enumerate(samples.numpy()):
+    for i, tile_image in enumerate(samples.numpy()):
         row, col = divmod(i, 8)
-        block = grid[row * tile + 1:(row + 1) * tile, col * tile + 1:(col + 1) * tile]  # (S f, S f, 3)
-        assert (block.reshape(size, factor, size, factor, 3) == sample[:, None, :, None]).all()  # f x f constant blocks
+        block = grid[row * tile + 1 : (row + 1) * tile, col * tile + 1 : (col + 1) * tile]  # (S f, S f, 3)
+        assert (
+            block.reshape(size, factor, size, factor, 3) == tile_image[:, None, :, None]
+        ).all()  # f x f constant blocks
 
 
 def test_train_shapes_data_is_deterministic_and_classed():
@@ -1332,8 +1553,16 @@ def test_train_resume_applies_optimiser_flags(tmp_path):
     exp, before = run_train(tmp_path, "--steps", "2", "--ckpt-every", "2", "--loss-weight", "ant-uw")
     assert [(g["lr"], g["weight_decay"]) for g in before["opt"]["param_groups"]] == [(2e-3, 0.0), (0.025, 0.0)]
     flags = ["--lr", "4e-3", "--weight-decay", "0.1", "--uw-lr", "0.05", "--ema-decay", "0.5"]
-    run_train(tmp_path, "--steps", "3", "--loss-weight", "ant-uw", *flags, "--resume",
-              os.path.join(exp, "checkpoints", "0000002.pt"))
+    run_train(
+        tmp_path,
+        "--steps",
+        "3",
+        "--loss-weight",
+        "ant-uw",
+        *flags,
+        "--resume",
+        os.path.join(exp, "checkpoints", "0000002.pt"),
+    )
     after = torch.load(os.path.join(exp, "checkpoints", "0000003.pt"), weights_only=False)
     groups = after["opt"]["param_groups"]
     assert [(g["lr"], g["weight_decay"]) for g in groups] == [(4e-3, 0.1), (0.05, 0.0)]
@@ -1347,39 +1576,53 @@ def test_train_resume_applies_optimiser_flags(tmp_path):
         old = adamw_step(before["model"][names[i]], m, v, 3, lr=2e-3, weight_decay=0.0)
         assert torch.allclose(after["model"][names[i]].double(), new, rtol=0, atol=1e-6), names[i]
         assert not torch.allclose(new, old, rtol=0, atol=1e-4)
-    uw = adamw_step(before["uw"], state[len(names)]["exp_avg"], state[len(names)]["exp_avg_sq"], 3, lr=0.05,
-                    weight_decay=0.0)
+    uw = adamw_step(
+        before["uw"], state[len(names)]["exp_avg"], state[len(names)]["exp_avg_sq"], 3, lr=0.05, weight_decay=0.0
+    )
     assert torch.allclose(after["uw"].double(), uw, rtol=0, atol=1e-6)
     for k in names:  # EMA decay 0.5
         assert torch.allclose(after["ema"][k], 0.5 * before["ema"][k] + 0.5 * after["model"][k], atol=1e-7), k
     log = open(os.path.join(exp, "log.txt")).read()
     changed = [line for line in log.splitlines() if "changed on resume:" in line]
-    assert len(changed) == 1 and all(f in changed[0] for f in (
-        "--lr 0.004 (was 0.002)", "--weight-decay 0.1 (was 0.0)", "--uw-lr 0.05 (was 0.025)",
-        "--ema-decay 0.5 (was 0.995)", "--steps 3 (was 2)"))
+    assert len(changed) == 1 and all(
+        f in changed[0]
+        for f in (
+            "--lr 0.004 (was 0.002)",
+            "--weight-decay 0.1 (was 0.0)",
+            "--uw-lr 0.05 (was 0.025)",
+            "--ema-decay 0.5 (was 0.995)",
+            "--steps 3 (was 2)",
+        )
+    )
 
 
 @pytest.fixture(scope="module")
 def resume_ckpts(tmp_path_factory):
     """Step-2 checkpoints of a tiny ANT-UW run and of a tiny constant-weight run, by --loss-weight."""
     root = tmp_path_factory.mktemp("resume")
-    runs = {w: run_train(root, "--steps", "2", "--ckpt-every", "2", "--loss-weight", w, name=w)[0]
-            for w in ("ant-uw", "constant")}
+    runs = {
+        w: run_train(root, "--steps", "2", "--ckpt-every", "2", "--loss-weight", w, name=w)[0]
+        for w in ("ant-uw", "constant")
+    }
     return {w: os.path.join(exp, "checkpoints", "0000002.pt") for w, exp in runs.items()}
 
 
-@pytest.mark.parametrize("weight,flags,message", [
-    ("ant-uw", ["--seed", "1"], "seed is 0 there but 1 now"),
-    ("ant-uw", ["--global-batch-size", "16"], "global_batch_size is 8 there but 16 now"),
-    ("ant-uw", ["--flip-prob", "0"], "flip_prob is 0.5 there but 0.0 now"),
-    ("ant-uw", ["--demo-images-per-class", "5"], "demo_images_per_class is 4 there but 5 now"),
-    ("ant-uw", ["--uw-clusters", "4"], "uw_clusters is 8 there but 4 now"),
-    ("ant-uw", ["--loss-weight", "constant"], "loss_weight is 'ant-uw' there but 'constant' now"),  # ANT-UW off
-    ("constant", ["--loss-weight", "ant-uw"], "loss_weight is 'constant' there but 'ant-uw' now"),  # ANT-UW on
-    ("constant", ["--min-snr-gamma", "3"], "min_snr_gamma is 5.0 there but 3.0 now"),
-    ("constant", ["--p2-gamma", "0.5"], "p2_gamma is 1.0 there but 0.5 now"),
-    ("constant", ["--p2-k", "2"], "p2_k is 1.0 there but 2.0 now"),
-    ("constant", ["--class-dropout-prob", "0.2"], "class_dropout_prob is 0.1 there but 0.2 now")])
+@pytest.mark.parametrize(
+    "weight,flags,message",
+    [
+        ("ant-uw", ["--seed", "1"], "seed is 0 there but 1 now"),
+        ("ant-uw", ["--global-batch-size", "16"], "global_batch_size is 8 there but 16 now"),
+        ("ant-uw", ["--flip-prob", "0"], "flip_prob is 0.5 there but 0.0 now"),
+        ("ant-uw", ["--demo-images-per-class", "5"], "demo_images_per_class is 4 there but 5 now"),
+        ("ant-uw", ["--uw-clusters", "4"], "uw_clusters is 8 there but 4 now"),
+        ("ant-uw", ["--loss-weight", "constant"], "loss_weight is 'ant-uw' there but 'constant' now"),  # ANT-UW off
+        ("constant", ["--loss-weight", "ant-uw"], "loss_weight is 'constant' there but 'ant-uw' now"),  # ANT-UW on
+        ("constant", ["--min-snr-gamma", "3"], "min_snr_gamma is 5.0 there but 3.0 now"),
+        ("constant", ["--p2-gamma", "0.5"], "p2_gamma is 1.0 there but 0.5 now"),
+        ("constant", ["--p2-k", "2"], "p2_k is 1.0 there but 2.0 now"),
+        ("constant", ["--class-dropout-prob", "0.2"], "class_dropout_prob is 0.1 there but 0.2 now"),
+    ],
+)
 def test_train_resume_refuses_data_and_loss_changes(resume_ckpts, tmp_path, weight, flags, message):
     path = resume_ckpts[weight]
     with pytest.raises(SystemExit, match=re.escape(f"--resume {path}: {message}")) as e:
@@ -1422,8 +1665,13 @@ def test_train_two_processes_match_one(tmp_path):
     args = [*TINY_TRAIN, "--steps", "3", "--ckpt-every", "3", "--loss-weight", "ant-uw", "--global-batch-size", "16"]
     r = torchrun(*args, "--results-dir", str(tmp_path / "two"))
     assert r.returncode == 0, r.stderr[-2000:]
-    one = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *args, "--results-dir", str(tmp_path / "one")],
-                         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    one = subprocess.run(
+        [sys.executable, os.path.join(HERE, "train.py"), *args, "--results-dir", str(tmp_path / "one")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert one.returncode == 0, one.stderr[-2000:]
     a = torch.load(train.latest_checkpoint(str(tmp_path / "one")), weights_only=False)
     b = torch.load(train.latest_checkpoint(str(tmp_path / "two")), weights_only=False)
@@ -1431,7 +1679,9 @@ def test_train_two_processes_match_one(tmp_path):
     assert torch.allclose(a["uw"], b["uw"], atol=1e-6)
     for k in a["model"]:  # same global batch, same per-sample draws: equal up to the order of float sums
         assert torch.allclose(a["model"][k], b["model"][k], atol=1e-5), k
-    per_rank_bad = torchrun(*TINY_TRAIN, "--loss-weight", "ant-uw", "--steps", "1", "--results-dir", str(tmp_path / "bad"))
+    per_rank_bad = torchrun(
+        *TINY_TRAIN, "--loss-weight", "ant-uw", "--steps", "1", "--results-dir", str(tmp_path / "bad")
+    )
     assert per_rank_bad.returncode != 0 and "per-rank batch 4 is not divisible by the 8 ANT-UW" in per_rank_bad.stderr
 
 
@@ -1448,7 +1698,9 @@ def test_train_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     args = train.parser().parse_args([*TINY_TRAIN, "--steps", "2"])
     args = argparse.Namespace(**{**vars(train.resolve_preset(args)), "num_classes": 6})
     model = dtr.build_model(dtr.model_args(args))
-    state = train.State(model, model, torch.optim.AdamW(model.parameters()), None, torch.amp.GradScaler("cpu", enabled=False), 2)
+    state = train.State(
+        model, model, torch.optim.AdamW(model.parameters()), None, torch.amp.GradScaler("cpu", enabled=False), 2
+    )
     with pytest.raises(KeyboardInterrupt):
         train.save_checkpoint(args, train.Run(0, 1, torch.device("cpu"), slice(None)), exp, state)
     assert open(path, "rb").read() == good and os.listdir(os.path.dirname(path)) == ["0000002.pt"]
@@ -1473,14 +1725,30 @@ def test_train_loader_error_without_a_message_is_one_line(tmp_path, monkeypatch)
 
 def glob_ckpts(tmp_path):
     import glob
+
     return glob.glob(str(tmp_path / "r" / "*" / "checkpoints" / "*.pt"))
 
 
 def test_train_image_folder_and_npz(tmp_path):
     write_images(tmp_path / "imgs" / "cats", 5)
     write_images(tmp_path / "imgs" / "dogs", 5)
-    _, ckpt = run_train(tmp_path, "--data", str(tmp_path / "imgs"), "--steps", "1", "--ckpt-every", "1", "--model",
-                        "DiT-T/2", "--num-workers", "0", "--steps", "1", "--log-every", "1")
+    _, ckpt = run_train(
+        tmp_path,
+        "--data",
+        str(tmp_path / "imgs"),
+        "--steps",
+        "1",
+        "--ckpt-every",
+        "1",
+        "--model",
+        "DiT-T/2",
+        "--num-workers",
+        "0",
+        "--steps",
+        "1",
+        "--log-every",
+        "1",
+    )
     assert ckpt["args"]["num_classes"] == 2
     data, classes = train.load_data(argparse.Namespace(data=str(tmp_path / "imgs"), image_size=8, unconditional=True))
     assert classes == 1 and data[7][1] == 0 and data[0][0].shape == (3, 8, 8)
@@ -1492,6 +1760,7 @@ def test_train_image_folder_and_npz(tmp_path):
 
 def test_train_center_crop_like_adm():
     from PIL import Image as I
+
     img = I.fromarray(np.arange(64 * 40 * 3, dtype=np.uint8).reshape(40, 64, 3) % 251)
     out = train.center_crop(img, 8)  # 40 -> 20 -> 10 (box), then bicubic to 8 on the short side, center crop
     small = img.resize((32, 20), I.BOX).resize((16, 10), I.BOX).resize((13, 8), I.BICUBIC)
@@ -1499,14 +1768,22 @@ def test_train_center_crop_like_adm():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case,message", [
-    ("empty", "no images found"), ("corrupt", "cannot read image"), ("npz_dtype", "arr_0 must be non-empty uint8"),
-    ("size", "not divisible by 2"), ("missing", "does not exist"), ("small", "fewer than one global batch"),
-    ("beta", "activation ratio beta=0.005 leaves none of 128 channels active"),
-    ("clusters", "--uw-clusters 8 must be between 1 and --num-timesteps 4"),
-    ("grid", "--grid-steps 8 must be between 1 and --num-timesteps 4"),
-    ("foreign", "is not a train.py checkpoint (to start from its weights: --init-from)"),
-    ("latents", "--latents stores VAE latents: it needs --vae")])
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("empty", "no images found"),
+        ("corrupt", "cannot read image"),
+        ("npz_dtype", "arr_0 must be non-empty uint8"),
+        ("size", "not divisible by 2"),
+        ("missing", "does not exist"),
+        ("small", "fewer than one global batch"),
+        ("beta", "activation ratio beta=0.005 leaves none of 128 channels active"),
+        ("clusters", "--uw-clusters 8 must be between 1 and --num-timesteps 4"),
+        ("grid", "--grid-steps 8 must be between 1 and --num-timesteps 4"),
+        ("foreign", "is not a train.py checkpoint (to start from its weights: --init-from)"),
+        ("latents", "--latents stores VAE latents: it needs --vae"),
+    ],
+)
 def test_train_bad_input_one_line(tmp_path, case, message):
     data = str(tmp_path / "data")
     extra = ["--data", data, "--num-workers", "0", "--model", "DiT-T/2"]
@@ -1534,8 +1811,21 @@ def test_train_bad_input_one_line(tmp_path, case, message):
         extra = ["--resume", str(tmp_path / "bare.pt")]
     elif case == "latents":
         extra = ["--latents", data]
-    r = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *TINY_TRAIN, "--steps", "1",
-                        "--results-dir", str(tmp_path / "res"), *extra], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(HERE, "train.py"),
+            *TINY_TRAIN,
+            "--steps",
+            "1",
+            "--results-dir",
+            str(tmp_path / "res"),
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode != 0 and message in r.stderr
     lines = [line for line in r.stderr.replace("\r", "\n").splitlines() if "error" in line]
     assert len(lines) == 1 and lines[0].startswith("train.py: error:"), r.stderr  # one line (besides the bar)
@@ -1546,8 +1836,14 @@ def test_train_bad_input_one_line(tmp_path, case, message):
 def test_train_latent_mode_with_a_tiny_vae(tmp_path, monkeypatch):
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
-    vae = diffusers.AutoencoderKL(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4, latent_channels=4,
-                                  down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    vae = diffusers.AutoencoderKL(
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        norm_num_groups=4,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+    )
     vae.save_pretrained(tmp_path / "vae")
     seen, real = [], dtr.GaussianDiffusion.training_losses
 
@@ -1556,9 +1852,22 @@ def test_train_latent_mode_with_a_tiny_vae(tmp_path, monkeypatch):
         return real(self, model, x_start, *rest, **kw)
 
     monkeypatch.setattr(dtr.GaussianDiffusion, "training_losses", spy)
-    _, ckpt = run_train(tmp_path, "--vae", "ema", "--vae-path", str(tmp_path / "vae"), "--image-size", "32",
-                        "--steps", "1", "--ckpt-every", "1")
-    assert ckpt["model"]["x_embedder.proj.weight"].shape[1] == 4 and ckpt["model"]["pos_embed"].shape[1] == 4  # 4x4 latents
+    _, ckpt = run_train(
+        tmp_path,
+        "--vae",
+        "ema",
+        "--vae-path",
+        str(tmp_path / "vae"),
+        "--image-size",
+        "32",
+        "--steps",
+        "1",
+        "--ckpt-every",
+        "1",
+    )
+    assert (
+        ckpt["model"]["x_embedder.proj.weight"].shape[1] == 4 and ckpt["model"]["pos_embed"].shape[1] == 4
+    )  # 4x4 latents
     # step 0 by hand: the first global batch of epoch 0 (a permutation seeded by seed * 2**20 + epoch), then the
     # step's draws from a generator seeded by seed * 2**32 + step: timesteps, noise, flips, label drops, posterior
     images, _ = train.make_shapes(4, 32, seed=0)  # (24, 3, 32, 32) uint8
@@ -1581,6 +1890,7 @@ def test_train_latent_mode_with_a_tiny_vae(tmp_path, monkeypatch):
 def test_train_preset_is_the_papers_latent_space_for_dits():
     def resolve(*argv):
         return train.resolve_preset(train.parser().parse_args(list(argv)))
+
     paper = resolve("--data", "x")
     assert (paper.model, paper.image_size, paper.vae) == ("DiT-L/2", 256, "ema")  # DiT-L/2 on 32x32x4 latents
     assert resolve("--data", "x", "--vae", "none").vae is None  # pixels, said explicitly
@@ -1617,6 +1927,7 @@ def write_stored_npz(path, shape, labels):
     """An uncompressed .npz of uint8 images `shape` and int labels, streamed: never held in memory at once."""
     import io
     import zipfile
+
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
         with z.open("arr_0.npy", "w", force_zip64=True) as f:
             np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
@@ -1630,8 +1941,20 @@ def write_stored_npz(path, shape, labels):
 def test_train_npz_is_memory_mapped_not_read(tmp_path, monkeypatch):
     shape = (400_000, 16, 16, 3)  # 307 MB of images
     write_stored_npz(tmp_path / "big.npz", shape, (np.arange(shape[0]) % 3).astype(np.int16))
-    flags = ["--data", str(tmp_path / "big.npz"), "--model", "DiT-T/2", "--num-workers", "0", "--steps", "3",
-             "--ckpt-every", "3", "--grid-steps", "1"]
+    flags = [
+        "--data",
+        str(tmp_path / "big.npz"),
+        "--model",
+        "DiT-T/2",
+        "--num-workers",
+        "0",
+        "--steps",
+        "3",
+        "--ckpt-every",
+        "3",
+        "--grid-steps",
+        "1",
+    ]
     seen, load_data, update = [], train.load_data, train.update_ema  # memory around loading, then at every step
 
     def loading(args):
@@ -1639,6 +1962,7 @@ def test_train_npz_is_memory_mapped_not_read(tmp_path, monkeypatch):
         out = load_data(args)
         seen.append(resident_memory())
         return out
+
     monkeypatch.setattr(train, "load_data", loading)
     monkeypatch.setattr(train, "update_ema", lambda *a: (seen.append(resident_memory()), update(*a)))
     _, ckpt = run_train(tmp_path, *flags, name="r")
@@ -1660,19 +1984,23 @@ def test_train_npz_memmap_values_compressed_refused_and_npy(tmp_path):
         got = dtr.memmap_npz(str(tmp_path / "two.npz"), name)
         assert isinstance(got, np.memmap) and got.dtype == want.dtype and np.array_equal(got, want)
     np.save(tmp_path / "images.npy", a)
-    data, classes = train.load_data(argparse.Namespace(data=str(tmp_path / "images.npy"), image_size=8,
-                                                       unconditional=False))
+    data, classes = train.load_data(
+        argparse.Namespace(data=str(tmp_path / "images.npy"), image_size=8, unconditional=False)
+    )
     assert classes == 1 and isinstance(data.images, np.memmap)
     assert torch.equal(data[3][0], torch.from_numpy(a[3]).permute(2, 0, 1))
     path = str(tmp_path / "small.npz")
     np.savez_compressed(path, a, np.arange(5) % 2)
-    with pytest.raises(dtr.InputError, match="is compressed .* cannot be memory-mapped; store it uncompressed once") as e:
+    with pytest.raises(
+        dtr.InputError, match="is compressed .* cannot be memory-mapped; store it uncompressed once"
+    ) as e:
         train.load_data(argparse.Namespace(data=path, image_size=8, unconditional=False))
     assert "\n" not in str(e.value)
     hint = re.search(r'python -c "(.*)"$', str(e.value)).group(1)  # the hint's command works
     subprocess.run([sys.executable, "-c", hint], check=True, cwd=tmp_path)
-    data, classes = train.load_data(argparse.Namespace(data=str(tmp_path / "small-stored.npz"), image_size=8,
-                                                       unconditional=False))
+    data, classes = train.load_data(
+        argparse.Namespace(data=str(tmp_path / "small-stored.npz"), image_size=8, unconditional=False)
+    )
     assert classes == 2 and isinstance(data.images, np.memmap) and np.array_equal(data.images, a)
 
 
@@ -1683,7 +2011,8 @@ def write_noise_images(folder, n=24, classes=2, size=(40, 36)):
     for i in range(n):
         os.makedirs(os.path.join(folder, f"c{i % classes}"), exist_ok=True)
         Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(
-            os.path.join(folder, f"c{i % classes}", f"{i:03d}.png"))
+            os.path.join(folder, f"c{i % classes}", f"{i:03d}.png")
+        )
     return str(folder)
 
 
@@ -1692,8 +2021,26 @@ def latent_setup(tmp_path_factory):
     """(image folder, tiny VAE dir, flags of a tiny latent run from that folder, a complete cache of it)."""
     root = tmp_path_factory.mktemp("latents")
     images, vae = write_noise_images(root / "images"), tiny_vae(root / "vae")
-    flags = ["--data", images, "--model", "DiT-T/2", "--num-workers", "0", "--image-size", "32", "--vae", "ema",
-             "--vae-path", vae, "--latent-shard-size", "5", "--steps", "3", "--ckpt-every", "3"]
+    flags = [
+        "--data",
+        images,
+        "--model",
+        "DiT-T/2",
+        "--num-workers",
+        "0",
+        "--image-size",
+        "32",
+        "--vae",
+        "ema",
+        "--vae-path",
+        vae,
+        "--latent-shard-size",
+        "5",
+        "--steps",
+        "3",
+        "--ckpt-every",
+        "3",
+    ]
     args = train.resolve_preset(train.parser().parse_args([*flags, "--latents", str(root / "cache")]))
     train.prepare_latents(args, CPU_RUN, train.load_data(args)[0], dtr.load_vae("ema", vae))
     return images, vae, flags, str(root / "cache")
@@ -1714,6 +2061,7 @@ def test_train_latent_cache_trains_like_on_the_fly_encoding(latent_setup, tmp_pa
 
     def refuse(*a, **k):
         raise AssertionError("read an image or ran the encoder while training from the cache")
+
     monkeypatch.setattr(train.ImageData, "__getitem__", refuse)
     monkeypatch.setattr(AutoencoderKL, "encode", refuse)
     _, cached = run_train(tmp_path, *flags, "--latents", str(tmp_path / "cache"), name="cached")
@@ -1743,6 +2091,7 @@ def test_train_latent_cache_resumes_after_a_kill(latent_setup, tmp_path):
         if len(calls) == 3:
             raise KeyboardInterrupt
         return encode(x)
+
     vae.encode = dying
     with pytest.raises(KeyboardInterrupt):
         train.prepare_latents(args, CPU_RUN, dataset, vae)
@@ -1762,15 +2111,24 @@ def test_train_latent_cache_resumes_after_a_kill(latent_setup, tmp_path):
     assert cache_bytes(cache) == cache_bytes(complete)  # the same files as an uninterrupted build, temp file gone
 
 
-@pytest.mark.parametrize("case,message", [
-    ("vae", "holds latents of another VAE (--vae ema --vae-path"), ("size", "holds 32 px images"),
-    ("flips", "was built without flips but --flip-prob is 0.5: pass --flip-prob 0"),
-    ("truncated", "shard_00003.npy is truncated or corrupt"), ("header", "shard_00001.npy is truncated or corrupt"),
-    ("more", "holds 25 images but --latents"), ("renamed", "are not those --latents"),
-    ("record", "cannot read"), ("norecord", "holds shards but no cache.json"),
-    ("full", "no space left on the device while writing")])
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("vae", "holds latents of another VAE (--vae ema --vae-path"),
+        ("size", "holds 32 px images"),
+        ("flips", "was built without flips but --flip-prob is 0.5: pass --flip-prob 0"),
+        ("truncated", "shard_00003.npy is truncated or corrupt"),
+        ("header", "shard_00001.npy is truncated or corrupt"),
+        ("more", "holds 25 images but --latents"),
+        ("renamed", "are not those --latents"),
+        ("record", "cannot read"),
+        ("norecord", "holds shards but no cache.json"),
+        ("full", "no space left on the device while writing"),
+    ],
+)
 def test_train_latent_cache_bad_input_one_line(latent_setup, tmp_path, monkeypatch, case, message):
     import shutil
+
     images, _, flags, complete = latent_setup
     cache, extra = str(tmp_path / "cache"), []
     shutil.copytree(complete, cache)
@@ -1812,6 +2170,7 @@ def test_train_latent_cache_bad_input_one_line(latent_setup, tmp_path, monkeypat
                 f.write(b"\x93NUMPY partial")
                 raise OSError(errno.ENOSPC, "No space left on device")
             save(f, array)
+
         monkeypatch.setattr(np, "save", disk_full)
     before = cache_bytes(cache) if os.path.exists(cache) else None
     with pytest.raises(SystemExit, match=re.escape(message)) as e:
@@ -1829,16 +2188,27 @@ def test_train_latent_cache_bad_input_one_line(latent_setup, tmp_path, monkeypat
 @pytest.mark.slow
 def test_train_latent_cache_two_processes_share_the_encoding(latent_setup, tmp_path):
     _, _, flags, complete = latent_setup
-    r = torchrun(*TINY_TRAIN, *flags, "--steps", "2", "--ckpt-every", "2", "--latents", str(tmp_path / "cache"),
-                 "--results-dir", str(tmp_path / "two"))
+    r = torchrun(
+        *TINY_TRAIN,
+        *flags,
+        "--steps",
+        "2",
+        "--ckpt-every",
+        "2",
+        "--latents",
+        str(tmp_path / "cache"),
+        "--results-dir",
+        str(tmp_path / "two"),
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "14/14" in r.stderr  # rank 0 encoded shards 0, 2 and 4 (5 + 5 + 4 images), rank 1 shards 1 and 3
     ours, theirs = cache_bytes(str(tmp_path / "cache")), cache_bytes(complete)
     assert ours.keys() == theirs.keys() and ours["cache.json"] == theirs["cache.json"]
     for name in ours:
         if name.endswith(".npy"):
-            np.testing.assert_allclose(np.load(tmp_path / "cache" / name), np.load(os.path.join(complete, name)),
-                                       atol=1e-6)
+            np.testing.assert_allclose(
+                np.load(tmp_path / "cache" / name), np.load(os.path.join(complete, name)), atol=1e-6
+            )
     _, one = run_train(tmp_path, *flags, "--steps", "2", "--ckpt-every", "2", "--latents", complete, name="one")
     two = torch.load(train.latest_checkpoint(str(tmp_path / "two")), weights_only=False)
     for k in one["model"]:
@@ -1855,8 +2225,11 @@ def test_train_latent_bench_runs(latent_setup, capsys):
 #               train.py: text-to-image (a tiny CLIP, no download)              #
 #################################################################################
 
+
 def test_text_demo_data_and_flags():
-    data, captions = train.load_text_data(argparse.Namespace(captions=None, demo_images_per_class=2, image_size=8, seed=0))
+    data, captions = train.load_text_data(
+        argparse.Namespace(captions=None, demo_images_per_class=2, image_size=8, seed=0)
+    )
     assert len(data) == len(captions) == 12 and data[5][1] == 5  # labels: image indices into the captions
     assert captions[0] == ("a red circle", "a picture of a red circle") and captions[11][0] == "a cyan diamond"
     u = torch.tensor([0.0, 0.99, 0.5], dtype=torch.float64)
@@ -1866,7 +2239,10 @@ def test_text_demo_data_and_flags():
     assert args.text_encoder == dtr.DEMO_TEXT_ENCODER and args.model == "DiT-T/2" and args.steps == 2400
     coco = train.resolve_preset(train.parser().parse_args(["--data", "d", "--captions", "c.json"]))
     assert coco.text_encoder == "openai/clip-vit-large-patch14" and coco.global_batch_size == 256
-    for argv, message in ((["--text-demo", "--data", "d"], "leave out --data"), (["--cache-text", "c"], "apply to text")):
+    for argv, message in (
+        (["--text-demo", "--data", "d"], "leave out --data"),
+        (["--cache-text", "c"], "apply to text"),
+    ):
         with pytest.raises(dtr.InputError, match=message):
             train.resolve_preset(train.parser().parse_args(argv))
 
@@ -1874,7 +2250,7 @@ def test_text_demo_data_and_flags():
 # The text path end to end, with no download: dtr.py's built-in tiny CLIP (a random CLIPTextModel from a config, with
 # a character-level CLIPTokenizer), and a saved copy of another one loaded through --text-encoder DIR.
 def fit_captions(model, args, steps=60):
-    """A few Adam steps on 8x8 images coloured by the first 4 demo captions (10% dropped), so samples follow the text."""
+    """A few Adam steps on 8x8 images coloured by the first 4 demo captions (10% dropped): samples follow the text."""
     diffusion = dtr.build_diffusion(dtr.model_args(args))
     context, _ = dtr.TextEncoder(dtr.DEMO_TEXT_ENCODER).encode([c[0] for c in train.SHAPE_CAPTIONS[:4]])
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -1922,7 +2298,11 @@ def test_text_demo_training_cache_and_grid(text_run, tmp_path):
     ckpt_path, exp, cache = text_run[:3]
     ckpt = torch.load(ckpt_path, weights_only=False)
     enc = dtr.TextEncoder(dtr.DEMO_TEXT_ENCODER)
-    assert (ckpt["args"]["context_dim"], ckpt["args"]["text_length"], ckpt["args"]["text_digest"]) == (64, 32, enc.digest)
+    assert (ckpt["args"]["context_dim"], ckpt["args"]["text_length"], ckpt["args"]["text_digest"]) == (
+        64,
+        32,
+        enc.digest,
+    )
     assert "y_embedder.embedding_table.weight" not in ckpt["ema"] and "null_context" in ckpt["ema"]
     prompts = [c[0] for c in train.SHAPE_CAPTIONS]
     assert open(os.path.join(exp, "samples_0000002.txt")).read().splitlines() == prompts
@@ -1945,30 +2325,65 @@ def test_text_demo_training_cache_and_grid(text_run, tmp_path):
 
 @pytest.mark.slow
 def test_text_coco_training_is_the_same_on_two_processes(clip_dir, tmp_path):
-    captions_per_image = [["a dark square", "a black box", "night"], ["a grey tile"], ["pale", "light"], ["white"],
-                          ["a bright square", "snow"], ["x", "y", "z"], ["fog"], ["ash", "ember"]]
+    captions_per_image = [
+        ["a dark square", "a black box", "night"],
+        ["a grey tile"],
+        ["pale", "light"],
+        ["white"],
+        ["a bright square", "snow"],
+        ["x", "y", "z"],
+        ["fog"],
+        ["ash", "ember"],
+    ]
     images, captions = write_coco(tmp_path, captions_per_image)
-    args = [*TINY_TRAIN, "--data", images, "--captions", captions, "--text-encoder", clip_dir, "--text-mask",
-            "--model", "DiT-T/2", "--num-workers", "0", "--steps", "2", "--ckpt-every", "2", "--log-every", "1",
-            "--global-batch-size", "4"]
+    args = [
+        *TINY_TRAIN,
+        "--data",
+        images,
+        "--captions",
+        captions,
+        "--text-encoder",
+        clip_dir,
+        "--text-mask",
+        "--model",
+        "DiT-T/2",
+        "--num-workers",
+        "0",
+        "--steps",
+        "2",
+        "--ckpt-every",
+        "2",
+        "--log-every",
+        "1",
+        "--global-batch-size",
+        "4",
+    ]
     r = torchrun(*args, "--results-dir", str(tmp_path / "two"))
     assert r.returncode == 0, r.stderr[-2000:]
-    one_exp, one = run_train(tmp_path, *args[len(TINY_TRAIN):], name="one")
+    one_exp, one = run_train(tmp_path, *args[len(TINY_TRAIN) :], name="one")
     two = torch.load(train.latest_checkpoint(str(tmp_path / "two")), weights_only=False)
     assert one["args"]["text_mask"] and one["args"]["text_encoder"] == clip_dir and one["args"]["num_classes"] == 1
     for k in one["model"]:  # the same captions for global sample i on any number of ranks
         assert torch.allclose(one["model"][k], two["model"][k], atol=1e-5), k
     assert "15 captions, text encoder" in open(os.path.join(one_exp, "log.txt")).read()
     (tmp_path / "prompts.txt").write_text("fog\na bright square\n")  # sampling with the key mask, through DIR
-    out = run_sample(train.latest_checkpoint(str(tmp_path / "one")), tmp_path / "s", "--prompts", str(tmp_path / "prompts.txt"), n=2)
+    out = run_sample(
+        train.latest_checkpoint(str(tmp_path / "one")), tmp_path / "s", "--prompts", str(tmp_path / "prompts.txt"), n=2
+    )
     model = dtr.build_model(dtr.model_args(one["args"]))
     model.load_state_dict(one["ema"])
-    reference = text_reference(model.eval(), argparse.Namespace(**one["args"]), ["fog", "a bright square"], range(2),
-                               encoder=clip_dir, mask=True)
+    reference = text_reference(
+        model.eval(),
+        argparse.Namespace(**one["args"]),
+        ["fog", "a bright square"],
+        range(2),
+        encoder=clip_dir,
+        mask=True,
+    )
     assert np.array_equal(out["arr_0"], reference)
     os.remove(os.path.join(images, "003.png"))
     with pytest.raises(SystemExit, match=r"1 of the 8 images of .*captions.json are not in .*images \(e.g. 003.png\)"):
-        run_train(tmp_path, *args[len(TINY_TRAIN):], name="bad")
+        run_train(tmp_path, *args[len(TINY_TRAIN) :], name="bad")
     with pytest.raises(dtr.InputError, match="cannot load a CLIP text encoder from"):
         dtr.load_clip(str(tmp_path / "nowhere"))
 
@@ -1976,6 +2391,7 @@ def test_text_coco_training_is_the_same_on_two_processes(clip_dir, tmp_path):
 #################################################################################
 #                                   sample.py                                   #
 #################################################################################
+
 
 def fit_colours(model, args, steps=60):
     """A few Adam steps on class-coloured 8x8 images, so that samples are images rather than saturated noise."""
@@ -2005,12 +2421,14 @@ def fitted_dit(tmp_path_factory):
 
 
 @torch.no_grad()
-def reference_samples(model, labels, seeds, cfg_scale=1.0, sampler="ddpm", noise=None, schedule="linear", guided=None,
-                      vae=None):
+def reference_samples(
+    model, labels, seeds, cfg_scale=1.0, sampler="ddpm", noise=None, schedule="linear", guided=None, vae=None
+):
     """Samples straight from dtr's sampler over T = 1000 (not through train.generate or forward_with_cfg): per-sample
     generators, CFG written out here on the first `guided` eps channels (default: all), latents decoded by hand."""
-    diffusion = dtr.create_diffusion(str(SAMPLE_STEPS), noise_schedule=schedule,
-                                     learn_sigma=model.out_channels == 2 * model.in_channels)
+    diffusion = dtr.create_diffusion(
+        str(SAMPLE_STEPS), noise_schedule=schedule, learn_sigma=model.out_channels == 2 * model.in_channels
+    )
     n, c, side = len(seeds), model.in_channels, model.input_size
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     net = model
@@ -2021,9 +2439,17 @@ def reference_samples(model, labels, seeds, cfg_scale=1.0, sampler="ddpm", noise
             null = torch.full_like(y, model.num_classes)
             cond, uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)
             return torch.cat([uncond[:, :g] + cfg_scale * (cond[:, :g] - uncond[:, :g]), cond[:, g:]], dim=1)
+
     y = None if labels is None else torch.as_tensor(labels)
-    x = diffusion.p_sample_loop(net, (n, c, side, side), noise=noise, model_kwargs=dict(y=y), sampler=sampler,
-                                generators=None if noise is not None else gens, clip_denoised=vae is None)
+    x = diffusion.p_sample_loop(
+        net,
+        (n, c, side, side),
+        noise=noise,
+        model_kwargs=dict(y=y),
+        sampler=sampler,
+        generators=None if noise is not None else gens,
+        clip_denoised=vae is None,
+    )
     if vae is not None:  # latents: Stable Diffusion's VAE scale
         x = vae.decode(x / 0.18215).sample
     return (127.5 * x + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
@@ -2072,6 +2498,7 @@ def test_sample_npz_format_and_same_images_for_any_batch_and_shard_size(fitted_d
     inner = ((a["arr_0"] > 0) & (a["arr_0"] < 255)).mean()
     assert inner > 0.2 and len({im.tobytes() for im in a["arr_0"]}) == 6  # real, distinct images
     from PIL import Image
+
     assert Image.open(tmp_path / "a" / "grid.png").size == (6 * 10 + 2, 12)  # 8-wide grid, 2-pixel padding
 
 
@@ -2079,9 +2506,28 @@ def test_sample_npz_format_and_same_images_for_any_batch_and_shard_size(fitted_d
 def test_sample_torchrun_two_ranks_give_the_same_npz(fitted_dit, tmp_path):
     ckpt, _ = fitted_dit
     one = run_sample(ckpt, tmp_path / "one", "--cfg-scale", "1.5", "--batch-size", "6", "--save-png")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", os.path.join(HERE, "sample.py"),
-           "--ckpt", ckpt, "--out", str(tmp_path / "two"), "--num-samples", "6", "--cfg-scale", "1.5",
-           "--num-sampling-steps", str(SAMPLE_STEPS), "--batch-size", "1", "--shard-size", "2", "--save-png"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        os.path.join(HERE, "sample.py"),
+        "--ckpt",
+        ckpt,
+        "--out",
+        str(tmp_path / "two"),
+        "--num-samples",
+        "6",
+        "--cfg-scale",
+        "1.5",
+        "--num-sampling-steps",
+        str(SAMPLE_STEPS),
+        "--batch-size",
+        "1",
+        "--shard-size",
+        "2",
+        "--save-png",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -2089,6 +2535,7 @@ def test_sample_torchrun_two_ranks_give_the_same_npz(fitted_dit, tmp_path):
     with np.load(tmp_path / "two" / "samples_6x8x8x3.npz") as two:
         assert np.array_equal(one["arr_0"], two["arr_0"]) and np.array_equal(one["arr_1"], two["arr_1"])
     from PIL import Image
+
     pngs = sorted(os.listdir(tmp_path / "two" / "images"))
     assert pngs == [f"{i:06d}.png" for i in range(6)]
     assert np.array_equal(np.asarray(Image.open(tmp_path / "two" / "images" / "000005.png")), one["arr_0"][5])
@@ -2164,8 +2611,19 @@ def test_sample_checkpoints_written_before_model_args_still_load(fitted_dit, tmp
     # recorded the --class-dropout-prob flag it did not use)
     old_args = dict(ckpt_args(), loss_weight="constant", lr=1e-4, seed=0, vae_path=None)
     old = tmp_path / "old.pt"
-    torch.save({"model": model.state_dict(), "ema": model.state_dict(), "opt": {}, "args": old_args, "step": 0,
-                "uw": None, "rng": None, "data": None}, old)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "ema": model.state_dict(),
+            "opt": {},
+            "args": old_args,
+            "step": 0,
+            "uw": None,
+            "rng": None,
+            "data": None,
+        },
+        old,
+    )
     assert np.array_equal(run_sample(old, tmp_path / "old")["arr_0"], run_sample(ckpt, tmp_path / "new")["arr_0"])
     uncond = dict(old_args, num_classes=1, class_dropout_prob=0.1)
     assert dtr.checkpoint_model_args({"args": uncond})["class_dropout_prob"] == 0.0
@@ -2228,8 +2686,10 @@ def test_sample_missing_shard_is_one_line_and_resume_fills_it(fitted_dit, tmp_pa
     with pytest.raises(SystemExit) as e:
         run_sample(ckpt, out, "--shard-size", "2")
     shard = out / ".shards" / "shard-000001.npz"
-    assert str(e.value.code) == (f"sample.py: error: shard {shard} is missing: put --out on a filesystem every rank "
-                                 "shares, or rerun with --resume to sample the missing shards here")
+    assert str(e.value.code) == (
+        f"sample.py: error: shard {shard} is missing: put --out on a filesystem every rank "
+        "shares, or rerun with --resume to sample the missing shards here"
+    )
     assert sorted(os.listdir(out / ".shards")) == ["shard-000000.npz", "shard-000002.npz"]  # nothing lost
     assert not os.path.exists(out / "samples_6x8x8x3.npz")
     monkeypatch.setattr(sample, "sample_shards", sample_shards)
@@ -2241,7 +2701,9 @@ def test_sample_missing_shard_is_one_line_and_resume_fills_it(fitted_dit, tmp_pa
 def test_sample_unconditional_adm_ignores_labels(tmp_path, capsys):
     args = ckpt_args(model="ADM-T", image_size=16, num_classes=1, class_dropout_prob=0.0, noise_schedule="cosine")
     torch.manual_seed(0)
-    model = randomize(dtr.build_model(dtr.model_args(args)), scale=0.05, seed=0, add=True).eval()  # zero-init layers contribute
+    model = randomize(
+        dtr.build_model(dtr.model_args(args)), scale=0.05, seed=0, add=True
+    ).eval()  # zero-init layers contribute
     ckpt = save_train_ckpt(tmp_path / "adm.pt", args, model.state_dict())
     out = run_sample(ckpt, tmp_path / "out", "--class-labels", "3", n=3)
     assert sorted(out) == ["arr_0"] and out["arr_0"].shape == (3, 16, 16, 3) and out["arr_0"].dtype == np.uint8
@@ -2276,9 +2738,13 @@ def test_sample_bare_dit_state_dicts(fitted_dit, tmp_path):
 def test_sample_latent_checkpoint_decodes_through_the_vae(tmp_path):
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
-    vae = diffusers.AutoencoderKL(block_out_channels=(8,) * 4, norm_num_groups=8, layers_per_block=1,
-                                  down_block_types=("DownEncoderBlock2D",) * 4,
-                                  up_block_types=("UpDecoderBlock2D",) * 4)
+    vae = diffusers.AutoencoderKL(
+        block_out_channels=(8,) * 4,
+        norm_num_groups=8,
+        layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+    )
     vae.save_pretrained(tmp_path / "vae")  # a local, tiny stand-in for sd-vae-ft-ema (8x downsampling, 4 channels)
     args = ckpt_args(image_size=32, vae="ema")
     torch.manual_seed(0)
@@ -2314,18 +2780,39 @@ def official_config(**routing):
     """The official DTR code's hydra config as its train.py saves it (base_config.yaml + data/ImageNet.yaml +
     models/DiT.yaml, with the fields it fills in), for a 4-class DiT-T/2 on 64x64 images, cosine, beta 0.6, VAE mse."""
     from omegaconf import OmegaConf
-    return OmegaConf.create({
-        "general": {"data_path": "/data/imagenet/train", "iterations": 400000, "num_workers": 16,
-                    "global_batch_size": 256, "global_seed": 0, "gpu_offset": 0, "mixed_precision": True,
-                    "image_size": 64, "schedule_name": "cosine", "loss_weight_type": "constant", "vae": "mse"},
-        "optim": {"lr": 1e-4, "weight_decay": 0.0},
-        "data": {"name": "ImageNet", "num_classes": 4, "is_uncond": False},
-        "models": {"name": "DiT-T/2", "param": {"num_classes": "${data.num_classes}", "latent_size": 8},
-                   "routing": {"sharing_ratio": 0.6, "taskcount": 1000, "init_method": "DTR", **routing}},
-        "logs": {"log_every": 100, "ckpt_every": 50000, "project_name": "${data.name}",
-                 "results_dir": "results/${data.name}/${general.schedule_name}_scheduling/${models.routing.init_method}"
-                                "_${models.routing.sharing_ratio}_${general.loss_weight_type}"},
-        "eval": {"per_proc_batch_size": 200, "num_fid_samples": 50000, "cfg_scale": 1.5, "num_sampling_steps": 250}})
+
+    return OmegaConf.create(
+        {
+            "general": {
+                "data_path": "/data/imagenet/train",
+                "iterations": 400000,
+                "num_workers": 16,
+                "global_batch_size": 256,
+                "global_seed": 0,
+                "gpu_offset": 0,
+                "mixed_precision": True,
+                "image_size": 64,
+                "schedule_name": "cosine",
+                "loss_weight_type": "constant",
+                "vae": "mse",
+            },
+            "optim": {"lr": 1e-4, "weight_decay": 0.0},
+            "data": {"name": "ImageNet", "num_classes": 4, "is_uncond": False},
+            "models": {
+                "name": "DiT-T/2",
+                "param": {"num_classes": "${data.num_classes}", "latent_size": 8},
+                "routing": {"sharing_ratio": 0.6, "taskcount": 1000, "init_method": "DTR", **routing},
+            },
+            "logs": {
+                "log_every": 100,
+                "ckpt_every": 50000,
+                "project_name": "${data.name}",
+                "results_dir": "results/${data.name}/${general.schedule_name}_scheduling/${models.routing.init_method}"
+                "_${models.routing.sharing_ratio}_${general.loss_weight_type}",
+            },
+            "eval": {"per_proc_batch_size": 200, "num_fid_samples": 50000, "cfg_scale": 1.5, "num_sampling_steps": 250},
+        }
+    )
 
 
 def official_dit(routing="dtr", **kw):
@@ -2350,10 +2837,21 @@ def test_sample_official_dtr_checkpoint_reads_its_config(tmp_path, monkeypatch):
     ckpt = save_official_ckpt(tmp_path / "0050000.pt", model.state_dict(), masks, official_config())
     args, _ = sample.load_checkpoint(str(ckpt))  # no --model / --image-size needed
     args = argparse.Namespace(**args)
-    assert (args.model, args.image_size, args.vae, args.num_classes, args.class_dropout_prob, args.learn_sigma) == \
-        ("DiT-T/2", 64, "mse", 4, 0.1, True)
-    assert (args.routing, args.alpha, args.beta, args.num_timesteps, args.noise_schedule) == ("dtr", 4.0, 0.6, 1000,
-                                                                                               "cosine")
+    assert (args.model, args.image_size, args.vae, args.num_classes, args.class_dropout_prob, args.learn_sigma) == (
+        "DiT-T/2",
+        64,
+        "mse",
+        4,
+        0.1,
+        True,
+    )
+    assert (args.routing, args.alpha, args.beta, args.num_timesteps, args.noise_schedule) == (
+        "dtr",
+        4.0,
+        0.6,
+        1000,
+        "cosine",
+    )
     kept = np.arange(SAMPLE_STEPS) * 111  # 10 of 1000 steps, evenly: 0, 111, ..., 999
     abar = np.cumprod(1 - dtr.get_named_beta_schedule("cosine", 1000))[kept]
     betas = dtr.build_diffusion(dtr.model_args(args), str(SAMPLE_STEPS)).betas.numpy()  # what sample.py samples with
@@ -2377,8 +2875,10 @@ def test_sample_official_rtr_checkpoint_keeps_its_masks(tmp_path, monkeypatch):
     pytest.importorskip("omegaconf")
     # The official R-TR masks come from numpy's unseeded global generator: int(0.6 * 128) = 76 random channels a row.
     rng = np.random.default_rng(7)
-    masks = [torch.zeros(1000, 128).scatter_(1, torch.from_numpy(rng.random((1000, 128)).argsort(1)[:, :76]), 1.0)
-             for _ in range(4)]
+    masks = [
+        torch.zeros(1000, 128).scatter_(1, torch.from_numpy(rng.random((1000, 128)).argsort(1)[:, :76]), 1.0)
+        for _ in range(4)
+    ]
     model = official_dit("random")
     ours = [table.clone() for table in model.router.buffers()]  # seeded masks, not the checkpoint's
     ckpt = save_official_ckpt(tmp_path / "rtr.pt", model.state_dict(), masks, official_config(init_method="random"))
@@ -2386,12 +2886,14 @@ def test_sample_official_rtr_checkpoint_keeps_its_masks(tmp_path, monkeypatch):
         table.copy_(m.bool())
     decoder, _ = fake_vae(monkeypatch)
     out = run_sample(ckpt, tmp_path / "out", "--cfg-scale", "1.5", n=4)
-    assert np.array_equal(out["arr_0"], reference_samples(model, out["arr_1"], range(4), 1.5, schedule="cosine",
-                                                          vae=decoder))
+    assert np.array_equal(
+        out["arr_0"], reference_samples(model, out["arr_1"], range(4), 1.5, schedule="cosine", vae=decoder)
+    )
     for table, m in zip(model.router.buffers(), ours):
         table.copy_(m)
-    assert not np.array_equal(out["arr_0"], reference_samples(model, out["arr_1"], range(4), 1.5, schedule="cosine",
-                                                              vae=decoder))
+    assert not np.array_equal(
+        out["arr_0"], reference_samples(model, out["arr_1"], range(4), 1.5, schedule="cosine", vae=decoder)
+    )
     masks[2][5, masks[2][5].argmin()] = 1  # a row with 77 channels
     save_official_ckpt(ckpt, model.state_dict(), masks, official_config(init_method="random"))
     with pytest.raises(SystemExit, match=r"blocks.2.routing._unit_mapping is not a 0/1 table with 76 \(= int\(beta"):
@@ -2407,20 +2909,31 @@ def test_sample_official_state_dict_without_config(tmp_path, monkeypatch, capsys
     decoder, _ = fake_vae(monkeypatch)
     out = run_sample(tmp_path / "ema.pt", tmp_path / "out", "--model", "DiT-T/2", "--image-size", "64", n=3)
     err = capsys.readouterr().err.splitlines()
-    assert "sample.py: warning: the checkpoint has the official DTR code's masks but no config: assuming DTR with " \
-           "alpha 2, beta 0.6 (from the masks), the cosine schedule (the official default) and 1000 steps" in err
+    assert (
+        "sample.py: warning: the checkpoint has the official DTR code's masks but no config: assuming DTR with "
+        "alpha 2, beta 0.6 (from the masks), the cosine schedule (the official default) and 1000 steps" in err
+    )
     with open(tmp_path / "out" / "run.json") as f:
         settings = json.load(f)["model_args"]
-    assert (settings["routing"], settings["alpha"], settings["beta"], settings["noise_schedule"]) == ("dtr", 2.0, 0.6,
-                                                                                                       "cosine")
-    assert np.array_equal(out["arr_0"], reference_samples(model, out["arr_1"], range(3), schedule="cosine",
-                                                          vae=decoder))
+    assert (settings["routing"], settings["alpha"], settings["beta"], settings["noise_schedule"]) == (
+        "dtr",
+        2.0,
+        0.6,
+        "cosine",
+    )
+    assert np.array_equal(
+        out["arr_0"], reference_samples(model, out["arr_1"], range(3), schedule="cosine", vae=decoder)
+    )
     # masks that are not DTR's for any alpha (here R-TR's, one table per block) are used as they are
     rng = np.random.default_rng(1)
-    masks = [torch.zeros(1000, 128).scatter_(1, torch.from_numpy(rng.random((1000, 128)).argsort(1)[:, :76]), 1.0)
-             for _ in range(4)]
-    torch.save({**model.state_dict(), **{f"blocks.{i}.routing._unit_mapping": m for i, m in enumerate(masks)}},
-               tmp_path / "rtr.pt")
+    masks = [
+        torch.zeros(1000, 128).scatter_(1, torch.from_numpy(rng.random((1000, 128)).argsort(1)[:, :76]), 1.0)
+        for _ in range(4)
+    ]
+    torch.save(
+        {**model.state_dict(), **{f"blocks.{i}.routing._unit_mapping": m for i, m in enumerate(masks)}},
+        tmp_path / "rtr.pt",
+    )
     model_args, state = sample.load_checkpoint(str(tmp_path / "rtr.pt"), model="DiT-T/2", image_size=64)
     assert "assuming R-TR with the checkpoint's own masks (not DTR's), beta 0.6" in capsys.readouterr().err
     assert (model_args["routing"], model_args["beta"], model_args["noise_schedule"]) == ("random", 0.6, "cosine")
@@ -2441,14 +2954,17 @@ def test_sample_official_masks_give_beta_and_alpha():
 def test_sample_official_checkpoint_without_omegaconf_is_one_line(tmp_path, monkeypatch):
     pytest.importorskip("omegaconf")  # to write the checkpoint
     model = official_dit()
-    ckpt = save_official_ckpt(tmp_path / "official.pt", model.state_dict(), [reference_dtr(1000, 128, 4.0, 0.6)] * 4,
-                              official_config())
+    ckpt = save_official_ckpt(
+        tmp_path / "official.pt", model.state_dict(), [reference_dtr(1000, 128, 4.0, 0.6)] * 4, official_config()
+    )
     for name in [m for m in sys.modules if m.split(".")[0] == "omegaconf"]:
         monkeypatch.setitem(sys.modules, name, None)  # as if omegaconf were not installed: its import fails
     with pytest.raises(SystemExit) as e:
         run_sample(ckpt, tmp_path / "out")
-    assert str(e.value.code) == (f"sample.py: error: {ckpt} holds the official DTR code's hydra config (an omegaconf "
-                                 "DictConfig): pip install omegaconf")
+    assert str(e.value.code) == (
+        f"sample.py: error: {ckpt} holds the official DTR code's hydra config (an omegaconf "
+        "DictConfig): pip install omegaconf"
+    )
     assert not os.path.exists(tmp_path / "out")
 
 
@@ -2464,21 +2980,24 @@ def bad_ckpts(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("ckpt,flags,message", [
-    ("missing.pt", [], "checkpoint .*missing.pt not found"),
-    ("corrupt.pt", [], "cannot read checkpoint"),
-    ("no-null.pt", ["--class-labels", "1", "4"], "class label 4 is out of range 0..3"),
-    ("no-null.pt", ["--class-labels", "-1"], "class label -1 is out of range"),
-    ("no-null.pt", ["--cfg-scale", "1.5"], "trained without label dropout"),
-    ("no-null.pt", ["--cfg-scale", "0.5"], "trained without label dropout"),
-    ("uncond.pt", ["--cfg-scale", "1.5"], "the model is unconditional"),
-    ("no-null.pt", ["--cfg-scale", "-1"], "--cfg-scale must be >= 0"),
-    ("no-null.pt", ["--num-samples", "0"], "must be positive"),
-    ("no-null.pt", ["--sampler", "euler"], "invalid choice: 'euler'"),
-    ("no-null.pt", ["--num-sampling-steps", "1001"], "must be in 1..1000"),
-    ("no-null.pt", ["--eta", "0.5"], "applies to --sampler ddim only"),
-    ("no-null.pt", ["--guided-channels", "0"], "--guided-channels must be in 1..3"),
-])
+@pytest.mark.parametrize(
+    "ckpt,flags,message",
+    [
+        ("missing.pt", [], "checkpoint .*missing.pt not found"),
+        ("corrupt.pt", [], "cannot read checkpoint"),
+        ("no-null.pt", ["--class-labels", "1", "4"], "class label 4 is out of range 0..3"),
+        ("no-null.pt", ["--class-labels", "-1"], "class label -1 is out of range"),
+        ("no-null.pt", ["--cfg-scale", "1.5"], "trained without label dropout"),
+        ("no-null.pt", ["--cfg-scale", "0.5"], "trained without label dropout"),
+        ("uncond.pt", ["--cfg-scale", "1.5"], "the model is unconditional"),
+        ("no-null.pt", ["--cfg-scale", "-1"], "--cfg-scale must be >= 0"),
+        ("no-null.pt", ["--num-samples", "0"], "must be positive"),
+        ("no-null.pt", ["--sampler", "euler"], "invalid choice: 'euler'"),
+        ("no-null.pt", ["--num-sampling-steps", "1001"], "must be in 1..1000"),
+        ("no-null.pt", ["--eta", "0.5"], "applies to --sampler ddim only"),
+        ("no-null.pt", ["--guided-channels", "0"], "--guided-channels must be in 1..3"),
+    ],
+)
 def test_sample_bad_input_is_one_line(bad_ckpts, tmp_path, ckpt, flags, message):
     argv = ["--ckpt", str(bad_ckpts / ckpt), "--out", str(tmp_path / "out"), *flags]
     with pytest.raises(SystemExit) as e:
@@ -2502,6 +3021,7 @@ def test_sample_cli_exits_with_one_line(bad_ckpts):
 #                            sample.py: text-to-image                           #
 #################################################################################
 
+
 def text_reference(model, args, captions, seeds, cfg_scale=1.0, encoder=None, mask=False):
     """Samples straight from dtr's sampler (not through train.generate): the captions encoded here, CFG by hand."""
     context, key_mask = dtr.TextEncoder(encoder or dtr.DEMO_TEXT_ENCODER).encode(captions)
@@ -2510,14 +3030,19 @@ def text_reference(model, args, captions, seeds, cfg_scale=1.0, encoder=None, ma
     n, c = len(captions), model.in_channels
 
     def guided(x, t, **kw):  # [cond | null context] in one batch; sigma channels from the conditional half
-        both = model(torch.cat([x, x]), torch.cat([t, t]), force_drop_ids=torch.arange(2 * n) >= n,
-                     **{k: torch.cat([v, v]) for k, v in kw.items()})
+        both = model(
+            torch.cat([x, x]),
+            torch.cat([t, t]),
+            force_drop_ids=torch.arange(2 * n) >= n,
+            **{k: torch.cat([v, v]) for k, v in kw.items()},
+        )
         cond, uncond = both.chunk(2)
         return torch.cat([uncond[:, :c] + cfg_scale * (cond[:, :c] - uncond[:, :c]), cond[:, c:]], dim=1)
 
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    x = diffusion.p_sample_loop(model if cfg_scale == 1.0 else guided, (n, c, 8, 8), model_kwargs=kwargs,
-                                generators=gens, clip_denoised=True)
+    x = diffusion.p_sample_loop(
+        model if cfg_scale == 1.0 else guided, (n, c, 8, 8), model_kwargs=kwargs, generators=gens, clip_denoised=True
+    )
     return (127.5 * x + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
@@ -2556,9 +3081,29 @@ def test_text_sampling_two_ranks_give_the_same_npz(text_run, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a yellow ring\na magenta cross\na blue triangle\n")
     one = run_sample(ckpt, tmp_path / "one", "--prompts", str(prompts), "--cfg-scale", "1.5", "--batch-size", "6")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", os.path.join(HERE, "sample.py"),
-           "--ckpt", ckpt, "--out", str(tmp_path / "two"), "--num-samples", "6", "--cfg-scale", "1.5", "--prompts",
-           str(prompts), "--num-sampling-steps", str(SAMPLE_STEPS), "--batch-size", "1", "--shard-size", "2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        os.path.join(HERE, "sample.py"),
+        "--ckpt",
+        ckpt,
+        "--out",
+        str(tmp_path / "two"),
+        "--num-samples",
+        "6",
+        "--cfg-scale",
+        "1.5",
+        "--prompts",
+        str(prompts),
+        "--num-sampling-steps",
+        str(SAMPLE_STEPS),
+        "--batch-size",
+        "1",
+        "--shard-size",
+        "2",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     with np.load(tmp_path / "two" / "samples_6x8x8x3.npz") as two:
@@ -2576,8 +3121,16 @@ def test_text_sampling_bad_input_is_one_line(text_run, bad_ckpts, clip_dir, tmp_
         (ckpt, ["--prompts", str(tmp_path / "empty.txt")], "holds no prompts"),
         (ckpt, ["--prompts", str(tmp_path / "none.txt")], "cannot read prompts"),
         (ckpt, ["--captions", str(tmp_path / "p.txt")], "cannot read captions"),
-        (ckpt, ["--prompts", str(tmp_path / "p.txt"), "--text-encoder", clip_dir], "is not the one the model was trained"),
-        (str(bad_ckpts / "no-null.pt"), ["--prompts", str(tmp_path / "p.txt")], "--prompts and --captions are for text"),
+        (
+            ckpt,
+            ["--prompts", str(tmp_path / "p.txt"), "--text-encoder", clip_dir],
+            "is not the one the model was trained",
+        ),
+        (
+            str(bad_ckpts / "no-null.pt"),
+            ["--prompts", str(tmp_path / "p.txt")],
+            "--prompts and --captions are for text",
+        ),
         (str(bad_ckpts / "no-null.pt"), ["--text-encoder", clip_dir], "--text-encoder applies to text-to-image"),
     ]:
         argv = ["--ckpt", path, "--out", str(tmp_path / "out"), "--num-sampling-steps", "2", *flags]
@@ -2591,6 +3144,7 @@ def test_text_sampling_bad_input_is_one_line(text_run, bad_ckpts, clip_dir, tmp_
 #################################################################################
 #              fid.py: Inception metrics with ADM-evaluator parity              #
 #################################################################################
+
 
 def random_inception(seed=0):
     """The FID network with weights that keep random features non-degenerate through its 94 layers: He-normal
@@ -2640,30 +3194,62 @@ def _images(n, h=32, w=40, seed=0):
 # -- Network
 def _expected_convs():
     """(name, cin, cout, kh, kw) of every conv, written out from the InceptionV3 architecture (Szegedy et al.)."""
-    convs = [("Conv2d_1a_3x3", 3, 32, 3, 3), ("Conv2d_2a_3x3", 32, 32, 3, 3), ("Conv2d_2b_3x3", 32, 64, 3, 3),
-             ("Conv2d_3b_1x1", 64, 80, 1, 1), ("Conv2d_4a_3x3", 80, 192, 3, 3)]
+    convs = [
+        ("Conv2d_1a_3x3", 3, 32, 3, 3),
+        ("Conv2d_2a_3x3", 32, 32, 3, 3),
+        ("Conv2d_2b_3x3", 32, 64, 3, 3),
+        ("Conv2d_3b_1x1", 64, 80, 1, 1),
+        ("Conv2d_4a_3x3", 80, 192, 3, 3),
+    ]
     for b, cin, pool in [("Mixed_5b", 192, 32), ("Mixed_5c", 256, 64), ("Mixed_5d", 288, 64)]:
-        convs += [(f"{b}.branch1x1", cin, 64, 1, 1), (f"{b}.branch5x5_1", cin, 48, 1, 1),
-                  (f"{b}.branch5x5_2", 48, 64, 5, 5), (f"{b}.branch3x3dbl_1", cin, 64, 1, 1),
-                  (f"{b}.branch3x3dbl_2", 64, 96, 3, 3), (f"{b}.branch3x3dbl_3", 96, 96, 3, 3),
-                  (f"{b}.branch_pool", cin, pool, 1, 1)]
-    convs += [("Mixed_6a.branch3x3", 288, 384, 3, 3), ("Mixed_6a.branch3x3dbl_1", 288, 64, 1, 1),
-              ("Mixed_6a.branch3x3dbl_2", 64, 96, 3, 3), ("Mixed_6a.branch3x3dbl_3", 96, 96, 3, 3)]
+        convs += [
+            (f"{b}.branch1x1", cin, 64, 1, 1),
+            (f"{b}.branch5x5_1", cin, 48, 1, 1),
+            (f"{b}.branch5x5_2", 48, 64, 5, 5),
+            (f"{b}.branch3x3dbl_1", cin, 64, 1, 1),
+            (f"{b}.branch3x3dbl_2", 64, 96, 3, 3),
+            (f"{b}.branch3x3dbl_3", 96, 96, 3, 3),
+            (f"{b}.branch_pool", cin, pool, 1, 1),
+        ]
+    convs += [
+        ("Mixed_6a.branch3x3", 288, 384, 3, 3),
+        ("Mixed_6a.branch3x3dbl_1", 288, 64, 1, 1),
+        ("Mixed_6a.branch3x3dbl_2", 64, 96, 3, 3),
+        ("Mixed_6a.branch3x3dbl_3", 96, 96, 3, 3),
+    ]
     for b, c in [("Mixed_6b", 128), ("Mixed_6c", 160), ("Mixed_6d", 160), ("Mixed_6e", 192)]:
-        convs += [(f"{b}.branch1x1", 768, 192, 1, 1), (f"{b}.branch7x7_1", 768, c, 1, 1),
-                  (f"{b}.branch7x7_2", c, c, 1, 7), (f"{b}.branch7x7_3", c, 192, 7, 1),
-                  (f"{b}.branch7x7dbl_1", 768, c, 1, 1), (f"{b}.branch7x7dbl_2", c, c, 7, 1),
-                  (f"{b}.branch7x7dbl_3", c, c, 1, 7), (f"{b}.branch7x7dbl_4", c, c, 7, 1),
-                  (f"{b}.branch7x7dbl_5", c, 192, 1, 7), (f"{b}.branch_pool", 768, 192, 1, 1)]
-    convs += [("Mixed_7a.branch3x3_1", 768, 192, 1, 1), ("Mixed_7a.branch3x3_2", 192, 320, 3, 3),
-              ("Mixed_7a.branch7x7x3_1", 768, 192, 1, 1), ("Mixed_7a.branch7x7x3_2", 192, 192, 1, 7),
-              ("Mixed_7a.branch7x7x3_3", 192, 192, 7, 1), ("Mixed_7a.branch7x7x3_4", 192, 192, 3, 3)]
+        convs += [
+            (f"{b}.branch1x1", 768, 192, 1, 1),
+            (f"{b}.branch7x7_1", 768, c, 1, 1),
+            (f"{b}.branch7x7_2", c, c, 1, 7),
+            (f"{b}.branch7x7_3", c, 192, 7, 1),
+            (f"{b}.branch7x7dbl_1", 768, c, 1, 1),
+            (f"{b}.branch7x7dbl_2", c, c, 7, 1),
+            (f"{b}.branch7x7dbl_3", c, c, 1, 7),
+            (f"{b}.branch7x7dbl_4", c, c, 7, 1),
+            (f"{b}.branch7x7dbl_5", c, 192, 1, 7),
+            (f"{b}.branch_pool", 768, 192, 1, 1),
+        ]
+    convs += [
+        ("Mixed_7a.branch3x3_1", 768, 192, 1, 1),
+        ("Mixed_7a.branch3x3_2", 192, 320, 3, 3),
+        ("Mixed_7a.branch7x7x3_1", 768, 192, 1, 1),
+        ("Mixed_7a.branch7x7x3_2", 192, 192, 1, 7),
+        ("Mixed_7a.branch7x7x3_3", 192, 192, 7, 1),
+        ("Mixed_7a.branch7x7x3_4", 192, 192, 3, 3),
+    ]
     for b, cin in [("Mixed_7b", 1280), ("Mixed_7c", 2048)]:
-        convs += [(f"{b}.branch1x1", cin, 320, 1, 1), (f"{b}.branch3x3_1", cin, 384, 1, 1),
-                  (f"{b}.branch3x3_2a", 384, 384, 1, 3), (f"{b}.branch3x3_2b", 384, 384, 3, 1),
-                  (f"{b}.branch3x3dbl_1", cin, 448, 1, 1), (f"{b}.branch3x3dbl_2", 448, 384, 3, 3),
-                  (f"{b}.branch3x3dbl_3a", 384, 384, 1, 3), (f"{b}.branch3x3dbl_3b", 384, 384, 3, 1),
-                  (f"{b}.branch_pool", cin, 192, 1, 1)]
+        convs += [
+            (f"{b}.branch1x1", cin, 320, 1, 1),
+            (f"{b}.branch3x3_1", cin, 384, 1, 1),
+            (f"{b}.branch3x3_2a", 384, 384, 1, 3),
+            (f"{b}.branch3x3_2b", 384, 384, 3, 1),
+            (f"{b}.branch3x3dbl_1", cin, 448, 1, 1),
+            (f"{b}.branch3x3dbl_2", 448, 384, 3, 3),
+            (f"{b}.branch3x3dbl_3a", 384, 384, 1, 3),
+            (f"{b}.branch3x3dbl_3b", 384, 384, 3, 1),
+            (f"{b}.branch_pool", cin, 192, 1, 1),
+        ]
     return convs
 
 
@@ -2705,8 +3291,11 @@ def test_fid_forward_outputs_spatial_order_and_bias_free_logits(inception, direc
 def test_fid_network_runs_channels_last_on_cpu_with_unchanged_features(inception, direct):
     images = direct[0]
     inputs = {}  # every conv's input during compute_features
-    hooks = [m.register_forward_pre_hook(lambda m, i, name=name: inputs.setdefault(name, i[0]))
-             for name, m in inception.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    hooks = [
+        m.register_forward_pre_hook(lambda m, i, name=name: inputs.setdefault(name, i[0]))
+        for name, m in inception.named_modules()
+        if isinstance(m, torch.nn.Conv2d)
+    ]
     feats = fid.compute_features(images, inception, batch_size=3)
     for h in hooks:
         h.remove()
@@ -2782,13 +3371,16 @@ def test_fid_reference_batch_statistics_win_over_features(tmp_path):
     assert np.allclose(fid.statistics(feats)["mu"], mu) and np.allclose(fid.statistics(feats)["sigma"], sigma)
 
 
-@pytest.mark.parametrize("arrays, message", [
-    (dict(arr_0=np.zeros((4, 8, 8, 3), np.float32)), "must be uint8"),
-    (dict(arr_0=np.zeros((4, 3, 8, 8), np.uint8)), "NCHW"),
-    (dict(arr_0=np.zeros((1, 8, 8, 3), np.uint8)), "at least 2 images"),
-    (dict(arr_1=np.zeros((4, 8, 8, 3), np.uint8)), "missing arr_0"),
-    (dict(arr_0=np.zeros((4, 8, 8, 3), np.uint8), mu=np.zeros(3)), "needs all of mu"),
-])
+@pytest.mark.parametrize(
+    "arrays, message",
+    [
+        (dict(arr_0=np.zeros((4, 8, 8, 3), np.float32)), "must be uint8"),
+        (dict(arr_0=np.zeros((4, 3, 8, 8), np.uint8)), "NCHW"),
+        (dict(arr_0=np.zeros((1, 8, 8, 3), np.uint8)), "at least 2 images"),
+        (dict(arr_1=np.zeros((4, 8, 8, 3), np.uint8)), "missing arr_0"),
+        (dict(arr_0=np.zeros((4, 8, 8, 3), np.uint8), mu=np.zeros(3)), "needs all of mu"),
+    ],
+)
 def test_fid_bad_npz(tmp_path, arrays, message):
     with pytest.raises(fid.InputError, match=message):
         fid.load_source(_write_npz(tmp_path / "bad.npz", **arrays))
@@ -2831,6 +3423,7 @@ def test_fid_weights_errors(tmp_path, monkeypatch):
 
     def offline(*args, **kwargs):
         raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     with pytest.raises(fid.InputError, match="--inception-weights") as e:
         fid.load_inception(None)
@@ -2838,13 +3431,22 @@ def test_fid_weights_errors(tmp_path, monkeypatch):
 
 
 def _cli_args(*paths, **kw):
-    args = dict(paths=list(paths), save_stats=False, json=None, inception_weights=None, protocol="adm",
-                batch_size=3, device="cpu", num_workers=2)
+    args = dict(
+        paths=list(paths),
+        save_stats=False,
+        json=None,
+        inception_weights=None,
+        protocol="adm",
+        batch_size=3,
+        device="cpu",
+        num_workers=2,
+    )
     return argparse.Namespace(**{**args, **kw})
 
 
 def _reference_metrics(ref, smp, k=3):
     """ADM's numbers from two dicts of float features, by textbook formulas in float64."""
+
     def trace_sqrt(a, b):  # tr (S_a S_b)^1/2 = nuclear norm of Ac Bc^T / sqrt((n_a - 1)(n_b - 1)), exact for n << D
         ac, bc = a - a.mean(0), b - b.mean(0)
         return linalg.svdvals(ac @ bc.T).sum() / math.sqrt((len(a) - 1) * (len(b) - 1))
@@ -2858,25 +3460,41 @@ def _reference_metrics(ref, smp, k=3):
     p /= p.sum(1, keepdims=True)  # p(y|x), softmax over the 1008 logits
     kl = (p * (np.log(p) - np.log(p.mean(0)))).sum(1)  # KL(p(y|x) || p(y)), one split
     precision, recall = _brute_force_pr(ref["pool"], smp["pool"], k)
-    return {"inception_score": math.exp(kl.mean()), "fid": frechet(smp["pool"], ref["pool"]),
-            "sfid": frechet(smp["spatial"], ref["spatial"]), "precision": precision, "recall": recall}
+    return {
+        "inception_score": math.exp(kl.mean()),
+        "fid": frechet(smp["pool"], ref["pool"]),
+        "sfid": frechet(smp["spatial"], ref["spatial"]),
+        "precision": precision,
+        "recall": recall,
+    }
 
 
 @pytest.mark.slow  # four 2048-d matrix square roots on one thread: ~40 s
 def test_fid_cli_two_sets_match_reference_formulas_and_saved_stats(inception, weights_file, tmp_path, capsys):
     # uniform colours (+ slight noise), picked so that each set covers only part of the other
-    ref_colours = [(120, 120, 120), (0, 60, 120), (120, 60, 60), (180, 120, 120), (0, 60, 60), (0, 0, 120),
-                   (120, 60, 120)]
+    ref_colours = [
+        (120, 120, 120),
+        (0, 60, 120),
+        (120, 60, 60),
+        (180, 120, 120),
+        (0, 60, 60),
+        (0, 0, 120),
+        (120, 60, 120),
+    ]
     smp_colours = [(0, 180, 180), (180, 60, 180), (120, 180, 120), (0, 120, 60), (60, 180, 120)]
-    ref_images, smp_images = (np.array(c, np.uint8)[:, None, None] + _images(len(c), seed=s) // 16
-                              for c, s in ((ref_colours, 1), (smp_colours, 2)))
+    ref_images, smp_images = (
+        np.array(c, np.uint8)[:, None, None] + _images(len(c), seed=s) // 16
+        for c, s in ((ref_colours, 1), (smp_colours, 2))
+    )
     ref = _write_npz(tmp_path / "ref.npz", arr_0=ref_images)
     os.mkdir(tmp_path / "samples")
     for i, im in enumerate(smp_images):
         Image.fromarray(im).save(tmp_path / "samples" / f"{i:02d}.png")
     with torch.no_grad():  # features of each set in one batch, outside compute_features
-        feats = [{k: v.numpy() for k, v in inception(fid.preprocess(torch.from_numpy(x))).items()}
-                 for x in (ref_images, smp_images)]
+        feats = [
+            {k: v.numpy() for k, v in inception(fid.preprocess(torch.from_numpy(x))).items()}
+            for x in (ref_images, smp_images)
+        ]
     expected = _reference_metrics(*feats)
     assert (expected["precision"], expected["recall"]) == (2 / 5, 1 / 7)
     # ADM rounds squared distances through float16 (11 significant bits); here every precision/recall decision
@@ -2885,7 +3503,7 @@ def test_fid_cli_two_sets_match_reference_formulas_and_saved_stats(inception, we
     d = ((smp_pool[:, None] - ref_pool[None]) ** 2).sum(-1)  # (5, 7)
     r_ref, r_smp = (np.sort(((x[:, None] - x[None]) ** 2).sum(-1), 1)[:, 3] for x in (ref_pool, smp_pool))
     margin = min(np.abs(d - r_ref[None]).min(), np.abs(d.T - r_smp[None]).min())
-    assert margin > 4e-3 * max((ref_pool ** 2).sum(1).max(), (smp_pool ** 2).sum(1).max())
+    assert margin > 4e-3 * max((ref_pool**2).sum(1).max(), (smp_pool**2).sum(1).max())
 
     stats = str(tmp_path / "ref_stats.npz")
     fid.main(_cli_args(ref, stats, save_stats=True, inception_weights=weights_file))
@@ -2894,11 +3512,20 @@ def test_fid_cli_two_sets_match_reference_formulas_and_saved_stats(inception, we
         assert z["pool"].shape == (7, 2048) and z["sigma_s"].shape == (2023, 2023)
     results = []
     for ref_source in (ref, stats):
-        fid.main(_cli_args(ref_source, str(tmp_path / "samples"), json=str(tmp_path / "out.json"),
-                           inception_weights=weights_file))
+        fid.main(
+            _cli_args(
+                ref_source, str(tmp_path / "samples"), json=str(tmp_path / "out.json"), inception_weights=weights_file
+            )
+        )
         out = capsys.readouterr().out
         assert [line.split(":")[0] for line in out.splitlines()[-6:]] == [
-            "Inception Score", "Inception Score std", "FID", "sFID", "Precision", "Recall"]
+            "Inception Score",
+            "Inception Score std",
+            "FID",
+            "sFID",
+            "Precision",
+            "Recall",
+        ]
         results.append(json.loads((tmp_path / "out.json").read_text()))
     assert results[0] == results[1]  # the saved statistics give the numbers of the images they came from
     res = results[0]
@@ -2935,8 +3562,9 @@ def test_fid_frechet_distance_closed_forms_and_scipy():
     shift = rng.normal(size=32)
     assert fid.frechet_distance(mu, sigma, mu + shift, sigma) == pytest.approx(shift @ shift, rel=1e-9)
     d, a, b = 16, 1.5, 0.5  # N(0, a^2 I) vs N(shift, b^2 I): |shift|^2 + d (a - b)^2
-    assert fid.frechet_distance(np.zeros(d), a * a * np.eye(d), shift[:d], b * b * np.eye(d)) == \
-        pytest.approx(shift[:d] @ shift[:d] + d * (a - b) ** 2, rel=1e-12)
+    assert fid.frechet_distance(np.zeros(d), a * a * np.eye(d), shift[:d], b * b * np.eye(d)) == pytest.approx(
+        shift[:d] @ shift[:d] + d * (a - b) ** 2, rel=1e-12
+    )
     y = rng.normal(size=(300, 32)) * 2 + 1
     mu2, sigma2 = fid.feature_statistics(y)
     assert fid.frechet_distance(mu, sigma, mu2, sigma2) == pytest.approx(_scipy_fid(mu, sigma, mu2, sigma2), rel=1e-6)
@@ -3039,15 +3667,30 @@ def _fid_ranks(*argv_per_rank, timeout=120):
     a rank still running after `timeout` seconds (in all) fails the test instead of hanging it."""
     import socket
     import time
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     procs = []
     for rank, argv in enumerate(argv_per_rank):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(len(argv_per_rank))}
-        procs.append(subprocess.Popen([sys.executable, os.path.join(HERE, "fid.py"), *argv, "--device", "cpu"],
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(len(argv_per_rank)),
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, os.path.join(HERE, "fid.py"), *argv, "--device", "cpu"],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     deadline = time.monotonic() + timeout
     try:
         errs = [p.communicate(timeout=max(1.0, deadline - time.monotonic()))[1] for p in procs]
@@ -3071,11 +3714,15 @@ def test_fid_torchrun_failure_on_one_rank_stops_every_rank(weights_file, tmp_pat
     weights = {"rank 0 weights": [missing, weights_file], "rank 1 weights": [weights_file, missing]}
     if failing == "rank 1 shard":  # rank 1 reads images 2, 3: a valid header (same size) with truncated data
         (folder / "3.png").write_bytes((folder / "0.png").read_bytes()[:60])
-    argv = [[str(folder), str(folder), "--inception-weights", w, "--batch-size", "2", "--num-workers", "1"]
-            for w in weights.get(failing, [weights_file] * 2)]
+    argv = [
+        [str(folder), str(folder), "--inception-weights", w, "--batch-size", "2", "--num-workers", "1"]
+        for w in weights.get(failing, [weights_file] * 2)
+    ]
     (status0, err0), (status1, err1) = _fid_ranks(*argv)
     assert status0 == status1 == 1 and err1 == ""  # every rank stops; rank 0 alone prints the error
-    expected = {"rank 0 weights": f"fid.py: error: cannot read Inception weights {missing}: ",
-                "rank 1 weights": f"fid.py: error: rank 1: cannot read Inception weights {missing}: ",
-                "rank 1 shard": f"fid.py: error: rank 1: cannot read image {folder / '3.png'}: "}[failing]
+    expected = {
+        "rank 0 weights": f"fid.py: error: cannot read Inception weights {missing}: ",
+        "rank 1 weights": f"fid.py: error: rank 1: cannot read Inception weights {missing}: ",
+        "rank 1 shard": f"fid.py: error: rank 1: cannot read image {folder / '3.png'}: ",
+    }[failing]
     assert err0.splitlines()[-1].startswith(expected) and "Traceback" not in err0, err0  # after a progress bar
