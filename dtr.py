@@ -1641,6 +1641,8 @@ def bench_main(args):
         raise InputError("--clock cpu times the host only; on CUDA use --clock wall")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if device.type == "cuda":  # fp32 matmuls and convolutions in TF32, as train.py and facebookresearch/DiT run them
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(0)
     kinds = list(dict.fromkeys(args.routings))
     models = {k: create_model(args.model, input_size=args.image_size, routing=k).to(device) for k in kinds}
