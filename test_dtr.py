@@ -94,18 +94,13 @@ def run_train(tmp_path, *extra, name="r"):
     return exp, torch.load(train.latest_checkpoint(str(tmp_path / name)), weights_only=False)
 
 
-def torchrun(*args, nproc=2):
+def torchrun(*args, script="train.py", nproc=2):
+    """`script` under torchrun on `nproc` CPU processes (one thread each) -> the finished process."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        os.path.join(HERE, "train.py"),
-        *args,
-    ]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return subprocess.run(
+        [*cmd, os.path.join(HERE, script), *args], capture_output=True, text=True, timeout=600, env=env
+    )
 
 
 def write_images(folder, n, size=(12, 10)):
@@ -2506,30 +2501,10 @@ def test_sample_npz_format_and_same_images_for_any_batch_and_shard_size(fitted_d
 def test_sample_torchrun_two_ranks_give_the_same_npz(fitted_dit, tmp_path):
     ckpt, _ = fitted_dit
     one = run_sample(ckpt, tmp_path / "one", "--cfg-scale", "1.5", "--batch-size", "6", "--save-png")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        os.path.join(HERE, "sample.py"),
-        "--ckpt",
-        ckpt,
-        "--out",
-        str(tmp_path / "two"),
-        "--num-samples",
-        "6",
-        "--cfg-scale",
-        "1.5",
-        "--num-sampling-steps",
-        str(SAMPLE_STEPS),
-        "--batch-size",
-        "1",
-        "--shard-size",
-        "2",
-        "--save-png",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    flags = ["--num-samples", "6", "--batch-size", "1", "--shard-size", "2", "--num-sampling-steps", str(SAMPLE_STEPS)]
+    proc = torchrun(
+        "--ckpt", ckpt, "--out", str(tmp_path / "two"), *flags, "--cfg-scale", "1.5", "--save-png", script="sample.py"
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "6 sampled now on 2 rank(s)" in proc.stdout
     with np.load(tmp_path / "two" / "samples_6x8x8x3.npz") as two:
@@ -3081,30 +3056,9 @@ def test_text_sampling_two_ranks_give_the_same_npz(text_run, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a yellow ring\na magenta cross\na blue triangle\n")
     one = run_sample(ckpt, tmp_path / "one", "--prompts", str(prompts), "--cfg-scale", "1.5", "--batch-size", "6")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        os.path.join(HERE, "sample.py"),
-        "--ckpt",
-        ckpt,
-        "--out",
-        str(tmp_path / "two"),
-        "--num-samples",
-        "6",
-        "--cfg-scale",
-        "1.5",
-        "--prompts",
-        str(prompts),
-        "--num-sampling-steps",
-        str(SAMPLE_STEPS),
-        "--batch-size",
-        "1",
-        "--shard-size",
-        "2",
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    flags = ["--num-samples", "6", "--batch-size", "1", "--shard-size", "2", "--num-sampling-steps", str(SAMPLE_STEPS)]
+    prompt_flags = ["--cfg-scale", "1.5", "--prompts", str(prompts)]
+    proc = torchrun("--ckpt", ckpt, "--out", str(tmp_path / "two"), *flags, *prompt_flags, script="sample.py")
     assert proc.returncode == 0, proc.stderr[-2000:]
     with np.load(tmp_path / "two" / "samples_6x8x8x3.npz") as two:
         assert np.array_equal(one["arr_0"], two["arr_0"]) and np.array_equal(one["captions"], two["captions"])
