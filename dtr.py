@@ -1023,19 +1023,8 @@ class GaussianDiffusion:
         return {"sample": mean, "pred_xstart": out["pred_xstart"]}
 
     @torch.no_grad()
-    def p_sample_loop(
-        self,
-        model,
-        shape,
-        noise=None,
-        clip_denoised=False,
-        model_kwargs=None,
-        device=None,
-        progress=False,
-        generators=None,
-        sampler="ddpm",
-        eta=0.0,
-    ):
+    def p_sample_loop(self, model, shape, noise=None, clip_denoised=False, model_kwargs=None, device=None,
+                      progress=False, generators=None, sampler="ddpm", eta=0.0):  # fmt: skip
         """Sample (N, C, H, W) from x_T ~ N(0, I) (or `noise`); per-sample `generators` make every draw reproducible.
 
         A step neither syncs with the host nor allocates beyond the network and the update's own arithmetic: the
@@ -1351,17 +1340,9 @@ def tiny_clip(seed=0):
         with open(os.path.join(d, "merges.txt"), "w") as f:
             f.write("#version: 0.2\n")
         tokenizer = CLIPTokenizer.from_pretrained(d, model_max_length=32)
-    config = CLIPTextConfig(
-        vocab_size=len(vocab),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=32,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-    )
+    width = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    tokens = dict(vocab_size=len(vocab), max_position_embeddings=32, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    config = CLIPTextConfig(**width, **tokens)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return tokenizer, CLIPTextModel(config)

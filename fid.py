@@ -660,11 +660,8 @@ if __name__ == "__main__":
         help="write statistics and features of SRC to OUT.npz, reusable as REF/SAMPLES",
     )
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
-    parser.add_argument(
-        "--inception-weights",
-        default=None,
-        help="path to pt_inception-2015-12-05-6726825d.pth (default: download via torch.hub)",
-    )
+    weights_help = "path to pt_inception-2015-12-05-6726825d.pth (default: download via torch.hub)"
+    parser.add_argument("--inception-weights", default=None, help=weights_help)
     parser.add_argument(
         "--protocol",
         choices=["adm", "pytorch-fid"],

@@ -32,16 +32,10 @@ import dtr
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # A bare state dict is read as a facebookresearch/DiT checkpoint: DiT's diffusion and no routing.
-PLAIN_ARGS = dict(
-    dtr.model_args({}),
-    vae_path=None,
-    routing="none",
-    alpha=4.0,
-    beta=0.8,
-    routing_seed=0,
-    num_timesteps=1000,
-    noise_schedule="linear",
-)
+# fmt: off
+PLAIN_ARGS = dict(dtr.model_args({}), vae_path=None, routing="none", alpha=4.0, beta=0.8, routing_seed=0,
+                  num_timesteps=1000, noise_schedule="linear")
+# fmt: on
 # The official DTR code (byeongjun-park/DTR) fixes alpha and the number of diffusion steps in code, not in its config;
 # its config's default schedule is cosine. Its routing.init_method names our routing kinds.
 OFFICIAL_ALPHA, OFFICIAL_STEPS, OFFICIAL_SCHEDULE = 4.0, 1000, "cosine"
@@ -679,19 +673,8 @@ def run(args, model_args, state, rank, world, device, captions=None):
         print(f"resuming: {len(ranges) - len(todo)} of {len(ranges)} shards already done")
     mine = todo[rank::world]  # round-robin over the unfinished shards
     start_time = time.time()
-    sample_shards(
-        model,
-        diffusion,
-        mine,
-        args=args,
-        ranges=ranges,
-        files=files,
-        condition=condition,
-        record=record,
-        vae=vae,
-        device=device,
-        progress=rank == 0,
-    )
+    where = dict(ranges=ranges, files=files, vae=vae, device=device, progress=rank == 0)
+    sample_shards(model, diffusion, mine, args=args, condition=condition, record=record, **where)
     if world > 1:
         dist.barrier()
     seconds = time.time() - start_time

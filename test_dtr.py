@@ -134,21 +134,9 @@ COLOURS = torch.tensor([[0.8, -0.6, -0.6], [-0.6, 0.8, -0.6], [-0.6, -0.6, 0.8],
 
 def ckpt_args(**kw):
     """A train.py checkpoint's model_args (dtr.MODEL_ARGS): a 4-class pixel DiT-T/2 on 8x8, label dropout, DTR."""
-    args = dict(
-        model="DiT-T/2",
-        image_size=8,
-        vae=None,
-        num_classes=4,
-        learn_sigma=True,
-        class_dropout_prob=0.1,
-        routing="dtr",
-        alpha=4.0,
-        beta=0.8,
-        routing_seed=0,
-        num_timesteps=1000,
-        noise_schedule="linear",
-    )
-    return dtr.model_args({**args, **kw})
+    model = dict(model="DiT-T/2", image_size=8, vae=None, num_classes=4, learn_sigma=True, class_dropout_prob=0.1)
+    routing = dict(routing="dtr", alpha=4.0, beta=0.8, routing_seed=0, num_timesteps=1000, noise_schedule="linear")
+    return dtr.model_args({**model, **routing, **kw})
 
 
 def save_train_ckpt(path, args, ema, raw=None):
@@ -1829,17 +1817,7 @@ def test_train_bad_input_one_line(tmp_path, case, message):
 
 
 def test_train_latent_mode_with_a_tiny_vae(tmp_path, monkeypatch):
-    diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(0)
-    vae = diffusers.AutoencoderKL(
-        block_out_channels=(8, 8, 8, 8),
-        layers_per_block=1,
-        norm_num_groups=4,
-        latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-    )
-    vae.save_pretrained(tmp_path / "vae")
+    vae = dtr.load_vae("ema", tiny_vae(tmp_path / "vae"))
     seen, real = [], dtr.GaussianDiffusion.training_losses
 
     def spy(self, model, x_start, *rest, **kw):  # the latents the model is trained on
@@ -2245,22 +2223,12 @@ def test_text_demo_data_and_flags():
 # The text path end to end, with no download: dtr.py's built-in tiny CLIP (a random CLIPTextModel from a config, with
 # a character-level CLIPTokenizer), and a saved copy of another one loaded through --text-encoder DIR.
 def fit_captions(model, args, steps=60):
-    """A few Adam steps on 8x8 images coloured by the first 4 demo captions (10% dropped): samples follow the text."""
-    diffusion = dtr.build_diffusion(dtr.model_args(args))
+    """fit_colours with the first 4 demo captions as the condition (10% dropped), so that samples follow the text."""
     context, _ = dtr.TextEncoder(dtr.DEMO_TEXT_ENCODER).encode([c[0] for c in train.SHAPE_CAPTIONS[:4]])
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(0)
     model.train()
-    for _ in range(steps):
-        k = torch.randint(0, 4, (32,), generator=g)
-        x0 = COLOURS[k][:, :, None, None] + 0.3 * torch.randn(32, 1, 8, 1, generator=g) * torch.ones(1, 1, 1, 8)
-        t, drop = torch.randint(0, 1000, (32,), generator=g), torch.rand(32, generator=g) < 0.1
-        kwargs = dict(y=context[k], force_drop_ids=drop)
-        loss = diffusion.training_losses(model, x0, t, kwargs, noise=torch.randn(x0.shape, generator=g))["loss"]
-        opt.zero_grad()
-        loss.mean().backward()
-        opt.step()
-    return model.eval()
+    return fit_colours(
+        model, args, steps, lambda k, g: dict(y=context[k], force_drop_ids=torch.rand(32, generator=g) < 0.1)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -2388,16 +2356,19 @@ def test_text_coco_training_is_the_same_on_two_processes(clip_dir, tmp_path):
 #################################################################################
 
 
-def fit_colours(model, args, steps=60):
-    """A few Adam steps on class-coloured 8x8 images, so that samples are images rather than saturated noise."""
+def fit_colours(model, args, steps=60, condition=lambda k, g: dict(y=k)):
+    """A few Adam steps on 8x8 images coloured by class k (COLOURS), so that samples are images rather than saturated
+    noise; condition(k, g) gives the model's keyword arguments for those classes."""
     diffusion = dtr.build_diffusion(dtr.model_args(args))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
     for _ in range(steps):
-        y = torch.randint(0, 4, (32,), generator=g)
-        x0 = COLOURS[y][:, :, None, None] + 0.3 * torch.randn(32, 1, 8, 1, generator=g) * torch.ones(1, 1, 1, 8)
+        k = torch.randint(0, 4, (32,), generator=g)
+        x0 = COLOURS[k][:, :, None, None] + 0.3 * torch.randn(32, 1, 8, 1, generator=g) * torch.ones(1, 1, 1, 8)
         t = torch.randint(0, 1000, (32,), generator=g)
-        loss = diffusion.training_losses(model, x0, t, dict(y=y), noise=torch.randn(x0.shape, generator=g))["loss"]
+        kwargs = condition(k, g)  # its draws come before the noise's
+        noise = torch.randn(x0.shape, generator=g)
+        loss = diffusion.training_losses(model, x0, t, kwargs, noise=noise)["loss"]
         opt.zero_grad()
         loss.mean().backward()
         opt.step()

@@ -33,31 +33,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import dtr
 
-PAPER = dict(
-    model="DiT-L/2",
-    image_size=256,
-    global_batch_size=256,
-    lr=1e-4,
-    ema_decay=0.9999,
-    steps=400_000,
-    log_every=100,
-    ckpt_every=50_000,
-    sample_every=0,
-    num_workers=4,
-)
+# fmt: off
+PAPER = dict(model="DiT-L/2", image_size=256, global_batch_size=256, lr=1e-4, ema_decay=0.9999, steps=400_000,
+             log_every=100, ckpt_every=50_000, sample_every=0, num_workers=4)
 PIXEL_DIT_MAX = 64  # with --data, a DiT on larger images defaults to --vae ema (the paper's latent DiTs)
-DEMO = dict(
-    model="DiT-T/2",
-    image_size=16,
-    global_batch_size=64,
-    lr=2e-3,
-    ema_decay=0.995,
-    steps=2400,
-    log_every=100,
-    ckpt_every=800,
-    sample_every=0,
-    num_workers=0,
-)
+DEMO = dict(model="DiT-T/2", image_size=16, global_batch_size=64, lr=2e-3, ema_decay=0.995, steps=2400,
+            log_every=100, ckpt_every=800, sample_every=0, num_workers=0)
+# fmt: on
 # Arguments a resumed run must keep besides dtr.MODEL_ARGS: the data order and the per-step random draws (seed,
 # global batch, flips, the demo's data) and the loss. A resume is bit-exact only with them unchanged, and a run that
 # changed them halfway would be neither of the two experiments. Every other flag (lr, weight decay, uw-lr, EMA decay,
