@@ -332,6 +332,25 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+class Fork(torch.autograd.Function):
+    """(z, m) -> (m * z, z): a routed block's input stream and its skip, as one autograd node.
+
+    Their gradients meet in a single fused pass, g_z = g_skip + m * g_h (addcmul), where autograd would run a multiply
+    and an accumulation; the forward is the plain product, so outputs and gradients are bit-identical."""
+
+    @staticmethod
+    def forward(ctx, z, mask):
+        ctx.save_for_backward(mask)
+        return z * mask, z.view_as(z)
+
+    @staticmethod
+    def backward(ctx, grad_h, grad_skip):
+        (mask,) = ctx.saved_tensors
+        if grad_skip is None:
+            return grad_h * mask, None
+        return (grad_skip if grad_h is None else torch.addcmul(grad_skip, grad_h, mask)), None
+
+
 class DiTBlock(nn.Module):
     """adaLN-Zero transformer block, routed: z' = (1 - m_t) * z + DiTBlock(m_t * z).
 
@@ -352,19 +371,20 @@ class DiTBlock(nn.Module):
     def forward(self, x, c, mask=None, context=None, context_mask=None):
         """x (N, T, D), condition c (N, D), routing mask (N, D) or None; text context (N, L, C), key mask (N, L)."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        if mask is None:  # facebookresearch/DiT's block, op for op (bit-identical)
+            x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+            if context is not None:
+                x = x + self.cross_attn(self.norm_cross(x), context, context_mask)
+            return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         # Eq. (8) with a binary m: (1 - m) * z + Block(m * z) = z + [Block(m * z) - m * z], i.e. the residual branches,
-        # computed from h = m * z, join z itself. Exact, and no (1 - m) product is left, forward or backward.
-        routed = mask is not None
-        h = x * mask[:, None] if routed else x  # m_t * z: the routed block's stream
+        # computed from the routed stream h = m * z, join z itself. Exact, and no (1 - m) product is left.
+        h, z = Fork.apply(x, mask[:, None])
         branch = gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(h), shift_msa, scale_msa))  # Eq. (5)
-        # z: the output stream (unrouted: h itself), a new tensor that no other op reads or saves for backward, so the
-        # later branches are added to it in place: a routed block allocates one activation more than an unrouted one.
-        h, z = h + branch, x + branch if routed else None
+        h, z = h + branch, z + branch  # z: a new tensor nothing saves for backward, so later branches join in place
         if context is not None:  # inside the routed block: the routing wraps self-attention, cross-attention and MLP
             branch = self.cross_attn(self.norm_cross(h), context, context_mask)
-            h, z = h + branch, z.add_(branch) if routed else None
-        branch = gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(h), shift_mlp, scale_mlp))
-        return z.add_(branch) if routed else h + branch
+            h, z = h + branch, z.add_(branch)
+        return z.add_(gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(h), shift_mlp, scale_mlp)))
 
 
 class FinalLayer(nn.Module):
@@ -1027,8 +1047,11 @@ class GaussianDiffusion:
                       progress=False, generators=None, sampler="ddpm", eta=0.0):  # fmt: skip
         """Sample (N, C, H, W) from x_T ~ N(0, I) (or `noise`); per-sample `generators` make every draw reproducible.
 
-        A step neither syncs with the host nor allocates beyond the network and the update's own arithmetic: the
-        timesteps, the schedule tables (on the device) and the step-noise buffer are made once, before the loop."""
+        A step copies nothing between host and device (given generators on `device`) and allocates nothing beyond the
+        network, the table gathers and the update's arithmetic: the timesteps and the step-noise buffer are made before
+        the loop, the schedule tables once per device (tables())."""
+        if generators is not None and len(generators) != shape[0]:
+            raise InputError(f"{len(generators)} generators for a batch of {shape[0]}: pass one per sample")
         if sampler not in ("ddpm", "ddim"):
             raise InputError(f"unknown sampler {sampler!r}; choose 'ddpm' or 'ddim'")
         device = device if device is not None else noise.device if noise is not None else "cpu"
@@ -1616,7 +1639,10 @@ def peak_memory(device):
 
 def bench_main(args):
     """Median step time per routing kind (forward+backward, or a full training step), interleaved so that drift hits
-    all kinds alike."""
+    all kinds alike; a kind's cost is its median step-time ratio to the first kind's over the repetitions.
+
+    All kinds run one network (the same weights at the same addresses), whose TaskRouter is swapped before each step:
+    separately allocated copies differ by up to ~1 % in speed on a CPU, more than DTR's cost."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.clock == "cpu" and device.type == "cuda":
         raise InputError("--clock cpu times the host only; on CUDA use --clock wall")
@@ -1626,51 +1652,52 @@ def bench_main(args):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(0)
     kinds = list(dict.fromkeys(args.routings))
-    models = {k: create_model(args.model, input_size=args.image_size, routing=k).to(device) for k in kinds}
-    for k in kinds[1:]:
-        models[k].load_state_dict(models[kinds[0]].state_dict())
-    ref = models[kinds[0]]
-    nets = {k: torch.compile(m) if args.compile else m for k, m in models.items()}
+    ref = create_model(args.model, input_size=args.image_size, routing=kinds[0]).to(device)
+    r = ref.router
+    routers = {k: TaskRouter(r.widths, k, r.num_tasks, r.alpha, r.beta, r.seed).to(device) for k in kinds}
+    net = torch.compile(ref) if args.compile else ref  # one graph per router (dynamo guards on it)
     x = torch.randn(args.batch_size, ref.in_channels, args.image_size, args.image_size, device=device)
     noise = torch.randn_like(x)
     t = torch.randint(0, 1000, (args.batch_size,), device=device)
     y = torch.randint(0, ref.num_classes or 1, (args.batch_size,), device=device)  # ignored by unconditional ADMs
     amp = dict(device_type=device.type, dtype=BENCH_DTYPES[args.precision], enabled=args.precision != "fp32")
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
-    diffusion = create_diffusion("")
-    fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0.0, **fused) for k, m in models.items()}
-    emas = {k: [p.detach().clone() for p in m.parameters()] for k, m in models.items()} if args.mode == "train" else {}
+    # as train.py: fused AdamW on CUDA, the paper's learning rate (the values do not change the timing)
+    opt = torch.optim.AdamW(
+        ref.parameters(), lr=1e-4, weight_decay=0.0, **{"fused" if device.type == "cuda" else "foreach": True}
+    )
+    diffusion, ema = create_diffusion(""), [p.detach().clone() for p in ref.parameters()]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
 
     def step(k):
         """One timed step of kind k: forward+backward of a squared output, or train.py's step (loss, AdamW, EMA)."""
+        ref.router = routers[k]
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         sync()
         start = clock()
         if args.mode == "fwdbwd":
             with torch.autocast(**amp):
-                loss = nets[k](x, t, y).float().square().mean()
+                loss = net(x, t, y).float().square().mean()
             scaler.scale(loss).backward()
         else:
             with torch.autocast(**amp):
-                loss = diffusion.training_losses(nets[k], x, t, dict(y=y), noise)["loss"].mean()
-            opts[k].zero_grad(set_to_none=True)
+                loss = diffusion.training_losses(net, x, t, dict(y=y), noise)["loss"].mean()
+            opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
-            scaler.step(opts[k])
+            scaler.step(opt)
             scaler.update()
-            torch._foreach_lerp_(emas[k], [p.detach() for p in models[k].parameters()], 1 - BENCH_EMA_DECAY)
+            torch._foreach_lerp_(ema, [p.detach() for p in ref.parameters()], 1 - BENCH_EMA_DECAY)
         sync()
-        return clock() - start
+        elapsed = clock() - start
+        ref.zero_grad(set_to_none=True)  # untimed; a training step has cleared and used its gradients already
+        return elapsed
 
     times, peaks = {k: [] for k in kinds}, {k: 0 for k in kinds}
     for rep in range(args.warmup + args.steps):
         for k in kinds[rep % len(kinds) :] + kinds[: rep % len(kinds)]:  # rotate the order every repetition
             dt = step(k)
-            if args.mode == "fwdbwd":
-                models[k].zero_grad(set_to_none=True)
             if rep >= args.warmup:
                 times[k].append(dt)
                 peaks[k] = max(peaks[k], peak_memory(device))

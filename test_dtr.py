@@ -1030,6 +1030,8 @@ def test_ddpm_loop_matches_a_reference_sampler():
             noise = torch.stack([torch.randn(shape[1:], generator=gi) for gi in g]).double()
             x = mean + (i > 0) * torch.exp(0.5 * log_var) * noise
     torch.testing.assert_close(ours, x.float(), rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="one per sample"):
+        d.p_sample_loop(model, shape, generators=gens()[:2])
 
 
 class OpLog(torch.utils._python_dispatch.TorchDispatchMode):
