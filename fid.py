@@ -7,10 +7,12 @@ ADM evaluator (guided-diffusion `evaluations/evaluator.py`, TensorFlow) that the
 
 The network is the FID Inception graph of 2015-12-05 with pytorch-fid's weights file; the images
 go through ADM's graph preprocessing (TF1 bilinear resize to 299, then (x - 128) / 128).
+Beyond ADM's five (--metrics): KID on the same Inception features, and FD-DINOv2 on DINOv2 ViT-L/14.
 """
 
 import argparse
 import json
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -28,8 +30,16 @@ import dtr
 FID_WEIGHTS_URL = (
     "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
 )
-FEATURE_DIMS = {"pool": 2048, "spatial": 17 * 17 * 7, "logits": 1008}
+DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth"
 STATS_KEYS = ("mu", "sigma", "mu_s", "sigma_s")  # ADM reference batches may carry these
+FEATURE_DIMS = {"pool": 2048, "spatial": 17 * 17 * 7, "logits": 1008}
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# metric -> the network whose features it reads; ADM's evaluator computes the first four
+METRICS = {"fid": "inception", "sfid": "inception", "is": "inception", "pr": "inception", "kid": "inception",
+           "fd_dinov2": "dinov2"}  # fmt: skip
+ADM_METRICS = ("fid", "sfid", "is", "pr")
+FEATURE_KEYS = ("pool", "logits", "dinov2")  # the per-image features a --save-stats file keeps
+SAVED_FEATURES = {"inception": {*STATS_KEYS, "pool", "logits"}, "dinov2": {"dinov2"}}  # network -> keys read
 IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
 
 
@@ -211,6 +221,8 @@ def fastest_layout(device):
 class InceptionV3(nn.Module):
     """The FID Inception network; its state dict is that of pytorch-fid's weights file."""
 
+    dims = FEATURE_DIMS
+
     def __init__(self):
         super().__init__()
         self.Conv2d_1a_3x3 = BasicConv2d(3, 32, 3, stride=2)
@@ -244,31 +256,130 @@ class InceptionV3(nn.Module):
         pool = F.adaptive_avg_pool2d(x, 1).flatten(1)  # (N, 2048): pool_3
         return {"pool": pool, "spatial": spatial, "logits": pool @ self.fc.weight.T}  # logits (N, 1008)
 
+    def features(self, images, protocol="adm"):
+        """uint8 (N, H, W, 3) on the network's device -> pool, spatial, logits."""
+        return self(preprocess(images, protocol))
 
-def load_inception(weights=None, device="cpu"):
-    """InceptionV3 in eval mode with the weights file at `weights`, else downloaded via torch.hub's cache."""
-    model = InceptionV3()
+
+def load_weights(model, weights, url, flag, name):
+    """`model` in eval mode on the CPU with the state dict at `weights`, else at `url` via torch.hub's cache
+    (offline: one line naming the file to fetch and the flag that takes a local copy)."""
     if weights is None:
         try:
-            state = torch.hub.load_state_dict_from_url(FID_WEIGHTS_URL, map_location="cpu")
+            state = torch.hub.load_state_dict_from_url(url, map_location="cpu")
         except Exception as e:
             cache = os.path.join(torch.hub.get_dir(), "checkpoints")
             raise InputError(
-                f"cannot download the Inception weights ({e}); download {FID_WEIGHTS_URL} "
-                f"into {cache} or pass --inception-weights PATH"
+                f"cannot download the {name} weights ({e}); download {url} into {cache} or pass {flag} PATH"
             ) from None
     else:
         try:
             state = torch.load(weights, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise InputError(f"cannot read Inception weights {weights}: {e}") from None
+            raise InputError(f"cannot read {name} weights {weights}: {e}") from None
     try:
         model.load_state_dict(state)
     except Exception as e:
-        raise InputError(
-            f"{weights or FID_WEIGHTS_URL} is not the FID Inception state dict: {str(e).splitlines()[0]}"
-        ) from None
-    return model.eval().requires_grad_(False).to(device)
+        raise InputError(f"{weights or url} is not the {name} state dict: {str(e).splitlines()[0]}") from None
+    return model.eval().requires_grad_(False)
+
+
+def load_inception(weights=None, device="cpu"):
+    """The FID InceptionV3 with pytorch-fid's weights file (at `weights`, else downloaded)."""
+    return load_weights(InceptionV3(), weights, FID_WEIGHTS_URL, "--inception-weights", "FID Inception").to(device)
+
+
+# -----------------------------------------------------------------------------
+# DINOv2 ViT-L/14 (FD-DINOv2, Stein et al. 2023), with the official torch.hub state dict
+# -----------------------------------------------------------------------------
+
+
+class DinoAttention(nn.Module):
+    """Multi-head self-attention with one qkv projection (DINOv2's Attention)."""
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        n, t, d = x.shape
+        q, k, v = self.qkv(x).view(n, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, t, d))  # (N, T, D)
+
+
+class LayerScale(nn.Module):
+    """Per-channel scale of a residual branch (CaiT)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class DinoBlock(nn.Module):
+    """Pre-norm transformer block with LayerScale: x + ls1(attn(norm1(x))), then + ls2(mlp(norm2(x)))."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4):
+        super().__init__()
+        self.norm1, self.attn, self.ls1 = nn.LayerNorm(dim, eps=1e-6), DinoAttention(dim, num_heads), LayerScale(dim)
+        self.norm2, self.ls2 = nn.LayerNorm(dim, eps=1e-6), LayerScale(dim)
+        self.mlp = nn.Module()  # named like DINOv2's Mlp: fc1, exact GELU, fc2
+        self.mlp.fc1, self.mlp.fc2 = nn.Linear(dim, mlp_ratio * dim), nn.Linear(mlp_ratio * dim, dim)
+
+    def forward(self, x):
+        x = x + self.ls1(self.attn(self.norm1(x)))
+        return x + self.ls2(self.mlp.fc2(F.gelu(self.mlp.fc1(self.norm2(x)))))
+
+
+class DINOv2(nn.Module):
+    """DINOv2 ViT-L/14 (Oquab et al. 2023) as torch.hub's `dinov2_vitl14`: its state dict loads strictly, and
+    forward returns the normalised CLS token, the feature FD-DINOv2 (and EDM2) use."""
+
+    def __init__(self, embed_dim=1024, depth=24, num_heads=16, patch_size=14, pretrain_size=518):
+        super().__init__()
+        self.dims = {"dinov2": embed_dim}
+        self.patch_size, grid = patch_size, pretrain_size // patch_size
+        self.patch_embed = nn.ModuleDict({"proj": nn.Conv2d(3, embed_dim, patch_size, stride=patch_size)})
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, embed_dim))  # for 518 x 518 inputs
+        self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))  # used in pretraining only; kept for the file
+        self.blocks = nn.ModuleList(DinoBlock(embed_dim, num_heads) for _ in range(depth))
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+
+    def position_embedding(self, h, w):
+        """(1, 1 + h * w, D) for an h x w patch grid: DINOv2's bicubic resize of the 37 x 37 grid, whose scale
+        factor carries a 0.1 offset ((h + 0.1) / 37; no antialiasing), in float32."""
+        cls, grid = self.pos_embed[:, :1], self.pos_embed[:, 1:].float()
+        m = math.isqrt(grid.shape[1])
+        if (h, w) == (m, m):
+            return self.pos_embed
+        grid = grid.reshape(1, m, m, -1).permute(0, 3, 1, 2)  # (1, D, m, m)
+        grid = F.interpolate(grid, scale_factor=((h + 0.1) / m, (w + 0.1) / m), mode="bicubic", antialias=False)
+        return torch.cat([cls, grid.flatten(2).transpose(1, 2).to(cls.dtype)], 1)
+
+    def forward(self, x):
+        """(N, 3, H, W) normalised with ImageNet's mean and std -> (N, D) CLS features after the final norm."""
+        n, _, h, w = x.shape
+        x = self.patch_embed["proj"](x).flatten(2).transpose(1, 2)  # (N, T, D)
+        x = torch.cat([self.cls_token.expand(n, -1, -1), x], 1) + self.position_embedding(
+            h // self.patch_size, w // self.patch_size
+        )
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)[:, 0]
+
+    def features(self, images, protocol=None):
+        """uint8 (N, H, W, 3) on the network's device -> {"dinov2": (N, D)} (EDM2's preprocessing)."""
+        return {"dinov2": self(preprocess_dinov2(images))}
+
+
+def load_dinov2(weights=None, device="cpu"):
+    """DINOv2 ViT-L/14 with torch.hub's dinov2_vitl14_pretrain.pth (at `weights`, else downloaded)."""
+    return load_weights(DINOv2(), weights, DINOV2_URL, "--dinov2-weights", "DINOv2 ViT-L/14").to(device)
 
 
 # -----------------------------------------------------------------------------
@@ -302,6 +413,14 @@ def preprocess(images, protocol="adm"):
     if protocol == "pytorch-fid":
         return 2 * F.interpolate(x / 255, size=(299, 299), mode="bilinear", align_corners=False) - 1
     raise InputError(f"unknown protocol {protocol!r}")
+
+
+def preprocess_dinov2(images, size=224):
+    """uint8 (N, H, W, 3) -> float32 (N, 3, 224, 224) DINOv2 input, as EDM2 (resize_mode 'torch'): bicubic resize
+    with antialiasing on [0, 255], then to [0, 1] and ImageNet's mean and std."""
+    x = F.interpolate(images.permute(0, 3, 1, 2).float(), size=(size, size), mode="bicubic", antialias=True)
+    mean, std = (x.new_tensor(v).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+    return (x / 255 - mean) / std
 
 
 # -----------------------------------------------------------------------------
@@ -374,7 +493,7 @@ def load_source(path, num_workers=8):
         raise InputError(f"{path}: expected an .npz file or an image folder")
     try:
         with np.load(path) as npz:
-            given = {k: npz[k] for k in STATS_KEYS + ("pool", "logits") if k in npz.files}
+            given = {k: npz[k] for k in STATS_KEYS + FEATURE_KEYS if k in npz.files}
             has_images = "arr_0" in npz.files
         images = _npz_images(path) if has_images else None
     except InputError:
@@ -383,11 +502,19 @@ def load_source(path, num_workers=8):
         raise InputError(f"cannot read {path}: {e}") from None
     if any(k in given for k in STATS_KEYS) and not all(k in given for k in STATS_KEYS):
         raise InputError(f"{path}: needs all of {', '.join(STATS_KEYS)} or none of them")
-    if images is None and not {"pool", "logits", *STATS_KEYS} <= given.keys():
+    if images is None and not any(keys <= given.keys() for keys in SAVED_FEATURES.values()):
         raise InputError(f"{path}: missing arr_0 (uint8 NHWC images)")
-    if images is None and len(given["pool"]) < 2:
+    if images is None and min(len(v) for k, v in given.items() if k in FEATURE_KEYS) < 2:
         raise InputError(f"{path}: needs at least 2 feature vectors")
     return images, given
+
+
+def check_saved_features(path, given, networks):
+    """Raise InputError unless the --save-stats file at `path` holds what the metrics of `networks` read."""
+    for net in networks:
+        if not SAVED_FEATURES[net] <= given.keys():
+            wanted = ",".join(m for m, n in METRICS.items() if n == net)
+            raise InputError(f"{path} has no {net} features and no images; save it again with --metrics {wanted}")
 
 
 # -----------------------------------------------------------------------------
@@ -395,7 +522,7 @@ def load_source(path, num_workers=8):
 # -----------------------------------------------------------------------------
 
 
-def _raise_on_every_rank(error):
+def _raiseon_every_rank(error):
     """Raise `error` (an InputError or None), or another rank's, on every rank of the process group, so that
     no rank waits forever in a later collective for one that stopped."""
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -408,13 +535,13 @@ def _raise_on_every_rank(error):
         raise error
 
 
-def _on_every_rank(fn):
+def on_every_rank(fn):
     """fn() on this rank; an InputError on any rank is raised on every rank (see _raise_on_every_rank)."""
     try:
         result, error = fn(), None
     except InputError as e:
         result, error = None, e
-    _raise_on_every_rank(error)
+    _raiseon_every_rank(error)
     return result
 
 
@@ -427,17 +554,30 @@ def _all_gather_rows(x, rows):
 
 
 @torch.inference_mode()
-def compute_features(images, model, batch_size=64, protocol="adm", progress=False):
-    """uint8 (N, H, W, 3) images (array, memmap or ImageFiles) -> dict of float32 numpy arrays
-    pool (N, 2048), spatial (N, 2023), logits (N, 1008), in input order. Under torch.distributed
-    each rank runs a contiguous shard and every rank gets all features."""
-    device = next(model.parameters()).device
+def batch_features(networks, images, protocol="adm"):
+    """uint8 (N, H, W, 3) images on the networks' device -> every network's features, float32 (N, D) tensors."""
+    cudnn = torch.backends.cudnn  # full fp32 convolutions (no TF32), like the TF reference
+    with cudnn.flags(
+        enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic, allow_tf32=False
+    ):
+        return {k: v.float() for net in networks for k, v in net.features(images, protocol).items()}
+
+
+@torch.inference_mode()
+def compute_features(images, networks, batch_size=64, protocol="adm", progress=False):
+    """uint8 (N, H, W, 3) images (array, memmap or ImageFiles) -> dict of float32 numpy arrays in input order:
+    pool (N, 2048), spatial (N, 2023), logits (N, 1008) from an InceptionV3, dinov2 (N, 1024) from a DINOv2
+    (`networks`: one or a list). Under torch.distributed each rank runs a contiguous shard and every rank gets
+    all features."""
+    networks = networks if isinstance(networks, (list, tuple)) else [networks]
+    device = next(networks[0].parameters()).device
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     n = len(images)
     shard = -(-n // world)
     lo, hi = min(rank * shard, n), min((rank + 1) * shard, n)
     spans = [(s, min(s + batch_size, hi)) for s in range(lo, hi, batch_size)]
-    out, error = {k: [torch.empty(0, d, device=device)] for k, d in FEATURE_DIMS.items()}, None
+    dims = {k: d for net in networks for k, d in net.dims.items()}
+    out, error = {k: [torch.empty(0, d, device=device)] for k, d in dims.items()}, None
     with ThreadPoolExecutor(1) as io, tqdm(total=hi - lo, unit="img", disable=not progress or rank != 0) as bar:
         try:
             pending = io.submit(images.__getitem__, slice(*spans[0])) if spans else None
@@ -445,12 +585,12 @@ def compute_features(images, model, batch_size=64, protocol="adm", progress=Fals
                 batch = torch.from_numpy(np.array(pending.result()))  # (n, H, W, 3) uint8
                 if i + 1 < len(spans):
                     pending = io.submit(images.__getitem__, slice(*spans[i + 1]))  # read ahead
-                for k, v in model(preprocess(batch.to(device), protocol)).items():
-                    out[k].append(v.float())
+                for k, v in batch_features(networks, batch.to(device), protocol).items():
+                    out[k].append(v)
                 bar.update(len(batch))
         except InputError as e:  # an unreadable image in this rank's shard
             error = e
-    _raise_on_every_rank(error)  # before the gather, which the other ranks would otherwise wait in forever
+    _raiseon_every_rank(error)  # before the gather, which the other ranks would otherwise wait in forever
     feats = {k: torch.cat(v) for k, v in out.items()}
     if world > 1:
         feats = {k: torch.cat(_all_gather_rows(v, shard))[:n] for k, v in feats.items()}
@@ -506,6 +646,26 @@ def inception_score(logits, split_size=5000):
         log_py = logsumexp(part, axis=0) - np.log(len(part))  # (C,) log of the split's marginal p(y)
         scores.append(np.exp((np.exp(part) * (part - log_py)).sum(1).mean()))
     return float(np.mean(scores)), float(np.std(scores))
+
+
+def kernel_inception_distance(ref_feats, sample_feats, subsets=100, subset_size=1000, seed=2020):
+    """KID (Binkowski et al. 2018): the unbiased MMD^2 estimate with kernel k(x, y) = (x.y / d + 1)^3, over
+    `subsets` random subsets of `subset_size` features of each set (all of a smaller set), each drawn without
+    replacement, sample set first, from numpy's RandomState(seed) -> (mean, std) over the subsets. With at
+    least `subset_size` features per set this is torch-fidelity's KID (its defaults: 100, 1000, seed 2020)."""
+    x, y = np.asarray(sample_feats, np.float64), np.asarray(ref_feats, np.float64)  # (N1, D), (N2, D)
+    if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
+        raise InputError(f"KID needs (N, D) features of equal D, got {y.shape}, {x.shape}")
+    m, d = min(len(x), len(y), subset_size), x.shape[1]
+    if m < 2:
+        raise InputError(f"KID needs at least 2 images per set, got {len(y)} and {len(x)}")
+    rng, mmds = np.random.RandomState(seed), []
+    for _ in range(subsets):
+        a, b = x[rng.choice(len(x), m, replace=False)], y[rng.choice(len(y), m, replace=False)]  # (m, D) each
+        k_aa, k_bb, k_ab = ((u @ v.T / d + 1) ** 3 for u, v in ((a, a), (b, b), (a, b)))  # (m, m) each
+        within = (k_aa.sum() - np.trace(k_aa) + k_bb.sum() - np.trace(k_bb)) / (m * (m - 1))  # off-diagonal means
+        mmds.append(within - 2 * k_ab.mean())
+    return float(np.mean(mmds)), float(np.std(mmds))
 
 
 def _to_fp16(x):
@@ -569,42 +729,105 @@ def precision_recall(ref_feats, sample_feats, k=3, block_size=10000, device=None
 
 
 def statistics(feats, given=None):
-    """Features (+ precomputed ADM stats, which win, as in ADM) -> mu, sigma, mu_s, sigma_s, pool, logits."""
+    """Features (+ precomputed ADM stats, which win, as in ADM) -> what the metrics read: mu, sigma, mu_s, sigma_s
+    (Inception pool and spatial), mu_dinov2, sigma_dinov2, and the features pool, logits, dinov2 (those present)."""
     given = given or {}
-    if "mu" in given:
-        stats = {k: given[k] for k in STATS_KEYS}
-    else:
+    feats = {**{k: v for k, v in given.items() if k in FEATURE_KEYS}, **feats}
+    stats = {k: given[k] for k in STATS_KEYS if "mu" in given}
+    if not stats and "spatial" in feats:
         (mu, sigma), (mu_s, sigma_s) = feature_statistics(feats["pool"]), feature_statistics(feats["spatial"])
         stats = {"mu": mu, "sigma": sigma, "mu_s": mu_s, "sigma_s": sigma_s}
-    return {**stats, "pool": feats["pool"], "logits": feats["logits"]}
+    if "dinov2" in feats:
+        stats["mu_dinov2"], stats["sigma_dinov2"] = feature_statistics(feats["dinov2"])
+    return {**stats, **{k: feats[k] for k in FEATURE_KEYS if k in feats}}
 
 
-def evaluate(ref, sample, k=3):
-    """ADM's table from two `statistics` dicts."""
-    inception, inception_std = inception_score(sample["logits"])
-    precision, recall = precision_recall(ref["pool"], sample["pool"], k)
-    return {
-        "inception_score": inception,
-        "inception_score_std": inception_std,
-        "fid": frechet_distance(sample["mu"], sample["sigma"], ref["mu"], ref["sigma"]),
-        "sfid": frechet_distance(sample["mu_s"], sample["sigma_s"], ref["mu_s"], ref["sigma_s"]),
-        "precision": precision,
-        "recall": recall,
-    }
+def evaluate(ref, sample, k=3, metrics=ADM_METRICS, kid_subsets=100, kid_subset_size=1000):
+    """The chosen metrics from two `statistics` dicts; by default ADM's table."""
+    fd = lambda key: frechet_distance(sample[f"mu{key}"], sample[f"sigma{key}"], ref[f"mu{key}"], ref[f"sigma{key}"])
+    results = {}
+    if "is" in metrics:
+        results["inception_score"], results["inception_score_std"] = inception_score(sample["logits"])
+    if "fid" in metrics:
+        results["fid"] = fd("")
+    if "sfid" in metrics:
+        results["sfid"] = fd("_s")
+    if "pr" in metrics:
+        results["precision"], results["recall"] = precision_recall(ref["pool"], sample["pool"], k)
+    if "kid" in metrics:
+        results["kid"], results["kid_std"] = kernel_inception_distance(
+            ref["pool"], sample["pool"], kid_subsets, kid_subset_size
+        )
+    if "fd_dinov2" in metrics:
+        results["fd_dinov2"] = fd("_dinov2")
+    return results
+
+
+RESULT_NAMES = {"inception_score": "Inception Score", "inception_score_std": "Inception Score std", "fid": "FID",
+                "sfid": "sFID", "precision": "Precision", "recall": "Recall", "kid": "KID", "kid_std": "KID std",
+                "fd_dinov2": "FD-DINOv2"}  # fmt: skip
+
+
+def parse_metrics(text):
+    """'fid,kid' -> ('fid', 'kid'), in METRICS order; unknown names raise InputError."""
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in names if m not in METRICS]
+    if unknown or not names:
+        raise InputError(f"--metrics {text!r}: choose from {','.join(METRICS)}")
+    return tuple(m for m in METRICS if m in names)
+
+
+def describe(metrics, protocol="adm", kid_subsets=100, kid_subset_size=1000):
+    """One line: which metrics, on which network's features, with which preprocessing."""
+    inception = [m for m in metrics if METRICS[m] == "inception"]
+    parts = (
+        [f"{', '.join(inception)} on FID Inception-v3 (2015-12-05) features, {protocol} preprocessing"]
+        if inception
+        else []
+    )
+    if "kid" in metrics:
+        parts.append(f"KID over {kid_subsets} subsets of up to {kid_subset_size}")
+    if "fd_dinov2" in metrics:
+        parts.append(
+            "fd_dinov2 on DINOv2 ViT-L/14 CLS features, EDM2 preprocessing (bicubic to 224, ImageNet mean/std)"
+        )
+    return "metrics: " + "; ".join(parts)
+
+
+def report(results, json_path=None, **record):
+    """Print the results, one per line, and write them with `record` to `json_path` (atomically)."""
+    for key, value in results.items():
+        print(f"{RESULT_NAMES[key]}: {value}")
+    if json_path:
+        text = json.dumps({**results, **record}, indent=2) + "\n"
+        dtr.atomic_write(json_path, lambda tmp: dtr.write_text(tmp, text))
+
+
+def load_networks(names, device, inception_weights=None, dinov2_weights=None, rank=0, world=1):
+    """The feature networks `names` ('inception', 'dinov2'): rank 0 loads first, filling the torch.hub cache that
+    the other ranks then read; a failure on any rank stops them all."""
+    load = {"inception": lambda: load_inception(inception_weights, device),
+            "dinov2": lambda: load_dinov2(dinov2_weights, device)}  # fmt: skip
+    networks = on_every_rank(lambda: [load[n]() for n in names] if rank == 0 else None)
+    if world > 1:
+        networks = on_every_rank(lambda: networks if rank == 0 else [load[n]() for n in names])
+    return networks
 
 
 def _run(args, device, rank, world):
     """Load, extract and evaluate; only rank 0 prints and writes."""
+    metrics = parse_metrics(args.metrics)
+    names = list(dict.fromkeys(METRICS[m] for m in metrics))  # the networks these metrics read
     paths = [args.paths[0]] if args.save_stats else args.paths
-    sources = _on_every_rank(lambda: [load_source(p, args.num_workers) for p in paths])
-    model = None
+    sources = on_every_rank(lambda: [load_source(p, args.num_workers) for p in paths])
+    for path, (images, given) in zip(paths, sources):
+        if images is None:
+            on_every_rank(lambda: check_saved_features(path, given, names))
+    networks = None
     if any(images is not None for images, _ in sources):
-        # rank 0 first, filling the torch.hub cache that the others read; a failure on any rank stops them all
-        model = _on_every_rank(lambda: load_inception(args.inception_weights, device) if rank == 0 else None)
-        if world > 1:
-            model = _on_every_rank(lambda: model if rank == 0 else load_inception(args.inception_weights, device))
+        networks = load_networks(names, device, args.inception_weights, args.dinov2_weights, rank, world)
     feats = [
-        given if images is None else compute_features(images, model, args.batch_size, args.protocol, True)
+        given if images is None else compute_features(images, networks, args.batch_size, args.protocol, True)
         for images, given in sources
     ]
     if rank:
@@ -612,28 +835,18 @@ def _run(args, device, rank, world):
     stats = [statistics(f, given) for f, (_, given) in zip(feats, sources, strict=True)]
     if args.save_stats:
         dtr.save_npz(args.paths[1], stats[0])
-        print(f"saved statistics and features of {len(stats[0]['pool'])} images to {args.paths[1]}")
+        print(
+            f"saved statistics and features ({', '.join(names)}) of {len(stats[0][next(k for k in FEATURE_KEYS if k in stats[0])])} images to {args.paths[1]}"
+        )
         return
-    results = evaluate(*stats)
-    print(f"Inception Score: {results['inception_score']}")
-    print(f"Inception Score std: {results['inception_score_std']}")
-    print(f"FID: {results['fid']}")
-    print(f"sFID: {results['sfid']}")
-    print(f"Precision: {results['precision']}")
-    print(f"Recall: {results['recall']}")
-    if args.json:
-        record = {
-            **results,
-            "num_ref": len(stats[0]["pool"]),
-            "num_samples": len(stats[1]["pool"]),
-            "protocol": args.protocol,
-        }
-        dtr.atomic_write(args.json, lambda tmp: dtr.write_text(tmp, json.dumps(record, indent=2) + "\n"))
+    print(describe(metrics, args.protocol, args.kid_subsets, args.kid_subset_size))
+    results = evaluate(*stats, metrics=metrics, kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size)
+    sizes = [len(s[next(k for k in FEATURE_KEYS if k in s)]) for s in stats]
+    report(results, args.json, num_ref=sizes[0], num_samples=sizes[1], protocol=args.protocol, metrics=list(metrics))
 
 
 def main(args):
     """CLI entry point: one line on stderr (from rank 0) and exit status 1 on every rank for unusable input."""
-    torch.backends.cudnn.allow_tf32 = False  # full fp32 convolutions, like the TF reference
     # under torchrun every rank raises the same InputError (_raise_on_every_rank); rank 0 alone prints it
     with dtr.one_line_errors("fid.py"):
         rank, world, device = dtr.setup_distributed(device=args.device)
@@ -668,6 +881,16 @@ if __name__ == "__main__":
         default="adm",
         help="adm: TF1 bilinear resize + (x-128)/128; pytorch-fid: F.interpolate + 2x-1",
     )
+    parser.add_argument(
+        "--metrics",
+        default=",".join(ADM_METRICS),
+        help=f"comma-separated, from {','.join(METRICS)} (default: ADM's evaluator: FID, sFID, IS, precision/recall)",
+    )
+    parser.add_argument(
+        "--dinov2-weights", default=None, help="path to dinov2_vitl14_pretrain.pth (default: torch.hub)"
+    )
+    parser.add_argument("--kid-subsets", type=int, default=100)
+    parser.add_argument("--kid-subset-size", type=int, default=1000, help="capped at the smaller set's size")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument(

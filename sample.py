@@ -9,6 +9,12 @@
 Sample i starts from the noise of seed `--seed + i` and draws every step's noise from it, so a command gives the
 same images for any number of ranks and any batch size. The images go to DIR/samples_{N}x{H}x{W}x3.npz (arr_0:
 uint8 NHWC, arr_1: int64 labels, or captions: str for text models), the format openai's ADM evaluator and fid.py read.
+
+With --eval REF every rank also extracts fid.py's features from its samples as they are made, and rank 0 writes
+DIR/metrics.json and DIR/sample_stats.npz (a fid.py --save-stats file); --no-images keeps no image at all:
+
+    torchrun --nproc_per_node=8 sample.py --ckpt ... --num-samples 50000 --cfg-scale 1.5 \
+        --eval VIRTUAL_imagenet256_labeled.npz --metrics fid,sfid,is,pr,kid,fd_dinov2 --no-images
 """
 
 import argparse
@@ -29,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 import dtr
+import fid
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # A bare state dict is read as a facebookresearch/DiT checkpoint: DiT's diffusion and no routing.
@@ -359,6 +366,8 @@ def paths(out, num_samples, image_size):
         pngs=os.path.join(out, "images"),
         grid=os.path.join(out, "grid.png"),
         npz=os.path.join(out, f"samples_{num_samples}x{image_size}x{image_size}x3.npz"),
+        stats=os.path.join(out, "sample_stats.npz"),
+        metrics=os.path.join(out, "metrics.json"),
     )
 
 
@@ -388,8 +397,9 @@ def run_settings(args, model_args, captions=None):
     return json.loads(json.dumps(settings, default=str))
 
 
-def prepare_out(out, files, settings, num_shards, resume=False, overwrite=False, save_png=False):
-    """Rank 0: check or clear the output folder, record the settings -> the shards still to sample (None: done)."""
+def prepare_out(out, files, settings, num_shards, resume=False, overwrite=False, save_png=False, final=None):
+    """Rank 0: check or clear the output folder, record the settings -> the shards still to sample (None: done,
+    i.e. `final`, by default the merged .npz, exists)."""
     ours = [p for p in vars(files).values() if os.path.exists(p)]
     if ours and overwrite:  # only the files a run writes are deleted
         for p in ours:
@@ -408,7 +418,7 @@ def prepare_out(out, files, settings, num_shards, resume=False, overwrite=False,
             raise dtr.InputError(
                 f"--resume: {out} was sampled with other settings ({', '.join(changed)}); use another --out"
             )
-        if os.path.exists(files.npz):
+        if os.path.exists(final or files.npz):
             return None
     os.makedirs(files.shards, exist_ok=True)
     if save_png:
@@ -513,6 +523,10 @@ def check_args(args, model_args):
         raise dtr.InputError(f"--seed must be >= 0, got {args.seed}")
     if args.resume and args.overwrite:
         raise dtr.InputError("pass --resume or --overwrite, not both")
+    if args.eval is None and args.no_images:
+        raise dtr.InputError("--no-images keeps only features: it needs --eval REF")
+    if args.no_images and args.save_png:
+        raise dtr.InputError("pass --save-png or --no-images, not both")
     if args.cfg_scale < 0:
         raise dtr.InputError(f"--cfg-scale must be >= 0 (1: no guidance), got {args.cfg_scale}")
     channels = 4 if model_args["vae"] else 3  # the eps channels: VAE latents or RGB
@@ -553,11 +567,13 @@ def check_args(args, model_args):
 
 
 def sample_shards(
-    model, diffusion, shards, *, args, ranges, files, condition, record, vae=None, device="cpu", progress=False
-):
+    model, diffusion, shards, *, args, ranges, files, condition, record, vae=None, device="cpu", progress=False,
+    networks=(),
+):  # fmt: skip
     """Sample the shards `shards`, batch by batch, writing each to its own file once complete.
 
-    condition(i) -> (y, context_mask) of the samples i; record(i) -> the arrays saved with their images."""
+    condition(i) -> (y, context_mask) of the samples i; record(i) -> the arrays saved with their images;
+    `networks`: fid.py's feature networks, whose features of each batch are saved too (--eval)."""
     from tqdm import tqdm
 
     autocast = nullcontext() if args.precision == "fp32" else torch.autocast(device.type, PRECISIONS[args.precision])
@@ -567,7 +583,7 @@ def sample_shards(
     for k in shards:
         start, end = ranges[k]
         index = np.arange(start, end)
-        batches = []
+        batches, features = [], []
         for b in range(0, len(index), args.batch_size):
             i = index[b : b + args.batch_size]
             y, mask = condition(i)
@@ -587,11 +603,16 @@ def sample_shards(
                         context_mask=mask,
                     ).numpy()
                 )
+            if networks:  # as fid.py computes them from the saved images (tested bit-identical on CPU)
+                feats = fid.batch_features(networks, torch.from_numpy(batches[-1]).to(device), args.protocol)
+                features.append({name: v.cpu().numpy() for name, v in feats.items()})
             bar.update(len(i))
         images = np.concatenate(batches)  # (n, H, W, 3) uint8
         if args.save_png:
             save_pngs(files.pngs, images, start)
-        dtr.save_npz(shard_file(files, k), {"arr_0": images, **record(index), "index": index})
+        arrays = {} if args.no_images else {"arr_0": images}
+        arrays.update({name: np.concatenate([f[name] for f in features]) for name in features[0]} if features else {})
+        dtr.save_npz(shard_file(files, k), {**arrays, **record(index), "index": index})
     bar.close()
 
 
@@ -661,8 +682,15 @@ def run(args, model_args, state, rank, world, device, captions=None):
     files = paths(out, args.num_samples, model_args["image_size"])
     ranges = shard_ranges(args.num_samples, args.shard_size)
     settings = run_settings(args, model_args, captions)
+    metrics = fid.parse_metrics(args.metrics) if args.eval else ()
+    names = list(dict.fromkeys(fid.METRICS[m] for m in metrics))  # the feature networks (--eval)
+    settings.update({"eval_features": names} if names else {}, **{"no_images": True} if args.no_images else {})
+    final = files.stats if args.no_images else files.npz
+    reference = open_reference(args.eval, names) if args.eval else None  # a bad REF stops before anything is written
     todo = from_rank0(
-        lambda: prepare_out(out, files, settings, len(ranges), args.resume, args.overwrite, args.save_png), rank, world
+        lambda: prepare_out(out, files, settings, len(ranges), args.resume, args.overwrite, args.save_png, final),
+        rank,
+        world,
     )
     if todo is None:
         if rank == 0:
@@ -671,26 +699,65 @@ def run(args, model_args, state, rank, world, device, captions=None):
     vae = dtr.load_vae(model_args["vae"], model_args["vae_path"], device) if model_args["vae"] else None
     if rank == 0 and len(todo) < len(ranges):
         print(f"resuming: {len(ranges) - len(todo)} of {len(ranges)} shards already done")
+    networks = fid.load_networks(names, device, args.inception_weights, args.dinov2_weights, rank, world)
     mine = todo[rank::world]  # round-robin over the unfinished shards
     start_time = time.time()
-    where = dict(ranges=ranges, files=files, vae=vae, device=device, progress=rank == 0)
+    where = dict(ranges=ranges, files=files, vae=vae, device=device, progress=rank == 0, networks=networks)
     sample_shards(model, diffusion, mine, args=args, condition=condition, record=record, **where)
     if world > 1:
         dist.barrier()
     seconds = time.time() - start_time
+    ref_stats = reference_statistics(reference, networks, args, rank) if args.eval else None  # on every rank
     if rank:
         return
-    image_shape = (model_args["image_size"], model_args["image_size"], 3)
     shards = [shard_file(files, k) for k in range(len(ranges))]
-    extras = tuple(record(np.arange(0)))  # the names of the per-sample arrays saved with the images
-    first = merge_shards(files.npz, shards, ranges, image_shape, extras)
-    save_grid(files.grid, first)
-    shutil.rmtree(files.shards)
+    if not args.no_images:
+        image_shape = (model_args["image_size"], model_args["image_size"], 3)
+        extras = tuple(record(np.arange(0)))  # the names of the per-sample arrays saved with the images
+        save_grid(files.grid, merge_shards(files.npz, shards, ranges, image_shape, extras))
     made = sum(ranges[k][1] - ranges[k][0] for k in todo)
     print(
-        f"wrote {files.npz}: {args.num_samples} images, {made} sampled now on {world} rank(s) in {seconds:.1f} s "
+        f"wrote {final}: {args.num_samples} samples, {made} sampled now on {world} rank(s) in {seconds:.1f} s "
         f"({made / max(seconds, 1e-9):.2f} images/s)"
     )
+    if args.eval:
+        evaluate_samples(shards, ref_stats, files, metrics, args)
+    shutil.rmtree(files.shards)
+
+
+def open_reference(path, networks):
+    """Every rank: --eval's REF (images, or a --save-stats file holding the features of `networks`)."""
+    images, given = fid.on_every_rank(lambda: fid.load_source(path))
+    if images is None:
+        fid.on_every_rank(lambda: fid.check_saved_features(path, given, networks))
+    return images, given
+
+
+def reference_statistics(reference, networks, args, rank):
+    """Every rank: REF's statistics, its features extracted over all ranks as fid.py does."""
+    images, given = reference
+    feats = (
+        given if images is None else fid.compute_features(images, networks, args.batch_size, args.protocol, rank == 0)
+    )
+    return fid.statistics(feats, given)
+
+
+def evaluate_samples(shards, ref_stats, files, metrics, args):
+    """Rank 0: the samples' features from the shards -> DIR/sample_stats.npz and the metrics, printed and in
+    DIR/metrics.json."""
+    feats = {}
+    for shard in shards:
+        with np.load(shard) as z:
+            for name in fid.FEATURE_KEYS + ("spatial",):
+                if name in z.files:
+                    feats.setdefault(name, []).append(z[name])
+    stats = fid.statistics({name: np.concatenate(v) for name, v in feats.items()})
+    dtr.save_npz(files.stats, stats)
+    print(fid.describe(metrics, args.protocol))
+    results = fid.evaluate(ref_stats, stats, metrics=metrics)
+    num_ref = len(ref_stats[next(k for k in fid.FEATURE_KEYS if k in ref_stats)])
+    record = dict(num_ref=num_ref, num_samples=args.num_samples, protocol=args.protocol, metrics=list(metrics))
+    fid.report(results, files.metrics, reference=os.path.abspath(args.eval), **record)
 
 
 def parser():
@@ -749,6 +816,12 @@ def parser():
     p.add_argument("--save-png", action="store_true", help="also write DIR/images/{i:06d}.png")
     p.add_argument("--resume", action="store_true", help="finish an interrupted run, keeping its shards")
     p.add_argument("--overwrite", action="store_true", help="delete the results in --out and start over")
+    p.add_argument("--eval", default=None, metavar="REF", help="also score the samples against REF (as fid.py)")
+    p.add_argument("--metrics", default=",".join(fid.ADM_METRICS), help=f"--eval: from {','.join(fid.METRICS)}")
+    p.add_argument("--no-images", action="store_true", help="--eval: keep features and metrics, no images")
+    p.add_argument("--protocol", choices=["adm", "pytorch-fid"], default="adm", help="--eval: Inception input")
+    p.add_argument("--inception-weights", default=None, help="--eval: a local pt_inception-2015-12-05-6726825d.pth")
+    p.add_argument("--dinov2-weights", default=None, help="--eval: a local dinov2_vitl14_pretrain.pth")
     return p
 
 

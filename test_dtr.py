@@ -162,7 +162,7 @@ def run_sample(ckpt, out, *flags, n=6):
     """sample.py in this process -> the arrays of its .npz."""
     argv = ["--ckpt", str(ckpt), "--out", str(out), "--num-samples", str(n), "--num-sampling-steps", str(SAMPLE_STEPS)]
     sample.main(sample.parser().parse_args([*argv, *flags]))
-    npz = [f for f in os.listdir(out) if f.endswith(".npz")]
+    npz = [f for f in os.listdir(out) if f.startswith("samples_")]
     with np.load(os.path.join(out, npz[0])) as z:
         return {k: z[k] for k in z.files}
 
@@ -2519,6 +2519,51 @@ def test_sample_ddim_eta0_depends_only_on_the_initial_noise(fitted_dit, tmp_path
     assert (ddpm["arr_0"] != out["arr_0"]).any()
 
 
+@pytest.mark.slow
+def test_sample_eval_equals_sample_then_fid(fitted_dit, weights_file, tmp_path, monkeypatch, capsys):
+    # every metric, fd_dinov2 on a small DINOv2 (the ViT-L layout at width 32, depth 2) with random weights
+    ckpt, _ = fitted_dit
+    dino = fid.DINOv2
+    monkeypatch.setattr(fid, "DINOv2", lambda: dino(embed_dim=32, depth=2, num_heads=4))
+    dino_file = str(tmp_path / "dino.pth")
+    torch.save(randomize(dino(embed_dim=32, depth=2, num_heads=4), scale=0.2).state_dict(), dino_file)
+    ref = _write_npz(tmp_path / "ref.npz", arr_0=_images(9, 8, 8, seed=3))
+    metrics = "fid,sfid,is,pr,kid,fd_dinov2"
+    weights = ["--inception-weights", weights_file, "--dinov2-weights", dino_file]
+    flags = ["--batch-size", "4", "--cfg-scale", "1.5", "--eval", ref, "--metrics", metrics, *weights]
+    samples = run_sample(ckpt, tmp_path / "eval", *flags, n=8)
+    with open(tmp_path / "eval" / "metrics.json") as f:
+        during = json.load(f)
+    assert "FD-DINOv2: " in capsys.readouterr().out
+    # sample, then fid.py on the written images (same batches of 4)
+    smp = str(tmp_path / "eval" / "samples_8x8x8x3.npz")
+    assert np.array_equal(np.load(smp)["arr_0"], samples["arr_0"])
+    kw = dict(metrics=metrics, inception_weights=weights_file, dinov2_weights=dino_file, batch_size=4)
+    fid.main(_cli_args(ref, smp, json=str(tmp_path / "after.json"), **kw))
+    after = json.loads((tmp_path / "after.json").read_text())
+    assert {k: during[k] for k in fid.RESULT_NAMES} == {k: after[k] for k in fid.RESULT_NAMES}
+    fid.main(_cli_args(smp, str(tmp_path / "smp_stats.npz"), save_stats=True, **kw))
+    with np.load(tmp_path / "eval" / "sample_stats.npz") as a, np.load(tmp_path / "smp_stats.npz") as b:
+        assert sorted(a.files) == sorted(b.files) and "dinov2" in a.files
+        for k in a.files:
+            assert np.array_equal(a[k], b[k]), k  # bit-identical features and statistics
+    # no images kept: the same numbers, no samples file
+    argv = ["--ckpt", str(ckpt), "--out", str(tmp_path / "bare"), "--num-samples", "8"]
+    sample.main(sample.parser().parse_args([*argv, "--num-sampling-steps", str(SAMPLE_STEPS), *flags, "--no-images"]))
+    assert sorted(os.listdir(tmp_path / "bare")) == ["metrics.json", "run.json", "sample_stats.npz"]
+    bare = json.loads((tmp_path / "bare" / "metrics.json").read_text())
+    assert {k: bare[k] for k in fid.RESULT_NAMES} == {k: during[k] for k in fid.RESULT_NAMES}
+    # bad input: one line, nothing written
+    with pytest.raises(SystemExit, match="needs --eval"):
+        run_sample(ckpt, tmp_path / "bad", "--no-images")
+    with pytest.raises(SystemExit, match="--metrics 'fid,nope'"):
+        run_sample(ckpt, tmp_path / "bad", "--eval", ref, "--metrics", "fid,nope")
+    fid.main(_cli_args(ref, str(tmp_path / "ref_stats.npz"), save_stats=True, inception_weights=weights_file))
+    with pytest.raises(SystemExit, match="ref_stats.npz has no dinov2 features and no images"):
+        run_sample(ckpt, tmp_path / "bad", "--eval", str(tmp_path / "ref_stats.npz"), "--metrics", "fd_dinov2")
+    assert not os.path.exists(tmp_path / "bad")
+
+
 def test_sample_compile_runs_the_network_compiled_with_the_same_images(fitted_dit, tmp_path, monkeypatch):
     # inductor needs minutes on a small CPU, so the graphs dynamo captures run eagerly here (same ops, same images)
     ckpt, _ = fitted_dit
@@ -3342,7 +3387,7 @@ def test_fid_bad_files_and_folders(tmp_path):
 
 
 def test_fid_weights_errors(tmp_path, monkeypatch):
-    with pytest.raises(fid.InputError, match="cannot read Inception weights"):
+    with pytest.raises(fid.InputError, match="cannot read FID Inception weights"):
         fid.load_inception(str(tmp_path / "nope.pth"))
     torch.save({"fc.weight": torch.zeros(1)}, tmp_path / "wrong.pth")
     with pytest.raises(fid.InputError, match="not the FID Inception state dict"):
@@ -3363,6 +3408,10 @@ def _cli_args(*paths, **kw):
         save_stats=False,
         json=None,
         inception_weights=None,
+        dinov2_weights=None,
+        metrics="fid,sfid,is,pr",
+        kid_subsets=100,
+        kid_subset_size=1000,
         protocol="adm",
         batch_size=3,
         device="cpu",
@@ -3559,13 +3608,123 @@ def test_fid_precision_recall_blocks_and_fp16_fallback():
         fid.precision_recall(ref[:3], smp, device="cpu")
 
 
+# -- KID and FD-DINOv2 (beyond ADM's evaluator)
+def _kid_brute_force(x, y):
+    """Unbiased MMD^2 with the cubic polynomial kernel, pair by pair (Binkowski et al. 2018, Eq. 3)."""
+    m, d = len(x), x.shape[1]
+    k = lambda a, b: (float(np.dot(a, b)) / d + 1) ** 3
+    within = sum(k(u[i], u[j]) for u in (x, y) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    return within - 2 * sum(k(a, b) for a in x for b in y) / m**2
+
+
+def test_kid_against_brute_force_and_torch_fidelity():
+    rng = np.random.default_rng(0)
+    ref, smp = rng.normal(0, 1, (9, 5)), rng.normal(0.3, 1.2, (7, 5))
+    # subsets of the whole sets: every draw is a permutation, and MMD^2 does not depend on the order
+    mean, std = fid.kernel_inception_distance(ref[:7], smp, subsets=3, subset_size=100)
+    assert mean == pytest.approx(_kid_brute_force(smp, ref[:7]), rel=1e-12) and std < 1e-12
+    # proper subsets: the draws of numpy's RandomState(seed), sample set first
+    mean, std = fid.kernel_inception_distance(ref, smp, subsets=4, subset_size=4, seed=5)
+    r, mmds = np.random.RandomState(5), []
+    for _ in range(4):
+        a = smp[r.choice(7, 4, replace=False)]
+        mmds.append(_kid_brute_force(a, ref[r.choice(9, 4, replace=False)]))
+    assert (mean, std) == pytest.approx((np.mean(mmds), np.std(mmds)), rel=1e-10)
+    assert fid.kernel_inception_distance(ref, ref + 5)[0] > 10 * abs(fid.kernel_inception_distance(ref, ref[::-1])[0])
+    with pytest.raises(fid.InputError, match="at least 2"):
+        fid.kernel_inception_distance(ref, smp[:1])
+    metric_kid = pytest.importorskip("torch_fidelity.metric_kid")
+    big_ref, big_smp = rng.normal(0, 1, (60, 16)).astype(np.float32), rng.normal(0.2, 1, (50, 16)).astype(np.float32)
+    theirs = metric_kid.kid_features_to_metric(
+        torch.from_numpy(big_smp), torch.from_numpy(big_ref), kid_subsets=10, kid_subset_size=20, rng_seed=2020,
+        kid_kernel="poly", kid_kernel_poly_degree=3, kid_kernel_poly_gamma=None, kid_kernel_poly_coef0=1, verbose=False,
+    )  # fmt: skip
+    ours = fid.kernel_inception_distance(big_ref, big_smp, subsets=10, subset_size=20)
+    assert ours == pytest.approx(
+        (theirs["kernel_inception_distance_mean"], theirs["kernel_inception_distance_std"]), rel=1e-4
+    )
+
+
+def _dinov2_hub_keys(depth=24, dim=1024):
+    """The state-dict layout of torch.hub's dinov2_vitl14_pretrain.pth, written out: name -> shape."""
+    keys = {"cls_token": (1, 1, dim), "pos_embed": (1, 1 + 37 * 37, dim), "mask_token": (1, dim),
+            "patch_embed.proj.weight": (dim, 3, 14, 14), "patch_embed.proj.bias": (dim,),
+            "norm.weight": (dim,), "norm.bias": (dim,)}  # fmt: skip
+    for i in range(depth):
+        b = f"blocks.{i}."
+        keys.update({b + "norm1.weight": (dim,), b + "norm1.bias": (dim,), b + "attn.qkv.weight": (3 * dim, dim),
+                     b + "attn.qkv.bias": (3 * dim,), b + "attn.proj.weight": (dim, dim), b + "attn.proj.bias": (dim,),
+                     b + "ls1.gamma": (dim,), b + "norm2.weight": (dim,), b + "norm2.bias": (dim,),
+                     b + "mlp.fc1.weight": (4 * dim, dim), b + "mlp.fc1.bias": (4 * dim,),
+                     b + "mlp.fc2.weight": (dim, 4 * dim), b + "mlp.fc2.bias": (dim,), b + "ls2.gamma": (dim,)})  # fmt: skip
+    return keys
+
+
+@pytest.mark.slow
+def test_dinov2_matches_timm_with_the_hub_layout_and_position_interpolation():
+    ours = randomize(fid.DINOv2(), scale=0.02).eval()
+    state = ours.state_dict()
+    assert {k: tuple(v.shape) for k, v in state.items()} == _dinov2_hub_keys()
+    timm = pytest.importorskip("timm")
+    g = torch.Generator().manual_seed(0)
+    for size in (224, 518):
+        theirs = timm.create_model("vit_large_patch14_dinov2", pretrained=False, img_size=size, num_classes=0).eval()
+        pos = state["pos_embed"]
+        if size == 224:  # DINOv2's own resize (hub code): bicubic by scale factor (16 + 0.1) / 37, no antialias
+            grid = pos[:, 1:].reshape(1, 37, 37, -1).permute(0, 3, 1, 2)
+            grid = F.interpolate(grid, scale_factor=(16.1 / 37, 16.1 / 37), mode="bicubic", antialias=False)
+            pos = torch.cat([pos[:, :1], grid.flatten(2).transpose(1, 2)], 1)
+            timm_resize = torch.nn.functional.interpolate(
+                state["pos_embed"][:, 1:].reshape(1, 37, 37, -1).permute(0, 3, 1, 2),
+                size=(16, 16),
+                mode="bicubic",
+                antialias=True,
+            )  # timm's own resampling differs: loading through it would not be DINOv2
+            assert not torch.allclose(timm_resize, grid, atol=1e-3)
+        theirs.load_state_dict({**{k: v for k, v in state.items() if k != "mask_token"}, "pos_embed": pos})
+        x = torch.randn(1, 3, size, size, generator=g)
+        with torch.no_grad():
+            torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=1e-4)
+
+
+def test_dinov2_preprocessing_is_edm2s():
+    images = torch.from_numpy(_images(2, 40, 40))
+    x = fid.preprocess_dinov2(images)
+    assert x.shape == (2, 3, 224, 224)
+    flat = torch.full((1, 40, 40, 3), 255, dtype=torch.uint8)  # white stays white after any resize
+    expected = (1 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225])
+    torch.testing.assert_close(fid.preprocess_dinov2(flat)[0, :, 100, 50], expected)
+    resized = torch.nn.functional.interpolate(
+        images.permute(0, 3, 1, 2).double(), size=224, mode="bicubic", antialias=True
+    )
+    torch.testing.assert_close(x[:, 1].double(), (resized[:, 1] / 255 - 0.456) / 0.224, rtol=0, atol=1e-4)
+
+
+def test_dinov2_weights_offline_is_one_line(monkeypatch, tmp_path):
+    def offline(*args, **kwargs):
+        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(fid.InputError, match="--dinov2-weights") as e:
+        fid.load_dinov2(None)
+    assert "dinov2_vitl14_pretrain.pth" in str(e.value) and "\n" not in str(e.value)
+    torch.save({"cls_token": torch.zeros(1)}, tmp_path / "wrong.pth")
+    with pytest.raises(fid.InputError, match="not the DINOv2 ViT-L/14 state dict"):
+        fid.load_dinov2(str(tmp_path / "wrong.pth"))
+
+
 # -- torch.distributed: contiguous shards, gathered in input order on every rank
 class _IndexNet(torch.nn.Module):
     """Stand-in network whose features are the mean input value of each image."""
 
+    dims = fid.FEATURE_DIMS
+
     def __init__(self):
         super().__init__()
         self.dummy = torch.nn.Parameter(torch.zeros(()))
+
+    def features(self, images, protocol="adm"):
+        return self(fid.preprocess(images, protocol))
 
     def forward(self, x):
         v = x.mean((1, 2, 3))[:, None]
@@ -3648,8 +3807,8 @@ def test_fid_torchrun_failure_on_one_rank_stops_every_rank(weights_file, tmp_pat
     (status0, err0), (status1, err1) = _fid_ranks(*argv)
     assert status0 == status1 == 1 and err1 == ""  # every rank stops; rank 0 alone prints the error
     expected = {
-        "rank 0 weights": f"fid.py: error: cannot read Inception weights {missing}: ",
-        "rank 1 weights": f"fid.py: error: rank 1: cannot read Inception weights {missing}: ",
+        "rank 0 weights": f"fid.py: error: cannot read FID Inception weights {missing}: ",
+        "rank 1 weights": f"fid.py: error: rank 1: cannot read FID Inception weights {missing}: ",
         "rank 1 shard": f"fid.py: error: rank 1: cannot read image {folder / '3.png'}: ",
     }[failing]
     assert err0.splitlines()[-1].startswith(expected) and "Traceback" not in err0, err0  # after a progress bar
