@@ -4,6 +4,7 @@ ADM evaluator (guided-diffusion `evaluations/evaluator.py`, TensorFlow) that the
 
     python fid.py REF SAMPLES [--json results.json]     # ADM .npz batches or image folders
     python fid.py --save-stats SRC OUT.npz              # cache statistics + features of SRC
+    python fid.py REF SAMPLES --metrics fid,sfid,is,pr,kid,fd_dinov2   # ADM's five, KID and FD-DINOv2
 
 The network is the FID Inception graph of 2015-12-05 with pytorch-fid's weights file; the images
 go through ADM's graph preprocessing (TF1 bilinear resize to 299, then (x - 128) / 128).
@@ -875,20 +876,15 @@ if __name__ == "__main__":
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     weights_help = "path to pt_inception-2015-12-05-6726825d.pth (default: download via torch.hub)"
     parser.add_argument("--inception-weights", default=None, help=weights_help)
-    parser.add_argument(
-        "--protocol",
-        choices=["adm", "pytorch-fid"],
-        default="adm",
-        help="adm: TF1 bilinear resize + (x-128)/128; pytorch-fid: F.interpolate + 2x-1",
-    )
+    protocol_help = "adm: TF1 bilinear resize + (x-128)/128; pytorch-fid: F.interpolate + 2x-1"
+    parser.add_argument("--protocol", choices=["adm", "pytorch-fid"], default="adm", help=protocol_help)
     parser.add_argument(
         "--metrics",
         default=",".join(ADM_METRICS),
         help=f"comma-separated, from {','.join(METRICS)} (default: ADM's evaluator: FID, sFID, IS, precision/recall)",
     )
-    parser.add_argument(
-        "--dinov2-weights", default=None, help="path to dinov2_vitl14_pretrain.pth (default: torch.hub)"
-    )
+    dinov2_help = "path to dinov2_vitl14_pretrain.pth (default: download via torch.hub)"
+    parser.add_argument("--dinov2-weights", default=None, help=dinov2_help)
     parser.add_argument("--kid-subsets", type=int, default=100)
     parser.add_argument("--kid-subset-size", type=int, default=1000, help="capped at the smaller set's size")
     parser.add_argument("--batch-size", type=int, default=64)

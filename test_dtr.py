@@ -3403,20 +3403,9 @@ def test_fid_weights_errors(tmp_path, monkeypatch):
 
 
 def _cli_args(*paths, **kw):
-    args = dict(
-        paths=list(paths),
-        save_stats=False,
-        json=None,
-        inception_weights=None,
-        dinov2_weights=None,
-        metrics="fid,sfid,is,pr",
-        kid_subsets=100,
-        kid_subset_size=1000,
-        protocol="adm",
-        batch_size=3,
-        device="cpu",
-        num_workers=2,
-    )
+    args = dict(paths=list(paths), save_stats=False, json=None, inception_weights=None, dinov2_weights=None,
+                metrics="fid,sfid,is,pr", kid_subsets=100, kid_subset_size=1000, protocol="adm", batch_size=3,
+                device="cpu", num_workers=2)  # fmt: skip
     return argparse.Namespace(**{**args, **kw})
 
 
@@ -3643,6 +3632,17 @@ def test_kid_against_brute_force_and_torch_fidelity():
     assert ours == pytest.approx(
         (theirs["kernel_inception_distance_mean"], theirs["kernel_inception_distance_std"]), rel=1e-4
     )
+
+
+def test_fid_metrics_choice():
+    assert fid.parse_metrics("kid, fid") == ("fid", "kid")  # in METRICS order
+    assert fid.parse_metrics("fid,sfid,is,pr") == fid.ADM_METRICS
+    for bad in ("fid,nope", "", "FID"):
+        with pytest.raises(fid.InputError, match="choose from fid,sfid,is,pr,kid,fd_dinov2"):
+            fid.parse_metrics(bad)
+    line = fid.describe(("fid", "kid", "fd_dinov2"), "adm", 100, 1000)
+    assert "fid, kid on FID Inception-v3" in line and "100 subsets of up to 1000" in line and "DINOv2 ViT-L/14" in line
+    assert "DINOv2" not in fid.describe(fid.ADM_METRICS)
 
 
 def _dinov2_hub_keys(depth=24, dim=1024):
