@@ -685,7 +685,7 @@ def run(args, model_args, state, rank, world, device, captions=None):
     metrics = fid.parse_metrics(args.metrics) if args.eval else ()
     names = list(dict.fromkeys(fid.METRICS[m] for m in metrics))  # the feature networks (--eval)
     settings.update({"eval_features": names} if names else {}, **{"no_images": True} if args.no_images else {})
-    final = files.stats if args.no_images else files.npz
+    final = files.metrics if args.eval else files.npz  # written last: the run is complete once it exists
     reference = open_reference(args.eval, names) if args.eval else None  # a bad REF stops before anything is written
     todo = from_rank0(
         lambda: prepare_out(out, files, settings, len(ranges), args.resume, args.overwrite, args.save_png, final),
@@ -694,7 +694,7 @@ def run(args, model_args, state, rank, world, device, captions=None):
     )
     if todo is None:
         if rank == 0:
-            print(f"{files.npz} is already complete")
+            print(f"{final} is already complete")
         return
     vae = dtr.load_vae(model_args["vae"], model_args["vae_path"], device) if model_args["vae"] else None
     if rank == 0 and len(todo) < len(ranges):
@@ -717,8 +717,8 @@ def run(args, model_args, state, rank, world, device, captions=None):
         save_grid(files.grid, merge_shards(files.npz, shards, ranges, image_shape, extras))
     made = sum(ranges[k][1] - ranges[k][0] for k in todo)
     print(
-        f"wrote {final}: {args.num_samples} samples, {made} sampled now on {world} rank(s) in {seconds:.1f} s "
-        f"({made / max(seconds, 1e-9):.2f} images/s)"
+        f"{args.num_samples} samples, {made} sampled now on {world} rank(s) in {seconds:.1f} s "
+        f"({made / max(seconds, 1e-9):.2f} images/s){'' if args.no_images else f'; wrote {files.npz}'}"
     )
     if args.eval:
         evaluate_samples(shards, ref_stats, files, metrics, args)
@@ -758,6 +758,7 @@ def evaluate_samples(shards, ref_stats, files, metrics, args):
     num_ref = len(ref_stats[next(k for k in fid.FEATURE_KEYS if k in ref_stats)])
     record = dict(num_ref=num_ref, num_samples=args.num_samples, protocol=args.protocol, metrics=list(metrics))
     fid.report(results, files.metrics, reference=os.path.abspath(args.eval), **record)
+    print(f"wrote {files.stats} and {files.metrics}")
 
 
 def parser():

@@ -2549,8 +2549,12 @@ def test_sample_eval_equals_sample_then_fid(fitted_dit, weights_file, tmp_path, 
             assert np.array_equal(a[k], b[k]), k  # bit-identical features and statistics
     # no images kept: the same numbers, no samples file
     argv = ["--ckpt", str(ckpt), "--out", str(tmp_path / "bare"), "--num-samples", "8"]
-    sample.main(sample.parser().parse_args([*argv, "--num-sampling-steps", str(SAMPLE_STEPS), *flags, "--no-images"]))
+    argv += ["--num-sampling-steps", str(SAMPLE_STEPS), *flags, "--no-images"]
+    sample.main(sample.parser().parse_args(argv))
     assert sorted(os.listdir(tmp_path / "bare")) == ["metrics.json", "run.json", "sample_stats.npz"]
+    capsys.readouterr()
+    sample.main(sample.parser().parse_args([*argv, "--resume"]))  # metrics.json is written last: the run is done
+    assert "metrics.json is already complete" in capsys.readouterr().out
     bare = json.loads((tmp_path / "bare" / "metrics.json").read_text())
     assert {k: bare[k] for k in fid.RESULT_NAMES} == {k: during[k] for k in fid.RESULT_NAMES}
     # bad input: one line, nothing written
