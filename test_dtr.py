@@ -2547,6 +2547,15 @@ def test_sample_eval_equals_sample_then_fid(fitted_dit, weights_file, tmp_path, 
         assert sorted(a.files) == sorted(b.files) and "dinov2" in a.files
         for k in a.files:
             assert np.array_equal(a[k], b[k]), k  # bit-identical features and statistics
+    # two ranks, a shard each: every rank extracts its own samples' features and a share of REF's
+    flags_ddp = [*flags[: flags.index("--metrics") + 1], "fid,sfid,is,pr,kid", *weights]
+    proc = torchrun("--ckpt", ckpt, "--out", str(tmp_path / "ddp"), "--num-samples", "8", "--shard-size", "4",
+                    "--num-sampling-steps", str(SAMPLE_STEPS), *flags_ddp, script="sample.py")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ddp = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert ddp["metrics"] == ["fid", "sfid", "is", "pr", "kid"]
+    for k in ("fid", "sfid", "inception_score", "precision", "recall", "kid"):
+        assert ddp[k] == pytest.approx(during[k], rel=1e-5, abs=1e-8), k
     # no images kept: the same numbers, no samples file
     argv = ["--ckpt", str(ckpt), "--out", str(tmp_path / "bare"), "--num-samples", "8"]
     argv += ["--num-sampling-steps", str(SAMPLE_STEPS), *flags, "--no-images"]
