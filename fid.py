@@ -523,7 +523,7 @@ def check_saved_features(path, given, networks):
 # -----------------------------------------------------------------------------
 
 
-def _raiseon_every_rank(error):
+def _raise_on_every_rank(error):
     """Raise `error` (an InputError or None), or another rank's, on every rank of the process group, so that
     no rank waits forever in a later collective for one that stopped."""
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -542,7 +542,7 @@ def on_every_rank(fn):
         result, error = fn(), None
     except InputError as e:
         result, error = None, e
-    _raiseon_every_rank(error)
+    _raise_on_every_rank(error)
     return result
 
 
@@ -557,11 +557,15 @@ def _all_gather_rows(x, rows):
 @torch.inference_mode()
 def batch_features(networks, images, protocol="adm"):
     """uint8 (N, H, W, 3) images on the networks' device -> every network's features, float32 (N, D) tensors."""
-    cudnn = torch.backends.cudnn  # full fp32 convolutions (no TF32), like the TF reference
-    with cudnn.flags(
-        enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic, allow_tf32=False
-    ):
-        return {k: v.float() for net in networks for k, v in net.features(images, protocol).items()}
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul  # full fp32 (no TF32), like the TF reference
+    tf32, matmul.allow_tf32 = matmul.allow_tf32, False
+    try:
+        with cudnn.flags(
+            enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic, allow_tf32=False
+        ):
+            return {k: v.float() for net in networks for k, v in net.features(images, protocol).items()}
+    finally:
+        matmul.allow_tf32 = tf32
 
 
 @torch.inference_mode()
@@ -591,7 +595,7 @@ def compute_features(images, networks, batch_size=64, protocol="adm", progress=F
                 bar.update(len(batch))
         except InputError as e:  # an unreadable image in this rank's shard
             error = e
-    _raiseon_every_rank(error)  # before the gather, which the other ranks would otherwise wait in forever
+    _raise_on_every_rank(error)  # before the gather, which the other ranks would otherwise wait in forever
     feats = {k: torch.cat(v) for k, v in out.items()}
     if world > 1:
         feats = {k: torch.cat(_all_gather_rows(v, shard))[:n] for k, v in feats.items()}
@@ -658,6 +662,8 @@ def kernel_inception_distance(ref_feats, sample_feats, subsets=100, subset_size=
     if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
         raise InputError(f"KID needs (N, D) features of equal D, got {y.shape}, {x.shape}")
     m, d = min(len(x), len(y), subset_size), x.shape[1]
+    if subsets < 1 or subset_size < 2:
+        raise InputError(f"KID needs at least 1 subset of at least 2 images, got {subsets} of {subset_size}")
     if m < 2:
         raise InputError(f"KID needs at least 2 images per set, got {len(y)} and {len(x)}")
     rng, mmds = np.random.RandomState(seed), []

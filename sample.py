@@ -37,6 +37,7 @@ import torch.distributed as dist
 import dtr
 import fid
 
+SETTINGS_OFF = {"eval_features": [], "eval_protocol": None, "no_images": False}  # settings newer than some runs
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # A bare state dict is read as a facebookresearch/DiT checkpoint: DiT's diffusion and no routing.
 # fmt: off
@@ -413,7 +414,8 @@ def prepare_out(out, files, settings, num_shards, resume=False, overwrite=False,
             raise dtr.InputError(f"--resume: {out} holds samples but no run.json; pass --overwrite to redo them")
         with open(files.settings) as f:
             before = json.load(f)
-        changed = [k for k in settings if before.get(k) != settings[k]]
+        # a key missing from an older run.json has its off value
+        changed = [k for k in settings if before.get(k, SETTINGS_OFF.get(k)) != settings[k]]
         if changed:
             raise dtr.InputError(
                 f"--resume: {out} was sampled with other settings ({', '.join(changed)}); use another --out"
@@ -433,9 +435,8 @@ def prepare_out(out, files, settings, num_shards, resume=False, overwrite=False,
 #################################################################################
 
 
-def merge_shards(path, shard_files, ranges, image_shape, keys=()):
-    """Stream the shards into one uncompressed ADM .npz (arr_0 uint8 NHWC, then the per-sample arrays `keys`, e.g.
-    arr_1 int64 labels or captions str) -> its first 64 images."""
+def check_shards(shard_files):
+    """Raise InputError naming the first shard file that does not exist."""
     missing = [f for f in shard_files if not os.path.isfile(f)]
     if missing:  # e.g. ranks on other machines wrote theirs to a folder this one cannot see
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -443,6 +444,12 @@ def merge_shards(path, shard_files, ranges, image_shape, keys=()):
             f"shard {missing[0]}{more} is missing: put --out on a filesystem every rank shares, or rerun with "
             f"--resume to sample the missing shards here"
         )
+
+
+def merge_shards(path, shard_files, ranges, image_shape, keys=()):
+    """Stream the shards into one uncompressed ADM .npz (arr_0 uint8 NHWC, then the per-sample arrays `keys`, e.g.
+    arr_1 int64 labels or captions str) -> its first 64 images."""
+    check_shards(shard_files)
     first, extras = [], {k: [] for k in keys}
 
     def write(tmp):
@@ -684,7 +691,7 @@ def run(args, model_args, state, rank, world, device, captions=None):
     settings = run_settings(args, model_args, captions)
     metrics = fid.parse_metrics(args.metrics) if args.eval else ()
     names = list(dict.fromkeys(fid.METRICS[m] for m in metrics))  # the feature networks (--eval)
-    settings.update({"eval_features": names} if names else {}, **{"no_images": True} if args.no_images else {})
+    settings.update(eval_features=names, eval_protocol=args.protocol if names else None, no_images=args.no_images)
     final = files.metrics if args.eval else files.npz  # written last: the run is complete once it exists
     reference = open_reference(args.eval, names) if args.eval else None  # a bad REF stops before anything is written
     todo = from_rank0(
@@ -746,6 +753,7 @@ def evaluate_samples(shards, ref_stats, files, metrics, args):
     """Rank 0: the samples' features from the shards -> DIR/sample_stats.npz and the metrics, printed and in
     DIR/metrics.json."""
     feats = {}
+    check_shards(shards)
     for shard in shards:
         with np.load(shard) as z:
             for name in fid.FEATURE_KEYS + ("spatial",):

@@ -2564,6 +2564,8 @@ def test_sample_eval_equals_sample_then_fid(fitted_dit, weights_file, tmp_path, 
     capsys.readouterr()
     sample.main(sample.parser().parse_args([*argv, "--resume"]))  # metrics.json is written last: the run is done
     assert "metrics.json is already complete" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"other settings \(no_images\)"):  # a run's flags cannot be dropped
+        sample.main(sample.parser().parse_args([*argv[: argv.index("--no-images")], "--resume"]))
     bare = json.loads((tmp_path / "bare" / "metrics.json").read_text())
     assert {k: bare[k] for k in fid.RESULT_NAMES} == {k: during[k] for k in fid.RESULT_NAMES}
     # bad input: one line, nothing written
