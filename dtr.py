@@ -1651,6 +1651,10 @@ def bench_main(args):
     torch.manual_seed(0)
     kinds = list(dict.fromkeys(args.routings))
     ref = create_model(args.model, input_size=args.image_size, routing=kinds[0]).to(device)
+    if args.weights == "random":  # non-identity blocks, as in a trained network (adaLN-Zero makes them identities)
+        with torch.no_grad():
+            for p in ref.parameters():
+                p.normal_(0, 0.02)
     r = ref.router
     routers = {k: TaskRouter(r.widths, k, r.num_tasks, r.alpha, r.beta, r.seed).to(device) for k in kinds}
     net = torch.compile(ref) if args.compile else ref  # one graph per router (dynamo guards on it)
@@ -1704,7 +1708,7 @@ def bench_main(args):
     print(
         f"{args.model}  input {args.image_size}x{args.image_size}  batch {args.batch_size}  {device}  "
         f"threads {torch.get_num_threads()}  {args.steps} steps  {args.mode}  {args.precision}"
-        f"{'  compiled' if args.compile else ''}  clock {args.clock}"
+        f"{'  compiled' if args.compile else ''}  clock {args.clock}  weights {args.weights}"
         f"{f'  {gmacs:.4g} GMACs/img fwd' if gmacs else ''}"
     )
     for k in kinds:
@@ -1766,6 +1770,8 @@ if __name__ == "__main__":
     )
     p.add_argument("--precision", choices=list(BENCH_DTYPES), default="fp32", help="bf16 / fp16: autocast")
     p.add_argument("--compile", action="store_true", help="torch.compile every model")
+    weights_help = "init: as built (adaLN-Zero: every block starts as the identity); random: all N(0, 0.02^2)"
+    p.add_argument("--weights", choices=["init", "random"], default="init", help=weights_help)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument(
         "--clock",

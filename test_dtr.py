@@ -1380,8 +1380,11 @@ def test_bench_train_mode_cli():
         "1",
         "--clock",
         "cpu",
+        "--weights",
+        "random",
     )
     assert r.returncode == 0, r.stderr
+    assert "weights random" in r.stdout.splitlines()[0]
     head, *lines = r.stdout.splitlines()
     assert "train" in head and "bf16" in head and "clock cpu" in head and "threads 1" in head
     assert float(re.search(r"([\d.]+) GMACs/img", head)[1]) == pytest.approx(dtr.dit_gmacs(tiny_dit()), rel=1e-3)
