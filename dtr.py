@@ -336,7 +336,7 @@ class Fork(torch.autograd.Function):
     """(z, m) -> (m * z, z): a routed block's input stream and its skip, as one autograd node.
 
     Their gradients meet in a single fused pass, g_z = g_skip + m * g_h (addcmul), where autograd would run a multiply
-    and an accumulation; the forward is the plain product, so outputs and gradients are bit-identical."""
+    and an accumulation; m is binary, so m * g_h is exact and outputs and gradients are bit-identical."""
 
     @staticmethod
     def forward(ctx, z, mask):
@@ -1640,7 +1640,7 @@ def bench_main(args):
     all kinds alike; a kind's cost is its median step-time ratio to the first kind's over the repetitions.
 
     All kinds run one network (the same weights at the same addresses), whose TaskRouter is swapped before each step:
-    separately allocated copies differ by up to ~1 % in speed on a CPU, more than DTR's cost."""
+    separately allocated copies differed in speed by up to 0.5 % on a CPU, as much as DTR's cost."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.clock == "cpu" and device.type == "cuda":
         raise InputError("--clock cpu times the host only; on CUDA use --clock wall")

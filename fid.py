@@ -810,6 +810,36 @@ def report(results, json_path=None, **record):
         dtr.atomic_write(json_path, lambda tmp: dtr.write_text(tmp, text))
 
 
+def score(ref, sample, metrics, protocol="adm", json_path=None, kid_subsets=100, kid_subset_size=1000, **record):
+    """Rank 0: name what is computed (describe), then evaluate and report two `statistics` dicts; the JSON also
+    holds the set sizes, the protocol, the metrics and `record`."""
+    print(describe(metrics, protocol, kid_subsets, kid_subset_size))
+    results = evaluate(ref, sample, metrics=metrics, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size)
+    sizes = dict(num_ref=num_images(ref), num_samples=num_images(sample))
+    report(results, json_path, **sizes, protocol=protocol, metrics=list(metrics), **record)
+    return results
+
+
+def num_images(stats):
+    """How many images a `statistics` dict (or a feature dict) describes."""
+    return len(stats[next(k for k in FEATURE_KEYS if k in stats)])
+
+
+def open_source(path, networks, num_workers=8):
+    """Every rank: REF/SAMPLES -> (images or None, saved arrays), refusing a --save-stats file that lacks the
+    features of `networks`; an InputError on any rank stops them all."""
+    images, given = on_every_rank(lambda: load_source(path, num_workers))
+    if images is None:
+        on_every_rank(lambda: check_saved_features(path, given, networks))
+    return images, given
+
+
+def source_features(source, networks, batch_size=64, protocol="adm", progress=False):
+    """Every rank: an open source's features, extracted over all ranks (compute_features), or those it saved."""
+    images, given = source
+    return given if images is None else compute_features(images, networks, batch_size, protocol, progress)
+
+
 def load_networks(names, device, inception_weights=None, dinov2_weights=None, rank=0, world=1):
     """The feature networks `names` ('inception', 'dinov2'): rank 0 loads first, filling the torch.hub cache that
     the other ranks then read; a failure on any rank stops them all."""
@@ -826,30 +856,20 @@ def _run(args, device, rank, world):
     metrics = parse_metrics(args.metrics)
     names = list(dict.fromkeys(METRICS[m] for m in metrics))  # the networks these metrics read
     paths = [args.paths[0]] if args.save_stats else args.paths
-    sources = on_every_rank(lambda: [load_source(p, args.num_workers) for p in paths])
-    for path, (images, given) in zip(paths, sources):
-        if images is None:
-            on_every_rank(lambda: check_saved_features(path, given, names))
+    sources = [open_source(p, names, args.num_workers) for p in paths]
     networks = None
     if any(images is not None for images, _ in sources):
         networks = load_networks(names, device, args.inception_weights, args.dinov2_weights, rank, world)
-    feats = [
-        given if images is None else compute_features(images, networks, args.batch_size, args.protocol, True)
-        for images, given in sources
-    ]
+    feats = [source_features(s, networks, args.batch_size, args.protocol, progress=True) for s in sources]
     if rank:
         return
     stats = [statistics(f, given) for f, (_, given) in zip(feats, sources, strict=True)]
     if args.save_stats:
         dtr.save_npz(args.paths[1], stats[0])
-        print(
-            f"saved statistics and features ({', '.join(names)}) of {len(stats[0][next(k for k in FEATURE_KEYS if k in stats[0])])} images to {args.paths[1]}"
-        )
+        print(f"saved statistics and features ({', '.join(names)}) of {num_images(stats[0])} images to {args.paths[1]}")
         return
-    print(describe(metrics, args.protocol, args.kid_subsets, args.kid_subset_size))
-    results = evaluate(*stats, metrics=metrics, kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size)
-    sizes = [len(s[next(k for k in FEATURE_KEYS if k in s)]) for s in stats]
-    report(results, args.json, num_ref=sizes[0], num_samples=sizes[1], protocol=args.protocol, metrics=list(metrics))
+    kid = dict(kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size)
+    score(*stats, metrics, protocol=args.protocol, json_path=args.json, **kid)
 
 
 def main(args):

@@ -693,7 +693,7 @@ def run(args, model_args, state, rank, world, device, captions=None):
     names = list(dict.fromkeys(fid.METRICS[m] for m in metrics))  # the feature networks (--eval)
     settings.update(eval_features=names, eval_protocol=args.protocol if names else None, no_images=args.no_images)
     final = files.metrics if args.eval else files.npz  # written last: the run is complete once it exists
-    reference = open_reference(args.eval, names) if args.eval else None  # a bad REF stops before anything is written
+    reference = fid.open_source(args.eval, names) if args.eval else None  # a bad REF stops before anything is written
     todo = from_rank0(
         lambda: prepare_out(out, files, settings, len(ranges), args.resume, args.overwrite, args.save_png, final),
         rank,
@@ -714,7 +714,8 @@ def run(args, model_args, state, rank, world, device, captions=None):
     if world > 1:
         dist.barrier()
     seconds = time.time() - start_time
-    ref_stats = reference_statistics(reference, networks, args, rank) if args.eval else None  # on every rank
+    if args.eval:  # every rank extracts a share of REF's features
+        ref_feats = fid.source_features(reference, networks, args.batch_size, args.protocol, progress=rank == 0)
     if rank:
         return
     shards = [shard_file(files, k) for k in range(len(ranges))]
@@ -728,25 +729,8 @@ def run(args, model_args, state, rank, world, device, captions=None):
         f"({made / max(seconds, 1e-9):.2f} images/s){'' if args.no_images else f'; wrote {files.npz}'}"
     )
     if args.eval:
-        evaluate_samples(shards, ref_stats, files, metrics, args)
+        evaluate_samples(shards, fid.statistics(ref_feats, reference[1]), files, metrics, args)
     shutil.rmtree(files.shards)
-
-
-def open_reference(path, networks):
-    """Every rank: --eval's REF (images, or a --save-stats file holding the features of `networks`)."""
-    images, given = fid.on_every_rank(lambda: fid.load_source(path))
-    if images is None:
-        fid.on_every_rank(lambda: fid.check_saved_features(path, given, networks))
-    return images, given
-
-
-def reference_statistics(reference, networks, args, rank):
-    """Every rank: REF's statistics, its features extracted over all ranks as fid.py does."""
-    images, given = reference
-    feats = (
-        given if images is None else fid.compute_features(images, networks, args.batch_size, args.protocol, rank == 0)
-    )
-    return fid.statistics(feats, given)
 
 
 def evaluate_samples(shards, ref_stats, files, metrics, args):
@@ -761,11 +745,7 @@ def evaluate_samples(shards, ref_stats, files, metrics, args):
                     feats.setdefault(name, []).append(z[name])
     stats = fid.statistics({name: np.concatenate(v) for name, v in feats.items()})
     dtr.save_npz(files.stats, stats)
-    print(fid.describe(metrics, args.protocol))
-    results = fid.evaluate(ref_stats, stats, metrics=metrics)
-    num_ref = len(ref_stats[next(k for k in fid.FEATURE_KEYS if k in ref_stats)])
-    record = dict(num_ref=num_ref, num_samples=args.num_samples, protocol=args.protocol, metrics=list(metrics))
-    fid.report(results, files.metrics, reference=os.path.abspath(args.eval), **record)
+    fid.score(ref_stats, stats, metrics, args.protocol, files.metrics, reference=os.path.abspath(args.eval))
     print(f"wrote {files.stats} and {files.metrics}")
 
 
