@@ -349,6 +349,31 @@ class Fork(torch.autograd.Function):
         return torch.addcmul(grad_skip, grad_h, mask), None
 
 
+class Join(torch.autograd.Function):
+    """(gate, branch, in_place, *streams) -> every stream + gate * branch: a gated residual branch joins its streams.
+
+    One fused multiply-add pass per stream (addcmul) where DiT's block runs a multiply and an add; in place for fresh
+    streams that nothing saved for backward. Backward sums the streams' gradients once and takes the branch's and the
+    gate's gradients from the sum, as autograd does for one stream (autograd's own addcmul backward would spend a
+    full-size multiply by `value`). addcmul may round once (an FMA), so values can differ from DiT's in the last bit."""
+
+    @staticmethod
+    def forward(ctx, gate, branch, in_place, *streams):
+        ctx.save_for_backward(gate, branch)
+        if in_place:
+            ctx.mark_dirty(*streams)
+            for s in streams:
+                s.addcmul_(gate, branch)
+            return streams
+        return tuple(torch.addcmul(s, gate, branch) for s in streams)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        gate, branch = ctx.saved_tensors
+        g = sum(grads[1:], grads[0])  # (N, T, D): the branch reaches the loss through every stream
+        return (g * branch).sum_to_size(gate.shape), g * gate, None, *grads
+
+
 class DiTBlock(nn.Module):
     """adaLN-Zero transformer block, routed: z' = (1 - m_t) * z + DiTBlock(m_t * z).
 
@@ -377,12 +402,13 @@ class DiTBlock(nn.Module):
         # Eq. (8) with a binary m: (1 - m) * z + Block(m * z) = z + [Block(m * z) - m * z], i.e. the residual branches,
         # computed from the routed stream h = m * z, join z itself. Exact, and no (1 - m) product is left.
         h, z = Fork.apply(x, mask[:, None])
-        branch = gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(h), shift_msa, scale_msa))  # Eq. (5)
-        h, z = h + branch, z + branch  # z: a new tensor nothing saves for backward, so later branches join in place
+        branch = self.attn(modulate(self.norm1(h), shift_msa, scale_msa))  # Eq. (5)
+        h, z = Join.apply(gate_msa.unsqueeze(1), branch, False, h, z)  # z: new, and nothing saves it for backward
         if context is not None:  # inside the routed block: the routing wraps self-attention, cross-attention and MLP
             branch = self.cross_attn(self.norm_cross(h), context, context_mask)
             h, z = h + branch, z.add_(branch)
-        return z.add_(gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(h), shift_mlp, scale_mlp)))
+        (z,) = Join.apply(gate_mlp.unsqueeze(1), self.mlp(modulate(self.norm2(h), shift_mlp, scale_mlp)), True, z)
+        return z
 
 
 class FinalLayer(nn.Module):
@@ -1752,7 +1778,8 @@ if __name__ == "__main__":
     p.add_argument("--model", choices=list(MODELS), default="DiT-S/2")
     p.add_argument("--image-size", type=int, default=32, help="the network's input side (latent side for DiT)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--steps", type=int, default=20)
+    steps_help = "timed repetitions (one step of every kind each); on a shared CPU single steps vary by about 1.5 %%"
+    p.add_argument("--steps", type=int, default=40, help=steps_help)
     p.add_argument("--warmup", type=int, default=3, help="untimed repetitions first (torch.compile compiles here)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument(
