@@ -461,8 +461,8 @@ def test_routed_dit_compiles_whole_and_trains_as_eager():
 def test_routing_none_equals_beta_one():
     none, full = tiny_dit(routing="none"), tiny_dit(routing="dtr", beta=1.0)
     x, t, y = torch.randn(4, 4, 8, 8), torch.tensor([0, 1, 500, 999]), torch.tensor([0, 1, 2, 9])
-    with torch.no_grad():  # all-ones masks: the routed block's fused joins (addcmul) may differ in the last bit
-        torch.testing.assert_close(full(x, t, y), none(x, t, y), rtol=0, atol=1e-6)
+    with torch.no_grad():  # all-ones masks: the routed block's fused joins (addcmul) round differently
+        torch.testing.assert_close(full(x, t, y), none(x, t, y), rtol=1e-5, atol=1e-6)
         assert not torch.allclose(none(x, t, y), tiny_dit(routing="dtr")(x, t, y), atol=1e-4)
 
 
