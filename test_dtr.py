@@ -394,6 +394,11 @@ def test_routed_dit_block_is_eq8():
         assert torch.allclose(block(z + dz, c, m)[0] - routed[0], dz[0], atol=1e-5)
 
 
+def weighted_sum(out):
+    """A loss that sees every output, each with its own weight (a plain sum would hide swapped gradients)."""
+    return (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum()
+
+
 def official_routed_block(block, z, c, m, ctx=None, ctx_mask=None):
     """Eq. (8) composed as the official code does: (1 - m) * z + DiTBlock(m * z), DiTBlock as facebookresearch/DiT's
     (x + gate * attn(...), [+ cross-attention], x + gate * mlp(...)), from the block's own sublayers."""
@@ -425,7 +430,7 @@ def test_routed_block_reformulation_matches_the_official_composition(context_dim
         zz, cc = z.to(dtype, copy=True).requires_grad_(), c.to(dtype, copy=True).requires_grad_()
         blk.zero_grad(set_to_none=True)
         out = f(blk, zz, cc, m.to(dtype), None if ctx is None else ctx.to(dtype), keep)
-        (out * torch.linspace(-1, 1, out.numel(), dtype=dtype).view_as(out)).sum().backward()
+        weighted_sum(out).backward()
         return [out.detach(), zz.grad, cc.grad, *(p.grad for p in blk.parameters())]
 
     for m in (dtr.dtr_masks(1000, 64)[t], dtr.random_masks(1000, 64, seed=3)[t], torch.ones(4, 64)):
@@ -449,7 +454,7 @@ def test_routed_dit_compiles_whole_and_trains_as_eager():
     def grads(net):
         model.zero_grad(set_to_none=True)
         out = net(x, t, y, force_drop_ids=torch.zeros(4, dtype=torch.bool))
-        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        weighted_sum(out).backward()
         return [out.detach()] + [p.grad for p in model.parameters() if p.requires_grad]
 
     torch._dynamo.reset()
