@@ -31,6 +31,7 @@ from torch.utils.checkpoint import checkpoint
 ROUTINGS = ("dtr", "random", "cdtr", "ercdt", "none")
 BENCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # bench --precision
 BENCH_EMA_DECAY = 0.9999  # the paper's EMA, for bench --mode train
+BENCH_CI_LEVEL = 0.95  # the confidence of the interval bench prints around each kind's median cost
 H100_BF16_DENSE_TFLOPS = 989.0  # bench --peak-tflops: NVIDIA H100 SXM, bf16 tensor cores without sparsity
 
 
@@ -1651,6 +1652,17 @@ def dit_gmacs(model):
     return (len(model.blocks) * per_block + embed + final) / 1e9
 
 
+def median_interval(values, level=0.95):
+    """Distribution-free confidence interval of the median: the order statistics x_(j) and x_(n+1-j) for the largest j
+    whose coverage 1 - 2 P(Binomial(n, 1/2) < j) is at least level; None when even (min, max) falls short."""
+    xs, n = sorted(values), len(values)
+    j, below = 0, 0.0  # below = P(Binomial(n, 1/2) < j)
+    while 1 - 2 * (below + math.comb(n, j) / 2**n) >= level:
+        below += math.comb(n, j) / 2**n
+        j += 1
+    return (xs[j - 1], xs[n - j]) if j else None
+
+
 def peak_memory(device):
     """Peak bytes so far: CUDA's allocated memory (reset before every step by the bench), or on CPU the process'
     peak resident set (all models and steps together)."""
@@ -1663,7 +1675,8 @@ def peak_memory(device):
 
 def bench_main(args):
     """Median step time per routing kind (forward+backward, or a full training step), interleaved so that drift hits
-    all kinds alike; a kind's cost is its median step-time ratio to the first kind's over the repetitions.
+    all kinds alike; a kind's cost is its median step-time ratio to the first kind's over the repetitions, with a
+    distribution-free 95 % confidence interval of that median.
 
     All kinds run one network (the same weights at the same addresses), whose TaskRouter is swapped before each step:
     separately allocated copies differed in speed by up to 0.5 % on a CPU, as much as DTR's cost."""
@@ -1752,8 +1765,12 @@ def bench_main(args):
             )
         if k != kinds[0]:
             # the median of per-repetition ratios: a repetition's steps run back to back, so slow drift cancels
-            ratio = statistics.median(a / b for a, b in zip(times[k], times[kinds[0]]))
-            row.append(f"{100 * (ratio - 1):+.2f}% vs {kinds[0]}")
+            ratios = [a / b for a, b in zip(times[k], times[kinds[0]])]
+            row.append(f"{100 * (statistics.median(ratios) - 1):+.2f}% vs {kinds[0]}")
+            interval = median_interval(ratios, BENCH_CI_LEVEL)  # the median alone hides how far noise moved it
+            if interval:  # None below 6 repetitions at 95 %
+                lo, hi = (100 * (r - 1) for r in interval)
+                row.append(f"({100 * BENCH_CI_LEVEL:g}% CI {lo:+.2f} to {hi:+.2f}%)")
         print("  ".join(row))
 
 
@@ -1774,19 +1791,21 @@ if __name__ == "__main__":
     p.add_argument("--tasks", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="masks.png")
-    p = sub.add_parser("bench", help="time a training step with routing none / random / dtr")
+    p = sub.add_parser("bench", help="time forward+backward (or a training step) per routing kind: DTR's cost")
     p.add_argument("--model", choices=list(MODELS), default="DiT-S/2")
     p.add_argument("--image-size", type=int, default=32, help="the network's input side (latent side for DiT)")
     p.add_argument("--batch-size", type=int, default=8)
-    steps_help = "timed repetitions (one step of every kind each); on a shared CPU single steps vary by about 1.5 %%"
-    p.add_argument("--steps", type=int, default=40, help=steps_help)
+    # On a shared 2-core CPU single steps vary by about 1.5 %: 40 repetitions leave DTR's cost within about +-1.3 %
+    # (95 % interval of the median), 150 within about +-0.5 %
+    steps_help = "timed repetitions, one step of every kind each (default 150; the interval needs 6 or more)"
+    p.add_argument("--steps", type=int, default=150, help=steps_help)
     p.add_argument("--warmup", type=int, default=3, help="untimed repetitions first (torch.compile compiles here)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument(
         "--routings",
         nargs="+",
         choices=ROUTINGS,
-        default=["none", "random", "dtr"],
+        default=["none", "dtr"],
         help="kinds to time, interleaved; the first is the baseline",
     )
     p.add_argument(

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from scipy import linalg
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import dtr
 import fid
@@ -440,6 +441,45 @@ def test_routed_block_reformulation_matches_the_official_composition(context_dim
         torch.testing.assert_close(ours[0], official[0], rtol=0, atol=1e-6)
         for a, b, ref in zip(ours, official, exact):
             assert (a.double() - ref).abs().max() <= 2 * (b.double() - ref).abs().max() + 1e-7
+
+
+class FullSizeTensors(TorchDispatchMode):
+    """Counts the tensors with a given number of elements that aten ops compute (views excluded): run on a block's
+    input size N*T*D, its full-size passes (plus same-size tensors such as attention's, the same in both paths)."""
+
+    def __init__(self, numel):
+        super().__init__()
+        self.numel, self.count = numel, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        outs = out if isinstance(out, (tuple, list)) else [out]
+        self.count += 0 if func.is_view else sum(isinstance(o, torch.Tensor) and o.numel() == self.numel for o in outs)
+        return out
+
+
+@pytest.mark.parametrize("context_dim", [None, 8])
+def test_routed_block_computes_dits_passes_plus_one_in_backward(context_dim):
+    # What routing costs, counted rather than timed: a routed block computes as many full-size tensors as DiT's block
+    # in forward and one more in backward (Fork's blend g_skip + m * g_h); the text block's ungated cross-attention
+    # branch joins two streams, one more each way
+    block = randomize(dtr.DiTBlock(32, 4, context_dim=context_dim))
+    z, c = torch.randn(2, 13, 32, requires_grad=True), torch.randn(2, 32)  # 832 elements, unlike any parameter
+    ctx = None if context_dim is None else torch.randn(2, 3, context_dim)
+
+    def passes(mask):
+        block.zero_grad(set_to_none=True)
+        z.grad = None  # or backward would add into it
+        with FullSizeTensors(z.numel()) as forward:
+            loss = weighted_sum(block(z, c, mask, ctx))
+        with FullSizeTensors(z.numel()) as backward:
+            loss.backward()
+        return forward.count, backward.count
+
+    (dit_fwd, dit_bwd), (routed_fwd, routed_bwd) = passes(None), passes(dtr.dtr_masks(1000, 32)[[0, 999]])
+    extra = 0 if context_dim is None else 1
+    assert (routed_fwd, routed_bwd) == (dit_fwd + extra, dit_bwd + 1 + extra)
+    assert dit_fwd > 10  # the counter saw the block's ops (0 == 0 would pass)
 
 
 def test_routed_dit_compiles_whole_and_trains_as_eager():
@@ -1378,31 +1418,29 @@ def test_masks_cli_draws_the_table(tmp_path):
     assert r.returncode != 0 and "beta" in r.stderr and img.shape == read_image(str(out)).shape  # old file intact
 
 
+TINY_BENCH = ("bench", "--model", "DiT-T/2", "--image-size", "8", "--batch-size", "2", "--warmup", "0")
+
+
 @pytest.mark.slow
 def test_bench_cli_reports_three_kinds():
-    r = run_cli(
-        "bench", "--model", "DiT-T/2", "--image-size", "8", "--batch-size", "2", "--steps", "2", "--warmup", "0"
-    )
+    r = run_cli(*TINY_BENCH, "--steps", "6", "--routings", "none", "random", "dtr")
     assert r.returncode == 0, r.stderr
     rows = {line.split()[0]: line for line in r.stdout.splitlines()[1:]}
     assert set(rows) == {"none", "random", "dtr"}
     assert all(float(rows[k].split()[1]) > 0 for k in rows) and "% vs none" in rows["dtr"]
+    # 6 repetitions: the interval is (min, max) of the ratios, and the median lies in it
+    med, lo, hi = map(
+        float, re.search(r"([-+][\d.]+)% vs none  \(95% CI ([-+][\d.]+) to ([-+][\d.]+)%\)", rows["dtr"]).groups()
+    )
+    assert lo <= med <= hi
 
 
 @pytest.mark.slow
 def test_bench_train_mode_cli():
     r = run_cli(
-        "bench",
-        "--model",
-        "DiT-T/2",
-        "--image-size",
-        "8",
-        "--batch-size",
-        "2",
+        *TINY_BENCH,
         "--steps",
         "1",
-        "--warmup",
-        "0",
         "--mode",
         "train",
         "--routings",
@@ -1423,13 +1461,28 @@ def test_bench_train_mode_cli():
     assert "train" in head and "bf16" in head and "clock cpu" in head and "threads 1" in head
     assert float(re.search(r"([\d.]+) GMACs/img", head)[1]) == pytest.approx(dtr.dit_gmacs(tiny_dit()), rel=1e-3)
     rows = {line.split()[0]: line for line in lines}
-    assert list(rows) == ["none", "dtr"] and "% vs none" in rows["dtr"]
+    assert list(rows) == ["none", "dtr"] and "% vs none" in rows["dtr"] and "CI" not in rows["dtr"]  # 1 repetition
     for row in rows.values():
         ms, img_s = (float(re.search(rf"([\d.]+) {unit}", row)[1]) for unit in ("ms/step", "img/s"))
         assert ms > 0 and img_s == pytest.approx(2 / (ms / 1000), rel=1e-2)
         assert float(re.search(r"peak RSS ([\d.]+) GiB", row)[1]) > 0  # CPU: the process' peak resident set
     r = run_cli("bench", "--device", "cuda", "--clock", "cpu")
     assert r.returncode != 0 and r.stderr.strip().count("\n") == 0 and "--clock cpu" in r.stderr
+
+
+def test_median_interval_takes_the_binomial_order_statistics():
+    from scipy.stats import binom
+
+    # n = 40 by hand: P(Bin(40, 1/2) <= 13) = 0.0192 (coverage 0.962), <= 14: 0.0403 (0.919), so x_(14) and x_(27)
+    assert dtr.median_interval(list(range(40, 0, -1))) == (14, 27)
+    assert dtr.median_interval([]) is None and dtr.median_interval([3.0] * 5) is None  # (min, max) covers 0.94
+    for n in (5, 6, 9, 20, 41, 100):
+        js = [j for j in range(1, n // 2 + 1) if 1 - 2 * binom.cdf(j - 1, n, 0.5) >= 0.95]
+        assert dtr.median_interval(list(range(1, n + 1))) == ((max(js), n + 1 - max(js)) if js else None)
+    # it covers the true median as often as the binomial says, whatever the distribution (here exponential: ln 2)
+    samples = np.random.default_rng(0).exponential(size=(4000, 40))
+    covered = np.mean([lo <= math.log(2) <= hi for lo, hi in map(dtr.median_interval, samples.tolist())])
+    assert abs(covered - (1 - 2 * binom.cdf(13, 40, 0.5))) < 0.01
 
 
 def test_dit_gmacs_match_dit_table_4():
