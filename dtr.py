@@ -1676,7 +1676,7 @@ def peak_memory(device):
 def bench_main(args):
     """Median step time per routing kind (forward+backward, or a full training step), interleaved so that drift hits
     all kinds alike; a kind's cost is its median step-time ratio to the first kind's over the repetitions, with a
-    distribution-free 95 % confidence interval of that median.
+    distribution-free confidence interval of that median (at BENCH_CI_LEVEL).
 
     All kinds run one network (the same weights at the same addresses), whose TaskRouter is swapped before each step:
     separately allocated copies differed in speed by up to 0.5 % on a CPU, as much as DTR's cost."""
