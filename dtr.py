@@ -29,10 +29,6 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 ROUTINGS = ("dtr", "random", "cdtr", "ercdt", "none")
-BENCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # bench --precision
-BENCH_EMA_DECAY = 0.9999  # the paper's EMA, for bench --mode train
-BENCH_CI_LEVEL = 0.95  # the confidence of the interval bench prints around each kind's median cost
-H100_BF16_DENSE_TFLOPS = 989.0  # bench --peak-tflops: NVIDIA H100 SXM, bf16 tensor cores without sparsity
 
 
 class InputError(ValueError):
@@ -1610,6 +1606,11 @@ def one_line_errors(script):
 #################################################################################
 #                        Command line: mask pictures and benchmark              #
 #################################################################################
+
+BENCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # bench --precision
+BENCH_EMA_DECAY = 0.9999  # the paper's EMA, for bench --mode train
+BENCH_CI_LEVEL = 0.95  # the confidence of the interval bench prints around each kind's median cost
+H100_BF16_DENSE_TFLOPS = 989.0  # bench --peak-tflops: NVIDIA H100 SXM, bf16 tensor cores without sparsity
 
 
 def create_model(name, **kwargs):

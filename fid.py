@@ -47,9 +47,9 @@ IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
 InputError = dtr.InputError  # unusable input (file, array or feature set): main() reports it as one line
 
 
-# -----------------------------------------------------------------------------
-# Inception network (FID variant of InceptionV3, torchvision-style names)
-# -----------------------------------------------------------------------------
+#################################################################################
+#    Inception network (FID variant of InceptionV3, torchvision-style names)    #
+#################################################################################
 
 
 class BasicConv2d(nn.Module):
@@ -290,9 +290,9 @@ def load_inception(weights=None, device="cpu"):
     return load_weights(InceptionV3(), weights, FID_WEIGHTS_URL, "--inception-weights", "FID Inception").to(device)
 
 
-# -----------------------------------------------------------------------------
-# DINOv2 ViT-L/14 (FD-DINOv2, Stein et al. 2023), with the official torch.hub state dict
-# -----------------------------------------------------------------------------
+#################################################################################
+#     DINOv2 ViT-L/14 (FD-DINOv2, Stein et al. 2023), torch.hub's state dict    #
+#################################################################################
 
 
 class DinoAttention(nn.Module):
@@ -383,9 +383,9 @@ def load_dinov2(weights=None, device="cpu"):
     return load_weights(DINOv2(), weights, DINOV2_URL, "--dinov2-weights", "DINOv2 ViT-L/14").to(device)
 
 
-# -----------------------------------------------------------------------------
-# Preprocessing (ADM's TF graph: ResizeBilinear to 299, then (x - 128) / 128)
-# -----------------------------------------------------------------------------
+#################################################################################
+#  Preprocessing (ADM's TF graph: ResizeBilinear to 299, then (x - 128) / 128)  #
+#################################################################################
 
 
 def _tf1_taps(n_in, n_out, device):
@@ -424,9 +424,9 @@ def preprocess_dinov2(images, size=224):
     return (x / 255 - mean) / std
 
 
-# -----------------------------------------------------------------------------
-# Inputs: ADM .npz batches (arr_0 uint8 NHWC), image folders, cached statistics
-# -----------------------------------------------------------------------------
+#################################################################################
+#  Inputs: ADM .npz batches (arr_0 uint8 NHWC), image folders, saved statistics #
+#################################################################################
 
 
 def _check_images(shape, dtype, what):
@@ -518,9 +518,9 @@ def check_saved_features(path, given, networks):
             raise InputError(f"{path} has no {net} features and no images; save it again with --metrics {wanted}")
 
 
-# -----------------------------------------------------------------------------
-# Features
-# -----------------------------------------------------------------------------
+#################################################################################
+#                                    Features                                   #
+#################################################################################
 
 
 def _raise_on_every_rank(error):
@@ -602,9 +602,9 @@ def compute_features(images, networks, batch_size=64, protocol="adm", progress=F
     return {k: v.cpu().numpy() for k, v in feats.items()}
 
 
-# -----------------------------------------------------------------------------
-# Metrics (ADM definitions)
-# -----------------------------------------------------------------------------
+#################################################################################
+#                           Metrics (ADM definitions)                           #
+#################################################################################
 
 
 def feature_statistics(feats):
@@ -730,9 +730,9 @@ def precision_recall(ref_feats, sample_feats, k=3, block_size=10000, device=None
     return smp_in.sum().item() / len(smp), ref_in.sum().item() / len(ref)
 
 
-# -----------------------------------------------------------------------------
-# Evaluation
-# -----------------------------------------------------------------------------
+#################################################################################
+#                                   Evaluation                                  #
+#################################################################################
 
 
 def statistics(feats, given=None):

@@ -60,11 +60,290 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 #################################################################################
+#                                 Training loop                                 #
+#################################################################################
+
+
+def train(args):
+    """Train, log and checkpoint as `args` say; returns the experiment directory."""
+    # set-up: processes, data, model and optimizer (new, initialised or resumed), experiment folder
+    run = setup(args)
+    data = load_training_data(args, run)
+    ckpt, changed = resume_checkpoint(args)
+    state = init_state(args, run, ckpt)
+    exp, log = open_experiment(args, run, data, state, ckpt is not None, changed)
+    net = (
+        DDP(state.model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+        if run.world > 1
+        else state.model
+    )
+    net = torch.compile(net) if args.compile else net
+    diffusion = dtr.build_diffusion(dtr.model_args(args), **loss_weighting(args))
+    vae = dtr.load_vae(args.vae, args.vae_path, run.device) if args.vae else None
+    if args.latents:  # from here on no image is read and no encoder runs
+        data.dataset, data.latents = prepare_latents(args, run, data.dataset, vae), True
+    batches = iter(make_loader(args, run, data.dataset, state.step))
+    meter = Meter(args, run, log, exp, state.step)
+    try:
+        while state.step < args.steps:
+            # one step: this rank's batch and its share of the step's draws -> loss, backward, AdamW, EMA
+            draws = step_randomness(args, state.step, run)
+            x, kwargs = model_inputs(args, run, data, vae, next_batch(batches), draws)
+            losses, loss = train_step(args, run, net, diffusion, state, x, draws, kwargs)
+            # log and save
+            meter.update(state.step, draws["t"], losses, loss, state.uw)
+            if state.step % args.ckpt_every == 0 or state.step == args.steps:
+                log(f"saved {save_checkpoint(args, run, exp, state)}")
+            if run.rank == 0 and (
+                args.sample_every and state.step % args.sample_every == 0 or state.step == args.steps
+            ):
+                log(f"saved {save_training_grid(args, exp, state.step, state.ema, vae, run.device, data)}")
+    finally:  # errors then print on a line of their own
+        meter.close()
+    if run.world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return exp
+
+
+def loss_weighting(args):
+    """The per-sample MSE weight of GaussianDiffusion (ANT-UW weighs its timestep clusters afterwards)."""
+    weight = args.loss_weight if args.loss_weight in ("min-snr", "p2") else "constant"
+    return dict(loss_weight=weight, min_snr_gamma=args.min_snr_gamma, p2_gamma=args.p2_gamma, p2_k=args.p2_k)
+
+
+def make_loader(args, run, dataset, step):
+    """This rank's batches of every global batch from `step` on (see StepBatches)."""
+    sampler = StepBatches(len(dataset), args.global_batch_size, run.rank, run.world, args.seed, step)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=args.num_workers,
+        pin_memory=run.device.type == "cuda",
+        persistent_workers=args.num_workers > 0,
+    )
+
+
+def next_batch(batches):
+    """The next (images, labels); an unreadable image, also in a loader worker, stops with one line."""
+    try:
+        return next(batches)
+    except Exception as e:  # the last line of a worker's re-raised traceback is the error; its type if it has none
+        lines = str(e).strip().splitlines()
+        raise dtr.InputError(lines[-1] if lines else f"cannot load a batch ({type(e).__name__})") from None
+
+
+def step_randomness(args, step, run):
+    """This rank's share of all random draws of one global batch, from a generator seeded by (seed, step).
+
+    Drawing per global batch rather than per rank makes training independent of how the batch is split over
+    ranks: any world size sees the same timesteps, noise, flips, label drops and captions for global sample i."""
+    g = torch.Generator(run.device).manual_seed(args.seed * 2**32 + step)
+    n, side = args.global_batch_size, dtr.latent_size(dtr.model_args(args))
+    shape = (4 if args.vae else 3, side, side)
+    clusters = args.uw_clusters if args.loss_weight == "ant-uw" else None
+    draws = dict(
+        t=dtr.sample_timesteps(n, args.num_timesteps, clusters, run.device, g),
+        noise=torch.randn(n, *shape, generator=g, device=run.device),
+        flip=torch.rand(n, generator=g, device=run.device) < args.flip_prob,
+        drop=torch.rand(n, generator=g, device=run.device) < args.class_dropout_prob,
+    )
+    if args.vae:
+        draws["posterior"] = torch.randn(n, *shape, generator=g, device=run.device)  # z = mean + std * noise
+    if args.context_dim is not None:  # which of its captions each image gets this time
+        draws["caption"] = torch.rand(n, generator=g, device=run.device, dtype=torch.float64)
+    return {k: v[run.part] for k, v in draws.items()}
+
+
+def model_inputs(args, run, data, vae, batch, draws):
+    """The network's input (pixels in [-1, 1] or VAE latents) and condition for this rank's batch (images or cached
+    latents, y)."""
+    x, y = batch
+    if data.latents:
+        x = cached_latents(x.to(run.device, non_blocking=True), draws)
+    else:
+        x = x.to(run.device, non_blocking=True).float() / 127.5 - 1  # uint8 -> [-1, 1]
+        x = torch.where(draws["flip"][:, None, None, None], x.flip(3), x)  # random horizontal flip
+    if vae is not None and not data.latents:
+        with torch.no_grad():
+            post = vae.encode(x).latent_dist
+            x = (post.mean + post.std * draws["posterior"]) * dtr.VAE_SCALE
+    if data.text is not None:  # y holds image indices: pick this step's captions and encode them (no grad)
+        context, mask = data.text(pick_captions(data.captions, y, draws["caption"]))
+        return x, dict(y=context, force_drop_ids=draws["drop"], **({"context_mask": mask} if args.text_mask else {}))
+    return x, ({} if args.num_classes == 1 else dict(y=y.to(run.device), force_drop_ids=draws["drop"]))
+
+
+def train_step(args, run, net, diffusion, state, x, draws, kwargs):
+    """One optimisation step -> this rank's per-sample losses (N,) and the loss it minimised (both detached)."""
+    with torch.autocast(run.device.type, dtype=AMP_DTYPES.get(args.precision), enabled=args.precision != "fp32"):
+        losses = diffusion.training_losses(net, x, draws["t"], kwargs, draws["noise"])["loss"].float()
+    uw = state.uw
+    loss = losses.mean() if uw is None else dtr.uncertainty_weighted_loss(losses, draws["t"], uw, args.num_timesteps)
+    state.opt.zero_grad(set_to_none=True)
+    state.scaler.scale(loss).backward()
+    if uw is not None:  # the log-variances live outside DDP: average their gradients by hand
+        all_reduce_mean(uw.grad, run.world)
+    state.scaler.step(state.opt)
+    state.scaler.update()
+    update_ema(state.ema, state.model, args.ema_decay)
+    state.step += 1
+    return losses.detach(), loss.detach()
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    """ema <- decay * ema + (1 - decay) * model, for every parameter."""
+    ema_params = list(ema.parameters())
+    params = [p.detach() for p in model.parameters()]
+    torch._foreach_mul_(ema_params, decay)
+    torch._foreach_add_(ema_params, params, alpha=1 - decay)
+
+
+#################################################################################
+#                  Set-up: processes, data, model and optimizer                 #
+#################################################################################
+
+
+@dataclass
+class Run:
+    """This process: its rank among `world`, its device, and its slice of every global batch."""
+
+    rank: int
+    world: int
+    device: torch.device
+    part: slice
+
+
+@dataclass
+class TrainingData:
+    """The images (uint8, with labels or image indices) and, for text-to-image, captions and their frozen encoder."""
+
+    dataset: torch.utils.data.Dataset
+    captions: list = None
+    text: dtr.TextEncoder = None
+    latents: bool = False  # the dataset is a LatentData: cached posterior moments instead of images
+
+
+@dataclass
+class State:
+    """What training changes and a checkpoint keeps: weights, their EMA, the optimizer (with ANT-UW's log-variances
+    uw), the fp16 loss scaler and the step."""
+
+    model: torch.nn.Module
+    ema: torch.nn.Module
+    opt: torch.optim.Optimizer
+    uw: torch.nn.Parameter
+    scaler: torch.amp.GradScaler
+    step: int = 0
+
+
+def setup(args):
+    """Join torchrun (or run alone), check the flags that need no data, and seed this rank's dropout stream."""
+    rank, world, device = dtr.setup_distributed()
+    if args.global_batch_size % world:
+        raise dtr.InputError(f"global batch size {args.global_batch_size} is not divisible by the world size {world}")
+    local = args.global_batch_size // world
+    if args.loss_weight == "ant-uw" and not 1 <= args.uw_clusters <= args.num_timesteps:
+        raise dtr.InputError(
+            f"--uw-clusters {args.uw_clusters} must be between 1 and --num-timesteps {args.num_timesteps}"
+        )
+    if not 1 <= args.grid_steps <= args.num_timesteps:  # the sample grid respaces the T training steps
+        raise dtr.InputError(
+            f"--grid-steps {args.grid_steps} must be between 1 and --num-timesteps {args.num_timesteps}"
+        )
+    if args.loss_weight == "ant-uw" and local % args.uw_clusters:
+        raise dtr.InputError(
+            f"per-rank batch {local} is not divisible by the {args.uw_clusters} ANT-UW timestep clusters"
+        )
+    if args.vae and args.image_size % dtr.VAE_FACTOR:
+        raise dtr.InputError(f"--image-size {args.image_size} is not divisible by the VAE factor {dtr.VAE_FACTOR}")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(args.seed * world + rank)  # per-rank stream for dropout; batch draws are per step
+    return Run(rank, world, device, slice(rank * local, (rank + 1) * local))
+
+
+def load_training_data(args, run):
+    """The data; it decides args.num_classes and, for text, the encoder's identity (args.context_dim, text_*)."""
+    args.context_dim = args.text_digest = args.text_length = None
+    if args.text_encoder is None:
+        dataset, args.num_classes = load_data(args)
+        data = TrainingData(dataset)
+        if args.num_classes == 1:  # no labels to drop: no null-class row, as the official DTR code does
+            args.class_dropout_prob = 0.0
+    else:  # text-to-image: the condition is a caption, through the frozen encoder
+        (dataset, captions), args.num_classes = load_text_data(args), 1
+        data = TrainingData(dataset, captions, dtr.TextEncoder(args.text_encoder, run.device, args.cache_text))
+        args.context_dim, args.text_digest, args.text_length = data.text.dim, data.text.digest, data.text.length
+    if len(dataset) < args.global_batch_size:
+        raise dtr.InputError(f"{len(dataset)} images are fewer than one global batch of {args.global_batch_size}")
+    return data
+
+
+def init_state(args, run, ckpt=None):
+    """Model, EMA, AdamW (ANT-UW's log-variances in their own group) and loss scaler: new, from --init-from, or
+    resumed from `ckpt`."""
+    model = dtr.build_model(dtr.model_args(args), use_checkpoint=args.grad_ckpt).to(run.device)
+    multiple = size_multiple(model)
+    if model.input_size % multiple:
+        raise dtr.InputError(f"input side {model.input_size} is not divisible by {multiple}, which {args.model} needs")
+    if args.init_from:
+        load_weights(model, args.init_from)
+    uw = torch.nn.Parameter(torch.zeros(args.uw_clusters, device=run.device)) if args.loss_weight == "ant-uw" else None
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    if uw is not None:  # ANT-UW log-variances s_k: their own group, lr 0.025 and no weight decay
+        groups.append({"params": [uw], "lr": args.uw_lr, "weight_decay": 0.0})
+    opt = torch.optim.AdamW(
+        groups,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        **({"fused": True} if run.device.type == "cuda" else {"foreach": True}),
+    )
+    scaler = torch.amp.GradScaler(run.device.type, enabled=args.precision == "fp16")
+    state = State(model, deepcopy(model).requires_grad_(False), opt, uw, scaler)  # EMA starts from the model
+    if ckpt is not None:
+        restore(state, ckpt, args, run)
+    return state
+
+
+def load_weights(model, path):
+    """--init-from: model weights only (EMA if the checkpoint has them), keys matched strictly."""
+    sd = dtr.read_checkpoint(path)
+    sd = sd.get("ema", sd.get("model", sd)) if isinstance(sd, dict) and ("ema" in sd or "model" in sd) else sd
+    try:
+        model.load_state_dict(clean_state_dict(sd), strict=True)
+    except RuntimeError as e:
+        raise dtr.InputError(f"--init-from {path} does not match the model: {str(e).splitlines()[1].strip()}") from None
+
+
+def size_multiple(model):
+    """What the network's input side must be a multiple of: DiT's patch size, or the UNet's total downsampling."""
+    if isinstance(model, dtr.DiT):
+        return model.patch_size
+    return 2 ** sum(
+        isinstance(m, dtr.Downsample) or isinstance(m, dtr.ResBlock) and m.updown == "down" for m in model.modules()
+    )
+
+
+def all_reduce_mean(x, world):
+    """Mean of a tensor over ranks (a no-op on one process)."""
+    if world > 1:
+        dist.all_reduce(x)
+        x /= world
+    return x
+
+
+#################################################################################
 #                                      Data                                     #
 #################################################################################
 
 SHAPES = ("red circle", "green square", "blue triangle", "yellow ring", "magenta cross", "cyan diamond")
+
+
 SHAPE_COLORS = ((220, 40, 40), (40, 200, 60), (50, 80, 230), (230, 210, 40), (210, 50, 200), (40, 200, 210))
+
+
 SHAPE_CAPTIONS = tuple((f"a {s}", f"a picture of a {s}") for s in SHAPES)  # --text-demo: two captions per shape
 
 
@@ -233,12 +512,18 @@ class StepBatches(torch.utils.data.Sampler):
 
 
 #################################################################################
-#            Latent cache: every image and its flip through the VAE once        #
+#          Latent cache: every image and its flip through the VAE once          #
 #################################################################################
 
 CACHE_FORMAT = 1  # version of the layout below
+
+
 CACHE_PREPROCESSING = "adm-center-crop"  # center_crop() above: rename this when it changes, so old caches are refused
+
+
 ENCODE_BATCH = 32  # images per VAE call while building a cache (64 with their flips)
+
+
 OPEN_SHARDS = 64  # memory maps a LatentData keeps open (each holds a file descriptor)
 
 
@@ -512,170 +797,9 @@ def cached_latents(moments, draws):
     return (m[:, 0] + m[:, 1] * draws["posterior"]) * dtr.VAE_SCALE
 
 
-SD_VAE_CONFIG = dict(  # Stable Diffusion's AutoencoderKL (sd-vae-ft-ema / -mse share it): for benchmarks, offline
-    block_out_channels=(128, 256, 512, 512),
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    layers_per_block=2,
-    latent_channels=4,
-    sample_size=256,
-)
-
-
-def bench_latents(vae_path=None, model="DiT-B/2", image_size=256, batch_size=4, rounds=5, seed=0):
-    """Median seconds per training step encoding on the fly vs reading a --latents cache, interleaved; printed.
-
-    vae_path=None builds Stable Diffusion's VAE architecture (SD_VAE_CONFIG) with random weights, offline: the encoder
-    costs the same with any weights. A step is the loop's own (model_inputs, train_step): latents, loss, backward,
-    AdamW, EMA. Round 0 warms up; the two paths alternate their order every round, so drift hits both alike."""
-    import statistics
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        if vae_path is None:
-            from diffusers.models import AutoencoderKL
-
-            vae_path = os.path.join(tmp, "vae")
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                AutoencoderKL(**SD_VAE_CONFIG).save_pretrained(vae_path)
-        data = os.path.join(tmp, "images.npz")
-        np.savez(data, np.random.default_rng(seed).integers(0, 256, (batch_size, image_size, image_size, 3), np.uint8))
-        args = resolve_preset(
-            parser().parse_args(
-                [
-                    "--data",
-                    data,
-                    "--model",
-                    model,
-                    "--image-size",
-                    str(image_size),
-                    "--vae",
-                    "ema",
-                    "--vae-path",
-                    vae_path,
-                    "--global-batch-size",
-                    str(batch_size),
-                    "--num-workers",
-                    "0",
-                    "--latents",
-                    os.path.join(tmp, "latents"),
-                ]
-            )
-        )
-        run = Run(0, 1, torch.device("cpu"), slice(None))
-        images = load_training_data(args, run)  # unconditional: no labels in the .npz
-        vae = dtr.load_vae(args.vae, args.vae_path, run.device)
-        start = time.perf_counter()
-        cache = TrainingData(prepare_latents(args, run, images.dataset, vae), latents=True)
-        encode_once = time.perf_counter() - start
-        state, diffusion = init_state(args, run), dtr.build_diffusion(dtr.model_args(args), **loss_weighting(args))
-
-        def step(data, i):
-            start = time.perf_counter()
-            draws = step_randomness(args, i, run)
-            batch = torch.utils.data.default_collate([data.dataset[j] for j in range(batch_size)])
-            x, kwargs = model_inputs(args, run, data, vae, batch, draws)
-            train_step(args, run, state.model, diffusion, state, x, draws, kwargs)
-            return time.perf_counter() - start
-
-        times = {"on the fly": [], "cache": []}
-        for i in range(1 + rounds):
-            for name in ("on the fly", "cache") if i % 2 else ("cache", "on the fly"):
-                seconds = step(cache if name == "cache" else images, i)
-                if i:
-                    times[name].append(seconds)
-    result = {k: statistics.median(v) for k, v in times.items()}
-    print(
-        f"{args.model} {image_size} px, batch {batch_size}, {torch.get_num_threads()} threads, median of {rounds} "
-        f"interleaved rounds: on the fly {result['on the fly']:.3f} s/step, from the cache {result['cache']:.3f} "
-        f"s/step ({result['on the fly'] / result['cache']:.2f}x); building the cache ({batch_size} images and their "
-        f"flips): {encode_once:.1f} s"
-    )
-    for k, v in times.items():
-        print(f"  {k}: {' '.join(f'{t:.2f}' for t in v)} s")
-    return result
-
-
 #################################################################################
-#               Set-up: processes, model, optimizer, resume, folders            #
+#               Checkpoints and experiments: resume, save, folders              #
 #################################################################################
-
-
-@dataclass
-class Run:
-    """This process: its rank among `world`, its device, and its slice of every global batch."""
-
-    rank: int
-    world: int
-    device: torch.device
-    part: slice
-
-
-@dataclass
-class TrainingData:
-    """The images (uint8, with labels or image indices) and, for text-to-image, captions and their frozen encoder."""
-
-    dataset: torch.utils.data.Dataset
-    captions: list = None
-    text: dtr.TextEncoder = None
-    latents: bool = False  # the dataset is a LatentData: cached posterior moments instead of images
-
-
-@dataclass
-class State:
-    """What training changes and a checkpoint keeps: weights, their EMA, the optimizer (with ANT-UW's log-variances
-    uw), the fp16 loss scaler and the step."""
-
-    model: torch.nn.Module
-    ema: torch.nn.Module
-    opt: torch.optim.Optimizer
-    uw: torch.nn.Parameter
-    scaler: torch.amp.GradScaler
-    step: int = 0
-
-
-def setup(args):
-    """Join torchrun (or run alone), check the flags that need no data, and seed this rank's dropout stream."""
-    rank, world, device = dtr.setup_distributed()
-    if args.global_batch_size % world:
-        raise dtr.InputError(f"global batch size {args.global_batch_size} is not divisible by the world size {world}")
-    local = args.global_batch_size // world
-    if args.loss_weight == "ant-uw" and not 1 <= args.uw_clusters <= args.num_timesteps:
-        raise dtr.InputError(
-            f"--uw-clusters {args.uw_clusters} must be between 1 and --num-timesteps {args.num_timesteps}"
-        )
-    if not 1 <= args.grid_steps <= args.num_timesteps:  # the sample grid respaces the T training steps
-        raise dtr.InputError(
-            f"--grid-steps {args.grid_steps} must be between 1 and --num-timesteps {args.num_timesteps}"
-        )
-    if args.loss_weight == "ant-uw" and local % args.uw_clusters:
-        raise dtr.InputError(
-            f"per-rank batch {local} is not divisible by the {args.uw_clusters} ANT-UW timestep clusters"
-        )
-    if args.vae and args.image_size % dtr.VAE_FACTOR:
-        raise dtr.InputError(f"--image-size {args.image_size} is not divisible by the VAE factor {dtr.VAE_FACTOR}")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(args.seed * world + rank)  # per-rank stream for dropout; batch draws are per step
-    return Run(rank, world, device, slice(rank * local, (rank + 1) * local))
-
-
-def load_training_data(args, run):
-    """The data; it decides args.num_classes and, for text, the encoder's identity (args.context_dim, text_*)."""
-    args.context_dim = args.text_digest = args.text_length = None
-    if args.text_encoder is None:
-        dataset, args.num_classes = load_data(args)
-        data = TrainingData(dataset)
-        if args.num_classes == 1:  # no labels to drop: no null-class row, as the official DTR code does
-            args.class_dropout_prob = 0.0
-    else:  # text-to-image: the condition is a caption, through the frozen encoder
-        (dataset, captions), args.num_classes = load_text_data(args), 1
-        data = TrainingData(dataset, captions, dtr.TextEncoder(args.text_encoder, run.device, args.cache_text))
-        args.context_dim, args.text_digest, args.text_length = data.text.dim, data.text.digest, data.text.length
-    if len(dataset) < args.global_batch_size:
-        raise dtr.InputError(f"{len(dataset)} images are fewer than one global batch of {args.global_batch_size}")
-    return data
 
 
 def resume_checkpoint(args):
@@ -701,42 +825,6 @@ def resume_checkpoint(args):
     return ckpt, changed
 
 
-def init_state(args, run, ckpt=None):
-    """Model, EMA, AdamW (ANT-UW's log-variances in their own group) and loss scaler: new, from --init-from, or
-    resumed from `ckpt`."""
-    model = dtr.build_model(dtr.model_args(args), use_checkpoint=args.grad_ckpt).to(run.device)
-    multiple = size_multiple(model)
-    if model.input_size % multiple:
-        raise dtr.InputError(f"input side {model.input_size} is not divisible by {multiple}, which {args.model} needs")
-    if args.init_from:
-        load_weights(model, args.init_from)
-    uw = torch.nn.Parameter(torch.zeros(args.uw_clusters, device=run.device)) if args.loss_weight == "ant-uw" else None
-    groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
-    if uw is not None:  # ANT-UW log-variances s_k: their own group, lr 0.025 and no weight decay
-        groups.append({"params": [uw], "lr": args.uw_lr, "weight_decay": 0.0})
-    opt = torch.optim.AdamW(
-        groups,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        **({"fused": True} if run.device.type == "cuda" else {"foreach": True}),
-    )
-    scaler = torch.amp.GradScaler(run.device.type, enabled=args.precision == "fp16")
-    state = State(model, deepcopy(model).requires_grad_(False), opt, uw, scaler)  # EMA starts from the model
-    if ckpt is not None:
-        restore(state, ckpt, args, run)
-    return state
-
-
-def load_weights(model, path):
-    """--init-from: model weights only (EMA if the checkpoint has them), keys matched strictly."""
-    sd = dtr.read_checkpoint(path)
-    sd = sd.get("ema", sd.get("model", sd)) if isinstance(sd, dict) and ("ema" in sd or "model" in sd) else sd
-    try:
-        model.load_state_dict(clean_state_dict(sd), strict=True)
-    except RuntimeError as e:
-        raise dtr.InputError(f"--init-from {path} does not match the model: {str(e).splitlines()[1].strip()}") from None
-
-
 def restore(state, ckpt, args, run):
     """Continue from a checkpoint: weights, EMA, optimizer (with this run's lr / weight decay), scaler, RNG, step."""
     state.model.load_state_dict(ckpt["model"])
@@ -753,6 +841,14 @@ def restore(state, ckpt, args, run):
         torch.set_rng_state(ckpt["rng"][run.rank]["cpu"])
         if run.device.type == "cuda" and ckpt["rng"][run.rank]["cuda"] is not None:
             torch.cuda.set_rng_state(ckpt["rng"][run.rank]["cuda"], run.device)
+
+
+def clean_state_dict(sd):
+    """A model state dict, unwrapped and without the official DTR repo's mask buffers.
+
+    The masks are dropped unchecked: --init-from takes weights only, and routing comes from this run's flags (one may
+    fine-tune a plain DiT with DTR, or change alpha); sample.py, which must reproduce a model, checks them instead."""
+    return {k: v for k, v in dtr.unwrap_state_dict(sd).items() if not k.endswith(dtr.MASK_KEY)}
 
 
 def open_experiment(args, run, data, state, resumed, changed=()):
@@ -781,31 +877,6 @@ def open_experiment(args, run, data, state, resumed, changed=()):
     if changed:
         log(f"changed on resume: {', '.join(changed)}")
     return exp, log
-
-
-def size_multiple(model):
-    """What the network's input side must be a multiple of: DiT's patch size, or the UNet's total downsampling."""
-    if isinstance(model, dtr.DiT):
-        return model.patch_size
-    return 2 ** sum(
-        isinstance(m, dtr.Downsample) or isinstance(m, dtr.ResBlock) and m.updown == "down" for m in model.modules()
-    )
-
-
-def clean_state_dict(sd):
-    """A model state dict, unwrapped and without the official DTR repo's mask buffers.
-
-    The masks are dropped unchecked: --init-from takes weights only, and routing comes from this run's flags (one may
-    fine-tune a plain DiT with DTR, or change alpha); sample.py, which must reproduce a model, checks them instead."""
-    return {k: v for k, v in dtr.unwrap_state_dict(sd).items() if not k.endswith(dtr.MASK_KEY)}
-
-
-def all_reduce_mean(x, world):
-    """Mean of a tensor over ranks (a no-op on one process)."""
-    if world > 1:
-        dist.all_reduce(x)
-        x /= world
-    return x
 
 
 def rng_states(world, device):
@@ -874,148 +945,7 @@ def new_experiment_dir(args):
 
 
 #################################################################################
-#                                  Training loop                                #
-#################################################################################
-
-
-def train(args):
-    """Train, log and checkpoint as `args` say; returns the experiment directory."""
-    # set-up: processes, data, model and optimizer (new, initialised or resumed), experiment folder
-    run = setup(args)
-    data = load_training_data(args, run)
-    ckpt, changed = resume_checkpoint(args)
-    state = init_state(args, run, ckpt)
-    exp, log = open_experiment(args, run, data, state, ckpt is not None, changed)
-    net = (
-        DDP(state.model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
-        if run.world > 1
-        else state.model
-    )
-    net = torch.compile(net) if args.compile else net
-    diffusion = dtr.build_diffusion(dtr.model_args(args), **loss_weighting(args))
-    vae = dtr.load_vae(args.vae, args.vae_path, run.device) if args.vae else None
-    if args.latents:  # from here on no image is read and no encoder runs
-        data.dataset, data.latents = prepare_latents(args, run, data.dataset, vae), True
-    batches = iter(make_loader(args, run, data.dataset, state.step))
-    meter = Meter(args, run, log, exp, state.step)
-    try:
-        while state.step < args.steps:
-            # one step: this rank's batch and its share of the step's draws -> loss, backward, AdamW, EMA
-            draws = step_randomness(args, state.step, run)
-            x, kwargs = model_inputs(args, run, data, vae, next_batch(batches), draws)
-            losses, loss = train_step(args, run, net, diffusion, state, x, draws, kwargs)
-            # log and save
-            meter.update(state.step, draws["t"], losses, loss, state.uw)
-            if state.step % args.ckpt_every == 0 or state.step == args.steps:
-                log(f"saved {save_checkpoint(args, run, exp, state)}")
-            if run.rank == 0 and (
-                args.sample_every and state.step % args.sample_every == 0 or state.step == args.steps
-            ):
-                log(f"saved {save_training_grid(args, exp, state.step, state.ema, vae, run.device, data)}")
-    finally:  # errors then print on a line of their own
-        meter.close()
-    if run.world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
-    return exp
-
-
-def loss_weighting(args):
-    """The per-sample MSE weight of GaussianDiffusion (ANT-UW weighs its timestep clusters afterwards)."""
-    weight = args.loss_weight if args.loss_weight in ("min-snr", "p2") else "constant"
-    return dict(loss_weight=weight, min_snr_gamma=args.min_snr_gamma, p2_gamma=args.p2_gamma, p2_k=args.p2_k)
-
-
-def make_loader(args, run, dataset, step):
-    """This rank's batches of every global batch from `step` on (see StepBatches)."""
-    sampler = StepBatches(len(dataset), args.global_batch_size, run.rank, run.world, args.seed, step)
-    return torch.utils.data.DataLoader(
-        dataset,
-        batch_sampler=sampler,
-        num_workers=args.num_workers,
-        pin_memory=run.device.type == "cuda",
-        persistent_workers=args.num_workers > 0,
-    )
-
-
-def next_batch(batches):
-    """The next (images, labels); an unreadable image, also in a loader worker, stops with one line."""
-    try:
-        return next(batches)
-    except Exception as e:  # the last line of a worker's re-raised traceback is the error; its type if it has none
-        lines = str(e).strip().splitlines()
-        raise dtr.InputError(lines[-1] if lines else f"cannot load a batch ({type(e).__name__})") from None
-
-
-def step_randomness(args, step, run):
-    """This rank's share of all random draws of one global batch, from a generator seeded by (seed, step).
-
-    Drawing per global batch rather than per rank makes training independent of how the batch is split over
-    ranks: any world size sees the same timesteps, noise, flips, label drops and captions for global sample i."""
-    g = torch.Generator(run.device).manual_seed(args.seed * 2**32 + step)
-    n, side = args.global_batch_size, dtr.latent_size(dtr.model_args(args))
-    shape = (4 if args.vae else 3, side, side)
-    clusters = args.uw_clusters if args.loss_weight == "ant-uw" else None
-    draws = dict(
-        t=dtr.sample_timesteps(n, args.num_timesteps, clusters, run.device, g),
-        noise=torch.randn(n, *shape, generator=g, device=run.device),
-        flip=torch.rand(n, generator=g, device=run.device) < args.flip_prob,
-        drop=torch.rand(n, generator=g, device=run.device) < args.class_dropout_prob,
-    )
-    if args.vae:
-        draws["posterior"] = torch.randn(n, *shape, generator=g, device=run.device)  # z = mean + std * noise
-    if args.context_dim is not None:  # which of its captions each image gets this time
-        draws["caption"] = torch.rand(n, generator=g, device=run.device, dtype=torch.float64)
-    return {k: v[run.part] for k, v in draws.items()}
-
-
-def model_inputs(args, run, data, vae, batch, draws):
-    """The network's input (pixels in [-1, 1] or VAE latents) and condition for this rank's batch (images or cached
-    latents, y)."""
-    x, y = batch
-    if data.latents:
-        x = cached_latents(x.to(run.device, non_blocking=True), draws)
-    else:
-        x = x.to(run.device, non_blocking=True).float() / 127.5 - 1  # uint8 -> [-1, 1]
-        x = torch.where(draws["flip"][:, None, None, None], x.flip(3), x)  # random horizontal flip
-    if vae is not None and not data.latents:
-        with torch.no_grad():
-            post = vae.encode(x).latent_dist
-            x = (post.mean + post.std * draws["posterior"]) * dtr.VAE_SCALE
-    if data.text is not None:  # y holds image indices: pick this step's captions and encode them (no grad)
-        context, mask = data.text(pick_captions(data.captions, y, draws["caption"]))
-        return x, dict(y=context, force_drop_ids=draws["drop"], **({"context_mask": mask} if args.text_mask else {}))
-    return x, ({} if args.num_classes == 1 else dict(y=y.to(run.device), force_drop_ids=draws["drop"]))
-
-
-def train_step(args, run, net, diffusion, state, x, draws, kwargs):
-    """One optimisation step -> this rank's per-sample losses (N,) and the loss it minimised (both detached)."""
-    with torch.autocast(run.device.type, dtype=AMP_DTYPES.get(args.precision), enabled=args.precision != "fp32"):
-        losses = diffusion.training_losses(net, x, draws["t"], kwargs, draws["noise"])["loss"].float()
-    uw = state.uw
-    loss = losses.mean() if uw is None else dtr.uncertainty_weighted_loss(losses, draws["t"], uw, args.num_timesteps)
-    state.opt.zero_grad(set_to_none=True)
-    state.scaler.scale(loss).backward()
-    if uw is not None:  # the log-variances live outside DDP: average their gradients by hand
-        all_reduce_mean(uw.grad, run.world)
-    state.scaler.step(state.opt)
-    state.scaler.update()
-    update_ema(state.ema, state.model, args.ema_decay)
-    state.step += 1
-    return losses.detach(), loss.detach()
-
-
-@torch.no_grad()
-def update_ema(ema, model, decay):
-    """ema <- decay * ema + (1 - decay) * model, for every parameter."""
-    ema_params = list(ema.parameters())
-    params = [p.detach() for p in model.parameters()]
-    torch._foreach_mul_(ema_params, decay)
-    torch._foreach_add_(ema_params, params, alpha=1 - decay)
-
-
-#################################################################################
-#                        Logging, progress and sample grids                     #
+#                       Logging, progress and sample grids                      #
 #################################################################################
 
 
@@ -1111,7 +1041,7 @@ def save_training_grid(args, exp, step, ema, vae, device, data=None):
 
 
 #################################################################################
-#                                   Command line                                #
+#                                  Command line                                 #
 #################################################################################
 
 
@@ -1251,6 +1181,95 @@ def parser():
     p.add_argument("--resume", default=None, help="checkpoint path, or 'auto' for the newest under --results-dir")
     p.add_argument("--init-from", default=None, help="load model weights only (e.g. a pretrained DiT / ADM checkpoint)")
     return p
+
+
+#################################################################################
+#             Benchmark: pre-encoded latents vs encoding on the fly             #
+#################################################################################
+
+SD_VAE_CONFIG = dict(  # Stable Diffusion's AutoencoderKL (sd-vae-ft-ema / -mse share it): for benchmarks, offline
+    block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    layers_per_block=2,
+    latent_channels=4,
+    sample_size=256,
+)
+
+
+def bench_latents(vae_path=None, model="DiT-B/2", image_size=256, batch_size=4, rounds=5, seed=0):
+    """Median seconds per training step encoding on the fly vs reading a --latents cache, interleaved; printed.
+
+    vae_path=None builds Stable Diffusion's VAE architecture (SD_VAE_CONFIG) with random weights, offline: the encoder
+    costs the same with any weights. A step is the loop's own (model_inputs, train_step): latents, loss, backward,
+    AdamW, EMA. Round 0 warms up; the two paths alternate their order every round, so drift hits both alike."""
+    import statistics
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if vae_path is None:
+            from diffusers.models import AutoencoderKL
+
+            vae_path = os.path.join(tmp, "vae")
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                AutoencoderKL(**SD_VAE_CONFIG).save_pretrained(vae_path)
+        data = os.path.join(tmp, "images.npz")
+        np.savez(data, np.random.default_rng(seed).integers(0, 256, (batch_size, image_size, image_size, 3), np.uint8))
+        args = resolve_preset(
+            parser().parse_args(
+                [
+                    "--data",
+                    data,
+                    "--model",
+                    model,
+                    "--image-size",
+                    str(image_size),
+                    "--vae",
+                    "ema",
+                    "--vae-path",
+                    vae_path,
+                    "--global-batch-size",
+                    str(batch_size),
+                    "--num-workers",
+                    "0",
+                    "--latents",
+                    os.path.join(tmp, "latents"),
+                ]
+            )
+        )
+        run = Run(0, 1, torch.device("cpu"), slice(None))
+        images = load_training_data(args, run)  # unconditional: no labels in the .npz
+        vae = dtr.load_vae(args.vae, args.vae_path, run.device)
+        start = time.perf_counter()
+        cache = TrainingData(prepare_latents(args, run, images.dataset, vae), latents=True)
+        encode_once = time.perf_counter() - start
+        state, diffusion = init_state(args, run), dtr.build_diffusion(dtr.model_args(args), **loss_weighting(args))
+
+        def step(data, i):
+            start = time.perf_counter()
+            draws = step_randomness(args, i, run)
+            batch = torch.utils.data.default_collate([data.dataset[j] for j in range(batch_size)])
+            x, kwargs = model_inputs(args, run, data, vae, batch, draws)
+            train_step(args, run, state.model, diffusion, state, x, draws, kwargs)
+            return time.perf_counter() - start
+
+        times = {"on the fly": [], "cache": []}
+        for i in range(1 + rounds):
+            for name in ("on the fly", "cache") if i % 2 else ("cache", "on the fly"):
+                seconds = step(cache if name == "cache" else images, i)
+                if i:
+                    times[name].append(seconds)
+    result = {k: statistics.median(v) for k, v in times.items()}
+    print(
+        f"{args.model} {image_size} px, batch {batch_size}, {torch.get_num_threads()} threads, median of {rounds} "
+        f"interleaved rounds: on the fly {result['on the fly']:.3f} s/step, from the cache {result['cache']:.3f} "
+        f"s/step ({result['on the fly'] / result['cache']:.2f}x); building the cache ({batch_size} images and their "
+        f"flips): {encode_once:.1f} s"
+    )
+    for k, v in times.items():
+        print(f"  {k}: {' '.join(f'{t:.2f}' for t in v)} s")
+    return result
 
 
 if __name__ == "__main__":
