@@ -3,7 +3,8 @@
 Each diffusion timestep t is a task. A fixed binary mask m_t selects the channels that enter every residual
 block, z' = z + Block(m_t * z), so neighbouring timesteps share channels and distant ones do not.
 Reading order follows the paper: routing masks -> routed DiT (class- or text-conditional) -> routed ADM (UNet) ->
-Gaussian diffusion -> ANT-UW.
+Gaussian diffusion -> ANT-UW; then what the scripts share: a run's model_args -> model and diffusion, checkpoint
+reading, generate (sampling with CFG), Stable Diffusion's VAE and CLIP, torchrun set-up, atomic writes, InputError.
 
     python dtr.py masks --kind dtr --channels 1152 --out masks.png       # paper Fig. 2
     python dtr.py bench --model DiT-S/2 --image-size 32 --batch-size 8   # DTR's cost (paper Tab. 7)
@@ -425,9 +426,19 @@ class FinalLayer(nn.Module):
 class DiT(GuidedModel):
     """Diffusion Transformer with task routing; parameters (and state_dict) identical to facebookresearch/DiT.
 
+    The routing masks are derived, non-persistent buffers, so DiT's checkpoints load with strict=True, and with
+    routing="none" the output equals DiT's bit for bit. use_checkpoint adds no parameter.
+
     With context_dim set it is the paper's text-to-image DiT (App. C, Fig. 8): y is a sequence of text-encoder tokens
     (N, L, context_dim), read by a cross-attention in every block; adaLN is regressed from the timestep alone, there is
-    no label embedder, and caption dropout swaps in a learned null token `null_context` (1, context_dim)."""
+    no label embedder, and caption dropout swaps in a learned null token `null_context` (1, context_dim). DTR wraps the
+    whole block (Eq. 8), cross-attention included. The cross-attention sits between self-attention and the MLP, with
+    self-attention's head layout: its own LayerNorm `norm_cross` (affine, not modulated), queries `cross_attn.q`
+    (D -> D), keys and values `cross_attn.kv` (C -> 2D) straight from the encoder's tokens in every block (no shared
+    context projection), and an ungated, zero-initialised output `cross_attn.proj`, so every block still starts as the
+    identity. These 8 keys per block and `null_context` are all that is added; the class-conditional state dict is
+    DiT's. A learned null token rather than the encoder's empty-caption embedding: the model owns its unconditional
+    branch, and guidance needs no extra encoder pass."""
 
     def __init__(
         self,
@@ -612,7 +623,10 @@ class Upsample(nn.Module):
 
 
 class ResBlock(nn.Module):
-    """ADM residual block, routed by Eq. (3): z' = skip(z) + Block(m_t * SiLU(GN(z))) (Pseudo Code 2)."""
+    """ADM residual block, routed by Eq. (3): z' = skip(z) + Block(m_t * SiLU(GN(z))) (Pseudo Code 2).
+
+    Routed branch: out_layers(emb, conv(resample(m_t * SiLU(GN(z))))); skip path: skip_connection(resample(z)),
+    unmasked. The mask has the block's input width; a masked channel still enters GN's statistics, never the conv."""
 
     def __init__(
         self, channels, emb_channels, dropout, out_channels=None, use_scale_shift_norm=False, updown=None
@@ -651,7 +665,9 @@ class ResBlock(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-    """Spatial self-attention block, routed like ResBlock: z' = z + proj(attn(qkv(m_t * GN(z)))) (App. A.1)."""
+    """Spatial self-attention block, routed like ResBlock: z' = z + proj(attn(qkv(m_t * GN(z)))) (App. A.1).
+
+    The skip path z is unmasked; a masked channel still enters GN's statistics, never qkv."""
 
     def __init__(self, channels, num_heads=1, num_head_channels=-1, use_new_attention_order=False):
         super().__init__()
@@ -679,7 +695,13 @@ class AttentionBlock(nn.Module):
 
 
 class ADM(GuidedModel):
-    """ADM UNet with task routing; parameters (and state_dict) identical to guided-diffusion's UNetModel."""
+    """ADM UNet with task routing; parameters (and state_dict) identical to guided-diffusion's UNetModel.
+
+    Given UNetModel's arguments (2-D only; attention_resolutions as downsample rates) the state dict matches it key for
+    key and shape for shape, so guided-diffusion's checkpoints load with strict=True, and with routing="none" (the same
+    as beta=1) the output equals UNetModel's. Every ResBlock and AttentionBlock of the input, middle and output blocks
+    is routed, each by a mask of its input width (an output ResBlock's includes the concatenated U-Net skip). Labels
+    are dropped at random (class_dropout_prob) only in training mode."""
 
     def __init__(
         self,
@@ -1288,7 +1310,10 @@ def checkpoint_model_args(ckpt):
 
 
 def to_uint8(x):
-    """Images in [-1, 1] (N, 3, H, W) -> uint8 (N, H, W, 3), quantised as clamp(127.5 x + 128, 0, 255) like DiT."""
+    """Images in [-1, 1] (N, 3, H, W) -> uint8 (N, H, W, 3), quantised as clamp(127.5 x + 128, 0, 255) like DiT.
+
+    Truncation after +128 rounds x to the nearest of 256 levels (guided-diffusion truncates 127.5 (x + 1): half a
+    level darker on average)."""
     return (127.5 * x + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
@@ -1310,7 +1335,9 @@ def generate(
 ):
     """uint8 images (N, H, W, 3): sample i depends only on seeds[i] (and labels[i]), never on the batch it is in.
 
-    labels: class labels (N,), text tokens (N, L, C) (with an optional key mask context_mask (N, L)), or None."""
+    Sample i draws its initial noise and every step's noise from its own generator seeded with seeds[i]. labels: class
+    labels (N,), text tokens (N, L, C) (with an optional key mask context_mask (N, L)), or None. Pixel models clip the
+    predicted x0 to [-1, 1] at every step (as guided-diffusion); latent models do not (as DiT)."""
     gens = [torch.Generator(device).manual_seed(int(s)) for s in seeds]
     shape = (len(seeds), model.in_channels, model.input_size, model.input_size)
     cond = {"y": None if labels is None else torch.as_tensor(labels, device=device)}
@@ -1428,7 +1455,12 @@ class TextEncoder:
 
     Captions are padded (or cut) to the encoder's full length L (77 for CLIP), so a caption's tokens never depend on
     the others in its batch; the mask marks the real tokens (start, words, end) for models trained with --text-mask.
-    With a cache folder, each caption's embedding is written there once (atomically) and read back afterwards."""
+    The encoder runs frozen in float32 (eval, no gradients). Its digest (tokenizer vocabulary, length, weights) is saved
+    in checkpoints as text_digest, so --resume and sample.py refuse any other encoder.
+
+    With a cache folder (--cache-text DIR), each distinct caption's embedding and mask are written once, atomically
+    (any rank may write), to DIR/ab/<sha256 of the digest and the caption>.pt, and read back afterwards: the cache
+    holds exactly what the encoder gave, so a run from it trains bit for bit as the run that filled it."""
 
     def __init__(self, name, device="cpu", cache=None):
         self.tokenizer, model = load_clip(name)
@@ -1472,7 +1504,11 @@ class TextEncoder:
 
 def read_coco_captions(path):
     """[(file_name, [captions])] from a COCO captions_*.json, in the order of its images (those without captions left
-    out); InputError with a one-line reason for anything else."""
+    out); InputError with a one-line reason for anything else.
+
+    COCO's own format: "images" [{"id", "file_name"}] (file_name relative to the image folder) and "annotations"
+    [{"image_id", "caption"}] (about 5 per image; whitespace normalised). A repeated image id, an annotation naming an
+    unknown image, an empty caption or a malformed entry is refused."""
     try:
         with open(path) as f:
             coco = json.load(f)

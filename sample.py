@@ -6,9 +6,12 @@
     torchrun --nproc_per_node=8 sample.py --ckpt ... --captions captions_val2014.json --num-samples 30000 \\
         --cfg-scale 1.5
 
-Sample i starts from the noise of seed `--seed + i` and draws every step's noise from it, so a command gives the
-same images for any number of ranks and any batch size. The images go to DIR/samples_{N}x{H}x{W}x3.npz (arr_0:
-uint8 NHWC, arr_1: int64 labels, or captions: str for text models), the format openai's ADM evaluator and fid.py read.
+The checkpoint defines the model and its diffusion (see load_checkpoint); the flags choose how to sample.
+Sample i starts from the noise of seed `--seed + i` and draws every step's noise from it, and its label is entry i
+of one label stream seeded with --seed, so a command gives the same images for any number of ranks and any batch
+size (bit for bit on the CPU; GPU kernels may round another batch shape differently), and a run's first k samples
+are those of a longer run. The images go to DIR/samples_{N}x{H}x{W}x3.npz (arr_0: uint8 NHWC, arr_1: int64 labels,
+or captions: str for text models), the format openai's ADM evaluator and fid.py read.
 
 With --eval REF every rank also extracts fid.py's features from its samples as they are made, and rank 0 writes
 DIR/metrics.json and DIR/sample_stats.npz (a fid.py --save-stats file); --no-images keeps no image at all:
@@ -191,7 +194,8 @@ def sample_shards(
     model, diffusion, shards, *, args, ranges, files, condition, record, vae=None, device="cpu", progress=False,
     networks=(),
 ):  # fmt: skip
-    """Sample the shards `shards`, batch by batch, writing each to its own file once complete.
+    """Sample the shards `shards`, batch by batch, writing each to its own file once complete (atomically, in
+    DIR/.shards/, so an interrupted run keeps every finished shard for --resume).
 
     condition(i) -> (y, context_mask) of the samples i; record(i) -> the arrays saved with their images;
     `networks`: fid.py's feature networks, whose features of each batch are saved too (--eval)."""
@@ -353,7 +357,8 @@ def text_captions(args):
 
 
 def shard_ranges(num_samples, shard_size):
-    """Consecutive index ranges [(start, end)] of at most shard_size samples covering [0, N)."""
+    """Consecutive index ranges [(start, end)] of at most shard_size samples covering [0, N), whatever the number of
+    ranks: the unit of --resume; run() deals the unfinished ones round-robin to the ranks."""
     return [(s, min(s + shard_size, num_samples)) for s in range(0, num_samples, shard_size)]
 
 
@@ -375,7 +380,10 @@ def default_out(args, model_args):
 
 
 def paths(out, num_samples, image_size):
-    """Files of a run in `out`: settings, shard folder, PNG folder, grid, and the final .npz."""
+    """Files of a run in `out`: settings, shard folder, PNG folder, grid, and the final .npz.
+
+    run.json (the settings), .shards/ (removed at the end), images/{i:06d}.png (--save-png), grid.png (the first
+    64 samples, 8 wide), samples_{N}x{H}x{W}x3.npz; with --eval also sample_stats.npz and metrics.json."""
     return argparse.Namespace(
         settings=os.path.join(out, "run.json"),
         shards=os.path.join(out, ".shards"),
@@ -415,7 +423,11 @@ def run_settings(args, model_args, captions=None):
 
 def prepare_out(out, files, settings, num_shards, resume=False, overwrite=False, save_png=False, final=None):
     """Rank 0: check or clear the output folder, record the settings -> the shards still to sample (None: done,
-    i.e. `final`, by default the merged .npz, exists)."""
+    i.e. `final`, by default the merged .npz, exists).
+
+    An existing run is never overwritten: --resume samples only the missing shards, with any number of ranks and any
+    batch size but the same settings (checked against run.json); --overwrite deletes the files a run writes and starts
+    over."""
     ours = [p for p in vars(files).values() if os.path.exists(p)]
     if ours and overwrite:  # only the files a run writes are deleted
         for p in ours:
@@ -463,7 +475,10 @@ def check_shards(shard_files):
 
 def merge_shards(path, shard_files, ranges, image_shape, keys=()):
     """Stream the shards into one uncompressed ADM .npz (arr_0 uint8 NHWC, then the per-sample arrays `keys`, e.g.
-    arr_1 int64 labels or captions str) -> its first 64 images."""
+    arr_1 int64 labels or captions str) -> its first 64 images.
+
+    The shards are read in order, one at a time, so the samples are never all in memory; the .npz is written
+    atomically. A missing shard (e.g. ranks on machines that share no --out folder) stops with one line."""
     check_shards(shard_files)
     first, extras = [], {k: [] for k in keys}
 
@@ -516,7 +531,14 @@ def save_pngs(folder, images, start):
 
 def load_checkpoint(path, weights="ema", model=None, image_size=None, vae=None, vae_path=None, text_encoder=None):
     """(model_args with vae_path, state dict) of a train.py checkpoint, an official DTR or DiT training checkpoint, or a
-    bare state dict; the flags fill what the checkpoint does not say."""
+    bare state dict; the flags fill what the checkpoint does not say.
+
+    train.py's: everything from its model_args. facebookresearch/DiT's (a bare state dict) needs --model and
+    --image-size; classes, null class, learned sigma and latent vs pixel input are read off the weights, with DiT's
+    linear schedule and no routing (plain_args). The official DTR code's ({"model", "ema", "opt", "config"}, each
+    block's masks stored as blocks.{i}.routing._unit_mapping): read from its hydra config (config_args; needs
+    omegaconf), its DTR masks checked against ours and its R-TR masks adopted (check_masks); one of its state dicts
+    without the config: routing, beta and alpha from its masks (mask_args), with a warning."""
     ckpt = dtr.read_checkpoint(path)
     if not isinstance(ckpt, dict):
         raise dtr.InputError(f"{path} is not a checkpoint (a {type(ckpt).__name__})")
@@ -763,7 +785,7 @@ def parser():
     p.add_argument(
         "--ckpt", required=True, help="a train.py checkpoint, an official DTR one, or a facebookresearch/DiT state dict"
     )
-    p.add_argument("--weights", choices=["ema", "model"], default="ema")
+    p.add_argument("--weights", choices=["ema", "model"], default="ema", help="EMA or raw weights")
     p.add_argument("--model", default=None, help="only for checkpoints without training arguments or config (DiT's)")
     p.add_argument("--image-size", type=int, default=None, help="only for checkpoints without training arguments")
     p.add_argument("--vae", choices=["ema", "mse"], default=None, help="latent models' decoder (default: its own)")
@@ -771,9 +793,11 @@ def parser():
     p.add_argument("--num-samples", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=32, help="per rank; does not change the images")
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
-    p.add_argument("--num-sampling-steps", type=int, default=250)
+    p.add_argument("--num-sampling-steps", type=int, default=250, help="respaced evenly over T (DDIM too)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0: deterministic)")
-    p.add_argument("--cfg-scale", type=float, default=1.0, help="1: no guidance (the paper's FID: 1.5)")
+    p.add_argument(
+        "--cfg-scale", type=float, default=1.0, help="1: no guidance, no unconditional batch (the paper's FID: 1.5)"
+    )
     p.add_argument(
         "--guided-channels",
         type=int,
@@ -797,8 +821,16 @@ def parser():
     p.add_argument(
         "--text-encoder", default=None, help="text models: a local copy of the checkpoint's CLIP text encoder"
     )
-    p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
-    p.add_argument("--precision", choices=list(PRECISIONS), default="fp32")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="sample i uses seed + i: runs with seeds s and s+1 share all but one sample's noise; offset --seed by at "
+        "least --num-samples for an independent set",
+    )
+    p.add_argument(
+        "--precision", choices=list(PRECISIONS), default="fp32", help="torch.autocast around the network and the VAE"
+    )
     p.add_argument(
         "--compile",
         nargs="?",
@@ -810,7 +842,11 @@ def parser():
     p.add_argument("--out", default=None, help="output folder (default: samples/<model>-<ckpt>-<settings>)")
     p.add_argument("--shard-size", type=int, default=256, help="samples per shard file (the unit of --resume)")
     p.add_argument("--save-png", action="store_true", help="also write DIR/images/{i:06d}.png")
-    p.add_argument("--resume", action="store_true", help="finish an interrupted run, keeping its shards")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="finish an interrupted run, keeping its shards (any ranks and batch size, the same settings)",
+    )
     p.add_argument("--overwrite", action="store_true", help="delete the results in --out and start over")
     p.add_argument("--eval", default=None, metavar="REF", help="also score the samples against REF (as fid.py)")
     p.add_argument("--metrics", default=",".join(fid.ADM_METRICS), help=f"--eval: from {','.join(fid.METRICS)}")

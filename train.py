@@ -65,7 +65,10 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def train(args):
-    """Train, log and checkpoint as `args` say; returns the experiment directory."""
+    """Train, log and checkpoint as `args` say; returns the experiment directory.
+
+    Bad input stops with one line before any step (an unreadable image: when it is loaded); a non-finite loss stops
+    training naming the step, so the last checkpoint is the last good one."""
     # set-up: processes, data, model and optimizer (new, initialised or resumed), experiment folder
     run = setup(args)
     data = load_training_data(args, run)
@@ -137,7 +140,11 @@ def step_randomness(args, step, run):
     """This rank's share of all random draws of one global batch, from a generator seeded by (seed, step).
 
     Drawing per global batch rather than per rank makes training independent of how the batch is split over
-    ranks: any world size sees the same timesteps, noise, flips, label drops and captions for global sample i."""
+    ranks: any world size sees the same timesteps, noise, flips, label drops, VAE posterior noise and captions for
+    global sample i, and the data order (StepBatches) is seeded the same way. So N processes train the weights of one
+    (up to float summation order), and a resumed run is bit-identical on the CPU. The exception is a model with dropout
+    (ADM-64): its dropout masks come from each rank's own RNG stream (seeded in setup(), saved in checkpoints), so they
+    change with the world size; a resume on the same world size stays bit-identical."""
     g = torch.Generator(run.device).manual_seed(args.seed * 2**32 + step)
     n, side = args.global_batch_size, dtr.latent_size(dtr.model_args(args))
     shape = (4 if args.vae else 3, side, side)
@@ -348,7 +355,9 @@ SHAPE_CAPTIONS = tuple((f"a {s}", f"a picture of a {s}") for s in SHAPES)  # --t
 
 
 def make_shapes(num_per_class, image_size, seed=0):
-    """Built-in demo data: uint8 images (N, 3, S, S) of one coloured shape per class, and labels (N,)."""
+    """Built-in demo data: uint8 images (N, 3, S, S) of one coloured shape per class, and labels (N,).
+
+    Six classes (SHAPES), num_per_class images each, deterministic from `seed`; every shape fills most of the frame."""
     g = torch.Generator().manual_seed(seed)
     n = num_per_class * len(SHAPES)
     labels = torch.arange(len(SHAPES)).repeat_interleave(num_per_class)
@@ -408,7 +417,10 @@ class ImageData(torch.utils.data.Dataset):
 
 
 def load_data(args):
-    """(dataset, num_classes) for --data: None (built-in shapes), an image folder, an ADM-style .npz or an .npy."""
+    """(dataset, num_classes) for --data: None (built-in shapes), an image folder, an ADM-style .npz or an .npy.
+
+    An image folder is class-conditional when it has more than one class folder; an .npy is unconditional;
+    --unconditional drops the labels of any source. Images are resized as ADM does (center_crop) when loaded."""
     if args.data is None:
         images, labels = make_shapes(args.demo_images_per_class, args.image_size, args.seed)
         data = ImageData(images.permute(0, 2, 3, 1).numpy(), labels.numpy(), size=args.image_size)
@@ -431,7 +443,9 @@ def load_data(args):
 def load_npz(args):
     """An ADM-style .npz (arr_0 uint8 (N, H, W, 3), optional arr_1 integer labels (N,)), or a .npy of images only.
 
-    The images are memory-mapped: ranks and loader workers share the page cache instead of each holding a copy."""
+    The images are memory-mapped: ranks and loader workers share the page cache instead of each holding a copy. That
+    needs the .npz stored uncompressed (np.savez, as ADM's are): a np.savez_compressed one is refused with a one-line
+    command that rewrites it uncompressed."""
     try:
         if args.data.endswith(".npy"):
             images, labels = np.load(args.data, mmap_mode="r"), None
@@ -515,6 +529,11 @@ class StepBatches(torch.utils.data.Sampler):
 #          Latent cache: every image and its flip through the VAE once          #
 #################################################################################
 
+# A cache folder (--latents DIR) holds shard_00000.npy, shard_00001.npy, ...: float32 (n, F, 2, C, S/8, S/8) with
+# n = --latent-shard-size images, F = 2 (the image, then its horizontal flip; 1 if built with --flip-prob 0) and
+# 2 = the VAE posterior's (mean, std), not one frozen sample; 64 KiB per image at 256 px with flips. cache.json,
+# written atomically and last, records how it was made (cache_record). Labels are not cached but taken from the data
+# set's listing, so one cache serves class-conditional, --unconditional and text-to-image runs on the same images.
 CACHE_FORMAT = 1  # version of the layout below
 
 
@@ -660,7 +679,12 @@ def encode_moments(vae, x, flips):
 
 
 def build_latents(args, run, dataset, vae, record, missing):
-    """Encode the shards in `missing` (each rank its share) and write cache.json last, when every shard is whole."""
+    """Encode the shards in `missing` (each rank its share) and write cache.json last, when every shard is whole.
+
+    Each rank encodes its shards in fp32, ENCODE_BATCH images and their flips per encoder call, and writes each through
+    a temp file and a rename, so a killed run (even kill -9) leaves whole shards and at most a temp file; a re-run
+    deletes temp files and encodes only the missing shards. Free disk space is checked first against what is left to
+    write; ENOSPC while writing removes the partial file and keeps the finished shards."""
     from tqdm.auto import tqdm
 
     directory, size, shape = args.latents, record["shard_size"], record["shape"]
@@ -734,7 +758,14 @@ def read_record(path):
 
 
 def prepare_latents(args, run, dataset, vae):
-    """The cache in --latents as a LatentData: checked against this run, and first built or completed if need be."""
+    """The cache in --latents as a LatentData: checked against this run, and first built or completed if need be.
+
+    Refused with one line, the cache left as it was: a cache (complete or partial) made by another VAE (weights
+    digest), for another image size or preprocessing, or without flips when --flip-prob > 0; a source with another
+    image count or other file names (an array: its shape and three of its images); shards without cache.json; a
+    damaged cache.json; a truncated or corrupt shard (every start checks each shard's .npy header and file size, not
+    its data). Training from the cache reads no image and runs no encoder: the data set is only listed, for its count,
+    names and labels, and the VAE serves its digest and the sample grid."""
     if os.path.exists(args.latents) and not os.path.isdir(args.latents):
         raise dtr.InputError(f"--latents {args.latents} is a file; it needs a folder (new, or one it wrote before)")
     want = cache_record(args, dataset, vae)
@@ -792,7 +823,10 @@ class LatentData(torch.utils.data.Dataset):
 
 def cached_latents(moments, draws):
     """Latents (N, C, h, w) from cached moments (N, F, 2, C, h, w), as the loop encodes on the fly: the flipped
-    entry for a flipped image, z = (mean + std * eps) * 0.18215 with this step's posterior draw eps."""
+    entry for a flipped image, z = (mean + std * eps) * 0.18215 with this step's posterior draw eps.
+
+    So training from the cache gives the weights of encoding on the fly (bit for bit on the CPU, where the encoder
+    gives an image the same float32 result in any batch of two or more)."""
     m = torch.where(draws["flip"][:, None, None, None, None], moments[:, -1], moments[:, 0])  # (N, 2, C, h, w)
     return (m[:, 0] + m[:, 1] * draws["posterior"]) * dtr.VAE_SCALE
 
@@ -890,7 +924,13 @@ def rng_states(world, device):
 
 
 def save_checkpoint(args, run, exp, state):
-    """Everything needed to resume bit-exactly, written atomically by rank 0 (all ranks join the RNG gather)."""
+    """Everything needed to resume bit-exactly, written atomically by rank 0 (all ranks join the RNG gather).
+
+    checkpoints/NNNNNNN.pt = {model, ema, opt, model_args, args, step, uw, rng, scaler}: model_args are dtr.MODEL_ARGS,
+    all sample.py needs to rebuild the network and its diffusion; uw: ANT-UW's log-variances; rng: every rank's RNG
+    states; scaler: the fp16 GradScaler's state. model and ema are plain state dicts (no module. or _orig_mod.
+    prefixes) that load strictly into facebookresearch/DiT's DiT built with the same arguments (unconditional:
+    num_classes=1, class_dropout_prob=0) or guided-diffusion's UNetModel (with label dropout: num_classes + 1)."""
     rng = rng_states(run.world, run.device)
     if run.rank:
         return None
@@ -1152,21 +1192,37 @@ def parser():
     p.add_argument("--min-snr-gamma", type=float, default=5.0)
     p.add_argument("--p2-gamma", type=float, default=1.0)
     p.add_argument("--p2-k", type=float, default=1.0)
-    p.add_argument("--uw-clusters", type=int, default=8, help="ANT-UW timestep clusters K")
-    p.add_argument("--uw-lr", type=float, default=0.025, help="learning rate of the ANT-UW log-variances")
+    p.add_argument(
+        "--uw-clusters",
+        type=int,
+        default=8,
+        help="ANT-UW timestep clusters K, drawn stratified: the per-rank batch must be divisible by K",
+    )
+    p.add_argument(
+        "--uw-lr",
+        type=float,
+        default=0.025,
+        help="learning rate of the ANT-UW log-variances (own AdamW group, no weight decay)",
+    )
     # optimisation
     p.add_argument("--global-batch-size", type=int, default=None, help="demo 64, paper 256")
     p.add_argument("--lr", type=float, default=None, help="demo 2e-3, paper 1e-4")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--ema-decay", type=float, default=None, help="demo 0.995, paper 0.9999")
     p.add_argument("--steps", type=int, default=None, help="demo 2400, paper 400000")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "bf16", "fp16"],
+        default="fp32",
+        help="bf16 / fp16: autocast (fp16 with a GradScaler); fp32 uses TF32 on CUDA",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument(
         "--grad-ckpt",
         action="store_true",
         help="gradient checkpointing (DiT and ADM blocks): recompute "
-        "activations in backward, for less memory; the weights and state dict are unchanged",
+        "activations in backward, for less memory; the weights and state dict are unchanged, the gradients are "
+        "those without it, and each block costs one more forward pass",
     )
     p.add_argument("--seed", type=int, default=0)
     # bookkeeping
@@ -1179,7 +1235,11 @@ def parser():
     p.add_argument("--grid-steps", type=int, default=250, help="DDPM steps for the sample grid")
     p.add_argument("--grid-cfg-scale", type=float, default=4.0, help="guidance scale for the sample grid")
     p.add_argument("--resume", default=None, help="checkpoint path, or 'auto' for the newest under --results-dir")
-    p.add_argument("--init-from", default=None, help="load model weights only (e.g. a pretrained DiT / ADM checkpoint)")
+    p.add_argument(
+        "--init-from",
+        default=None,
+        help="load model weights only (e.g. a pretrained DiT / ADM checkpoint), keys matched strictly",
+    )
     return p
 
 
