@@ -1276,12 +1276,18 @@ def unwrap_state_dict(sd):
     return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in sd.items()}
 
 
+ZIP_MAGIC = b"PK\x03\x04"  # how a zip file, and so torch.save's format since torch 1.6, begins
+
+
 def read_checkpoint(path):
-    """The object torch.save wrote to `path`, memory-mapped (an optimizer state is never read whole)."""
+    """The object torch.save wrote to `path`: memory-mapped in torch's zip format (an optimizer state is never read
+    whole), read whole in the legacy one (_use_new_zipfile_serialization=False), which cannot be memory-mapped."""
     if not os.path.isfile(path):
         raise InputError(f"checkpoint {path} not found")
     try:  # train.py checkpoints hold argument dicts and RNG states, not only tensors: load only files you trust
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        with open(path, "rb") as f:
+            zipped = f.read(4) == ZIP_MAGIC
+        return torch.load(path, map_location="cpu", mmap=zipped, weights_only=False)
     except Exception as e:
         if isinstance(e, ModuleNotFoundError) and (e.name or "").split(".")[0] == "omegaconf":
             raise InputError(

@@ -1725,14 +1725,146 @@ def test_train_fp16_resume_restores_the_grad_scaler(tmp_path):
     path = os.path.join(exp, "checkpoints", "0000002.pt")
     half = torch.load(path, weights_only=False)
     assert half["scaler"]["scale"] == 2.0**16 and half["scaler"]["_growth_tracker"] == 2  # 2 steps, no overflow
-    _, resumed = run_train(tmp_path, *flags, "--resume", path)  # rewrites step 4 of the same experiment
+    _, resumed = run_train(tmp_path, *flags, "--resume", path)  # step 4 again, in a new experiment
     assert resumed["scaler"] == full["scaler"]
     assert all(torch.equal(full["model"][k], resumed["model"][k]) for k in full["model"])
     half["scaler"]["scale"] = 1024.0  # a scale that overflows brought down: kept, not reset to 2**16
     torch.save(half, path)
-    run_train(tmp_path, "--steps", "3", "--precision", "fp16", "--resume", path)
-    after = torch.load(os.path.join(exp, "checkpoints", "0000003.pt"), weights_only=False)
-    assert (after["scaler"]["scale"], after["scaler"]["_growth_tracker"]) == (1024.0, 3)
+    _, after = run_train(tmp_path, "--steps", "3", "--precision", "fp16", "--resume", path)
+    assert after["step"] == 3 and (after["scaler"]["scale"], after["scaler"]["_growth_tracker"]) == (1024.0, 3)
+
+
+def md5_of_files(folder):
+    """{relative path: md5} of every file under folder."""
+    import hashlib
+
+    return {
+        os.path.relpath(os.path.join(d, f), folder): hashlib.md5(open(os.path.join(d, f), "rb").read()).hexdigest()
+        for d, _, files in os.walk(folder)
+        for f in files
+    }
+
+
+def test_train_resume_from_an_older_checkpoint_starts_a_new_experiment(tmp_path):
+    exp, _ = run_train(tmp_path, "--steps", "4", "--ckpt-every", "2")
+    before = md5_of_files(exp)
+    older = os.path.join(exp, "checkpoints", "0000002.pt")
+    new, ckpt = run_train(tmp_path, "--steps", "4", "--ckpt-every", "2", "--resume", older, "--lr", "0.01")
+    assert md5_of_files(exp) == before  # 0000004.pt, log.txt, args.json: byte for byte as they were
+    assert new != exp and os.path.basename(new) == "001-DiT-T-2-dtr" and ckpt["step"] == 4
+    assert sorted(os.listdir(os.path.join(new, "checkpoints"))) == ["0000004.pt"]
+    assert json.load(open(os.path.join(new, "args.json")))["resumed_from"] == os.path.abspath(older)
+    log = open(os.path.join(new, "log.txt")).read()
+    assert f"resuming {older} at step 2 in a new experiment {new}" in log and "--lr 0.01 (was 0.002)" in log
+    newest = os.path.join(new, "checkpoints", "0000004.pt")  # the newest checkpoint continues its experiment
+    again, ckpt = run_train(tmp_path, "--steps", "5", "--ckpt-every", "2", "--resume", newest)
+    assert again == new and ckpt["step"] == 5 and len(os.listdir(tmp_path / "r")) == 2
+
+
+def test_train_resume_from_a_copied_checkpoint_trains_and_saves(tmp_path, monkeypatch):
+    exp, _ = run_train(tmp_path, "--steps", "2", "--ckpt-every", "2")
+    monkeypatch.chdir(tmp_path)
+    with open("ck.pt", "wb") as f:  # a copy outside any experiment, named by a relative path
+        f.write(open(os.path.join(exp, "checkpoints", "0000002.pt"), "rb").read())
+    new, ckpt = run_train(tmp_path, "--steps", "3", "--resume", "ck.pt")
+    assert os.path.dirname(new) == str(tmp_path / "r") and new != exp and ckpt["step"] == 3
+    assert os.path.isfile(os.path.join(new, "checkpoints", "0000003.pt"))
+    assert json.load(open(os.path.join(new, "args.json")))["resumed_from"] == str(tmp_path / "ck.pt")
+    assert "resuming ck.pt at step 2 in a new experiment" in open(os.path.join(new, "log.txt")).read()
+
+
+def test_train_resume_refuses_changed_data_in_one_line(tmp_path):
+    data = tmp_path / "imgs"
+    write_images(data / "a", 5)
+    write_images(data / "b", 5)
+    flags = ["--data", str(data), "--model", "DiT-T/2", "--num-workers", "0", "--steps", "2", "--ckpt-every", "2"]
+    exp, ckpt = run_train(tmp_path, *flags)
+    assert ckpt["args"]["data_source"]["count"] == 10  # the source is recorded
+    path = os.path.join(exp, "checkpoints", "0000002.pt")
+    before = md5_of_files(tmp_path / "r")
+    resume = [*flags[:-4], "--steps", "3", "--resume", path]
+    write_images(data / "b", 6)  # one image more
+    with pytest.raises(
+        SystemExit,
+        match=r"--resume .*: it trained on .*imgs \(10 images, digest \w+\) but the data is now .*imgs \(11 images",
+    ) as e:
+        run_train(tmp_path, *resume)
+    assert "\n" not in str(e.value)
+    os.remove(data / "b" / "5.png")
+    os.rename(data / "b" / "4.png", data / "b" / "9.png")  # as many images, another one
+    with pytest.raises(SystemExit, match=r"\(10 images, digest \w+\) but the data is now .*\(10 images, digest"):
+        run_train(tmp_path, *resume)
+    assert md5_of_files(tmp_path / "r") == before  # refused before anything was written
+    os.rename(data / "b" / "9.png", data / "b" / "4.png")
+    unrecorded = torch.load(path, weights_only=False)
+    del unrecorded["args"]["data_source"]  # a checkpoint that records no data source: resumes, unchecked, and says so
+    torch.save(unrecorded, path)
+    new, ckpt = run_train(tmp_path, *resume)
+    assert (
+        ckpt["step"] == 3
+        and "records no data source: the data is not checked" in open(os.path.join(new, "log.txt")).read()
+    )
+
+
+@pytest.mark.parametrize(
+    "flag,value",
+    [
+        ("--steps", "0"),
+        ("--global-batch-size", "0"),
+        ("--log-every", "0"),
+        ("--ckpt-every", "0"),
+        ("--sample-every", "-1"),
+        ("--latent-shard-size", "0"),
+        ("--latent-shard-size", "-4"),
+        ("--demo-images-per-class", "0"),
+        ("--num-workers", "-1"),
+        ("--image-size", "0"),
+        ("--num-timesteps", "0"),
+        ("--lr", "-0.1"),
+        ("--lr", "nan"),
+        ("--weight-decay", "-1"),
+        ("--uw-lr", "-1"),
+        ("--ema-decay", "1.5"),
+        ("--flip-prob", "-0.5"),
+        ("--class-dropout-prob", "1"),
+        ("--grid-steps", "0"),
+    ],
+)
+def test_train_zero_and_negative_sizes_are_refused_before_training(tmp_path, flag, value):
+    with pytest.raises(SystemExit, match=re.escape(flag) + " (is|.* must be)") as e:
+        run_train(tmp_path, "--steps", "2", flag, value)
+    assert "\n" not in str(e.value) and not (tmp_path / "r").exists()
+
+
+def test_train_sample_every_zero_still_means_a_grid_at_the_end(tmp_path):
+    exp, _ = run_train(tmp_path, "--steps", "2", "--ckpt-every", "2", "--sample-every", "0")
+    assert [f for f in os.listdir(exp) if f.startswith("samples_")] == ["samples_0000002.png"]
+
+
+def test_read_checkpoint_loads_the_legacy_format_and_resumes(resume_ckpts, tmp_path):
+    ckpt = torch.load(resume_ckpts["constant"], weights_only=False)
+    legacy = str(tmp_path / "legacy.pt")
+    torch.save(ckpt, legacy, _use_new_zipfile_serialization=False)
+    assert open(legacy, "rb").read(4) != b"PK\x03\x04"  # not a zip: torch.load(mmap=True) refuses it
+    with pytest.raises(RuntimeError):
+        torch.load(legacy, mmap=True, weights_only=False)
+    read = dtr.read_checkpoint(legacy)
+    assert read["step"] == 2 and all(torch.equal(read["model"][k], ckpt["model"][k]) for k in ckpt["model"])
+    _, resumed = run_train(tmp_path, "--steps", "3", "--loss-weight", "constant", "--resume", legacy)
+    assert resumed["step"] == 3
+
+
+def test_train_experiment_numbers_sort_as_numbers_not_strings(tmp_path):
+    model_args = {**dict.fromkeys(dtr.MODEL_ARGS, 1), "model": "DiT-T/2", "routing": "dtr"}
+    args = argparse.Namespace(results_dir=str(tmp_path), **model_args)
+    for name, steps in (("999-DiT-T-2-dtr", (5,)), ("1000-DiT-T-2-dtr", (9_999_999, 10_000_000)), ("notes", ())):
+        os.makedirs(tmp_path / name / "checkpoints")
+        json.dump(model_args, open(tmp_path / name / "args.json", "w"))
+        for step in steps:
+            open(tmp_path / name / "checkpoints" / f"{step:07d}.pt", "wb").close()
+    newest = str(tmp_path / "1000-DiT-T-2-dtr" / "checkpoints" / "10000000.pt")
+    assert train.latest_checkpoint(str(tmp_path)) == newest and train.latest_checkpoint(str(tmp_path), args) == newest
+    assert os.path.basename(train.new_experiment_dir(args)) == "1001-DiT-T-2-dtr"  # not 003: one above the largest
 
 
 @pytest.mark.slow

@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import time
 from collections import OrderedDict
@@ -72,9 +73,9 @@ def train(args):
     # set-up: processes, data, model and optimizer (new, initialised or resumed), experiment folder
     run = setup(args)
     data = load_training_data(args, run)
-    ckpt, changed = resume_checkpoint(args)
+    ckpt, notes = resume_checkpoint(args)
     state = init_state(args, run, ckpt)
-    exp, log = open_experiment(args, run, data, state, ckpt is not None, changed)
+    exp, log = open_experiment(args, run, data, state, ckpt is not None, notes)
     net = (
         DDP(state.model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
         if run.world > 1
@@ -246,25 +247,15 @@ class State:
 
 
 def setup(args):
-    """Join torchrun (or run alone), check the flags that need no data, and seed this rank's dropout stream."""
+    """Join torchrun (or run alone), check the batch against the world size, and seed this rank's dropout stream."""
     rank, world, device = dtr.setup_distributed()
     if args.global_batch_size % world:
         raise dtr.InputError(f"global batch size {args.global_batch_size} is not divisible by the world size {world}")
     local = args.global_batch_size // world
-    if args.loss_weight == "ant-uw" and not 1 <= args.uw_clusters <= args.num_timesteps:
-        raise dtr.InputError(
-            f"--uw-clusters {args.uw_clusters} must be between 1 and --num-timesteps {args.num_timesteps}"
-        )
-    if not 1 <= args.grid_steps <= args.num_timesteps:  # the sample grid respaces the T training steps
-        raise dtr.InputError(
-            f"--grid-steps {args.grid_steps} must be between 1 and --num-timesteps {args.num_timesteps}"
-        )
     if args.loss_weight == "ant-uw" and local % args.uw_clusters:
         raise dtr.InputError(
             f"per-rank batch {local} is not divisible by the {args.uw_clusters} ANT-UW timestep clusters"
         )
-    if args.vae and args.image_size % dtr.VAE_FACTOR:
-        raise dtr.InputError(f"--image-size {args.image_size} is not divisible by the VAE factor {dtr.VAE_FACTOR}")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(args.seed * world + rank)  # per-rank stream for dropout; batch draws are per step
@@ -272,7 +263,8 @@ def setup(args):
 
 
 def load_training_data(args, run):
-    """The data; it decides args.num_classes and, for text, the encoder's identity (args.context_dim, text_*)."""
+    """The data; it decides args.num_classes, args.data_source (the images' count and digest, which a resume checks)
+    and, for text, the encoder's identity (args.context_dim, text_*)."""
     args.context_dim = args.text_digest = args.text_length = None
     if args.text_encoder is None:
         dataset, args.num_classes = load_data(args)
@@ -285,6 +277,7 @@ def load_training_data(args, run):
         args.context_dim, args.text_digest, args.text_length = data.text.dim, data.text.digest, data.text.length
     if len(dataset) < args.global_batch_size:
         raise dtr.InputError(f"{len(dataset)} images are fewer than one global batch of {args.global_batch_size}")
+    args.data_source = source_record(dataset, args.data)
     return data
 
 
@@ -837,7 +830,9 @@ def cached_latents(moments, draws):
 
 
 def resume_checkpoint(args):
-    """(checkpoint, the flags it changes) for --resume, or (None, []): refuses changes to what must stay fixed."""
+    """(checkpoint, lines to log) for --resume, or (None, []): refuses changes to what must stay fixed and to the data.
+
+    A checkpoint that records no data source (args["data_source"]) resumes with the data unchecked, and says so."""
     if not args.resume:
         return None, []
     path = latest_checkpoint(args.results_dir, args) if args.resume == "auto" else args.resume
@@ -851,12 +846,38 @@ def resume_checkpoint(args):
     for k in dtr.MODEL_ARGS + RESUME_FIXED:
         if before.get(k) != getattr(args, k):
             raise dtr.InputError(f"--resume {path}: {k} is {before.get(k)!r} there but {getattr(args, k)!r} now")
+    notes = []
+    old, new = before.get("data_source"), args.data_source
+    if old is None:
+        notes.append(f"{path} records no data source: the data is not checked against it")
+    elif (old["count"], old["digest"]) != (new["count"], new["digest"]):
+        raise dtr.InputError(
+            f"--resume {path}: it trained on {before.get('data') or 'the built-in shapes'} ({old['count']:,} images, "
+            f"digest {old['digest']}) but the data is now {args.data or 'the built-in shapes'} ({new['count']:,} "
+            f"images, digest {new['digest']}): resume with the same images (a new run: leave out --resume)"
+        )
     changed = [
         f"--{k.replace('_', '-')} {v} (was {before.get(k)})"
         for k, v in vars(args).items()
-        if k != "resume" and before.get(k) != v
+        if k not in ("resume", "data_source") and before.get(k) != v
     ]  # applied: logged once the log exists
-    return ckpt, changed
+    return ckpt, notes + ([f"changed on resume: {', '.join(changed)}"] if changed else [])
+
+
+def resumed_experiment(path, step):
+    """The experiment a resume from checkpoint `path` (at `step`) continues, or None: it starts a new one under
+    --results-dir.
+
+    A resume continues <exp> only from its newest checkpoint: `path` lies in <exp>/checkpoints/, <exp> has an
+    args.json (a train.py experiment) and no checkpoint there is of a later step. Any other checkpoint (an older one,
+    a copy elsewhere) starts a new experiment whose args.json records resumed_from: no checkpoint is overwritten and
+    no log.txt holds two runs."""
+    folder = os.path.dirname(os.path.abspath(path))
+    exp = os.path.dirname(folder)
+    if os.path.basename(folder) != "checkpoints" or read_args(exp) is None:
+        return None
+    later = [p for p in glob.glob(os.path.join(folder, "*.pt")) if leading_number(p) > step]
+    return None if later else exp
 
 
 def restore(state, ckpt, args, run):
@@ -885,31 +906,35 @@ def clean_state_dict(sd):
     return {k: v for k, v in dtr.unwrap_state_dict(sd).items() if not k.endswith(dtr.MASK_KEY)}
 
 
-def open_experiment(args, run, data, state, resumed, changed=()):
-    """The experiment folder (new, or the resumed checkpoint's) and its logger; logs what this run is."""
-    if resumed:
-        exp = os.path.dirname(os.path.dirname(args.resume))  # .../NNN-model-routing/checkpoints/NNNNNNN.pt
-    else:
-        exp = new_experiment_dir(args) if run.rank == 0 else None
+def open_experiment(args, run, data, state, resumed, notes=()):
+    """The experiment folder (new, or the one a resume continues: see resumed_experiment) and its logger; logs what
+    this run is."""
+    exp = resumed_experiment(args.resume, state.step) if resumed else None
+    continued = exp is not None
+    if not continued and run.rank == 0:
+        exp = new_experiment_dir(args)
+        record = {**vars(args), **({"resumed_from": os.path.abspath(args.resume)} if resumed else {})}
+        dtr.atomic_write(os.path.join(exp, "args.json"), lambda tmp: dtr.write_text(tmp, json.dumps(record, indent=2)))
     log = Logger(exp if run.rank == 0 else None)
-    if run.rank == 0 and not resumed:
-        dtr.atomic_write(
-            os.path.join(exp, "args.json"), lambda tmp: dtr.write_text(tmp, json.dumps(vars(args), indent=2))
-        )
     condition = f"{args.num_classes} classes"
     if data.text is not None:
         condition = (
             f"{sum(map(len, data.captions)):,} captions, text encoder {args.text_encoder} "
             f"({data.text.length} x {data.text.dim})"
         )
+    what = f"experiment {exp}"
+    if resumed:
+        what = f"resuming {args.resume} at step {state.step}" + (
+            "" if continued else f" in a new experiment {exp} (only an experiment's newest checkpoint continues it)"
+        )
     log(
-        f"{f'resuming {args.resume} at step {state.step}' if resumed else f'experiment {exp}'}: {args.model}, "
+        f"{what}: {args.model}, "
         f"routing {args.routing} (alpha {args.alpha}, beta {args.beta}), {len(data.dataset):,} images, {condition}, "
         f"{sum(p.numel() for p in state.model.parameters()):,} parameters, "
         f"{run.world} process(es) x batch {args.global_batch_size // run.world} on {run.device}"
     )
-    if changed:
-        log(f"changed on resume: {', '.join(changed)}")
+    for line in notes:
+        log(line)
     return exp, log
 
 
@@ -952,14 +977,21 @@ def save_checkpoint(args, run, exp, state):
 
 def latest_checkpoint(results_dir, args=None):
     """The newest checkpoint of the newest experiment under results_dir (None if there is none); with `args`, of the
-    newest experiment whose args.json has their model arguments, never another model's or routing's."""
+    newest experiment whose args.json has their model arguments, never another model's or routing's. Newest: the
+    largest leading number (NNN-..., NNNNNNN.pt)."""
     keys = () if args is None else dtr.MODEL_ARGS
-    for exp in sorted(glob.glob(os.path.join(results_dir, "*")), reverse=True):
-        found = sorted(glob.glob(os.path.join(exp, "checkpoints", "*.pt")))
+    for exp in sorted(glob.glob(os.path.join(results_dir, "*")), key=leading_number, reverse=True):
+        found = sorted(glob.glob(os.path.join(exp, "checkpoints", "*.pt")), key=leading_number)
         saved = read_args(exp) if keys else {}
         if found and saved is not None and all(saved.get(k) == getattr(args, k) for k in keys):
             return found[-1]
     return None
+
+
+def leading_number(path):
+    """The number a file or folder name starts with (NNN-model-routing, NNNNNNN.pt), or -1 if it starts otherwise."""
+    digits = re.match(r"\d+", os.path.basename(path))
+    return int(digits.group()) if digits else -1
 
 
 def read_args(exp):
@@ -972,9 +1004,9 @@ def read_args(exp):
 
 
 def new_experiment_dir(args):
-    """results/NNN-model-routing, never reusing an existing directory."""
+    """results/NNN-model-routing, NNN one above the largest number there, never reusing an existing directory."""
     os.makedirs(args.results_dir, exist_ok=True)
-    index = len(glob.glob(os.path.join(args.results_dir, "*")))
+    index = 1 + max(map(leading_number, glob.glob(os.path.join(args.results_dir, "*"))), default=-1)
     while True:
         path = os.path.join(args.results_dir, f"{index:03d}-{args.model.replace('/', '-')}-{args.routing}")
         try:
@@ -1106,7 +1138,45 @@ def resolve_preset(args):
         raise dtr.InputError(
             "--latents stores VAE latents: it needs --vae ema|mse (a pixel-space run reads its images directly)"
         )
+    check_args(args)
     return args
+
+
+def check_args(args):
+    """Stop with one line at the first size, interval or rate out of its range, before anything is read or written."""
+    at_least = dict(
+        steps=1,
+        global_batch_size=1,
+        image_size=1,
+        demo_images_per_class=1,
+        num_timesteps=1,
+        log_every=1,
+        ckpt_every=1,
+        sample_every=0,  # 0: a grid only at the end
+        latent_shard_size=1,
+        num_workers=0,
+        lr=0,
+        weight_decay=0,
+        uw_lr=0,
+    )
+    for k, low in at_least.items():
+        if not getattr(args, k) >= low:  # also catches NaN
+            raise dtr.InputError(f"--{k.replace('_', '-')} is {getattr(args, k)}; it must be at least {low}")
+    for k in ("ema_decay", "flip_prob"):
+        if not 0 <= getattr(args, k) <= 1:
+            raise dtr.InputError(f"--{k.replace('_', '-')} is {getattr(args, k)}; it must be between 0 and 1")
+    if not 0 <= args.class_dropout_prob < 1:  # 1 would drop every label: the conditional model never trains
+        raise dtr.InputError(f"--class-dropout-prob is {args.class_dropout_prob}; it must be in [0, 1)")
+    if args.loss_weight == "ant-uw" and not 1 <= args.uw_clusters <= args.num_timesteps:
+        raise dtr.InputError(
+            f"--uw-clusters {args.uw_clusters} must be between 1 and --num-timesteps {args.num_timesteps}"
+        )
+    if not 1 <= args.grid_steps <= args.num_timesteps:  # the sample grid respaces the T training steps
+        raise dtr.InputError(
+            f"--grid-steps {args.grid_steps} must be between 1 and --num-timesteps {args.num_timesteps}"
+        )
+    if args.vae and args.image_size % dtr.VAE_FACTOR:
+        raise dtr.InputError(f"--image-size {args.image_size} is not divisible by the VAE factor {dtr.VAE_FACTOR}")
 
 
 def main(args):
@@ -1234,7 +1304,14 @@ def parser():
     )
     p.add_argument("--grid-steps", type=int, default=250, help="DDPM steps for the sample grid")
     p.add_argument("--grid-cfg-scale", type=float, default=4.0, help="guidance scale for the sample grid")
-    p.add_argument("--resume", default=None, help="checkpoint path, or 'auto' for the newest under --results-dir")
+    p.add_argument(
+        "--resume",
+        default=None,
+        help="checkpoint path, or 'auto' for the newest under --results-dir. It continues its experiment only if it is "
+        "that experiment's newest checkpoint; any other (older, or a copy elsewhere) starts a new experiment under "
+        "--results-dir (args.json: resumed_from), so no checkpoint is overwritten. Refused if the model, the data, "
+        "or a flag fixing the data order, draws or loss changed",
+    )
     p.add_argument(
         "--init-from",
         default=None,
