@@ -67,10 +67,12 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 def train(args):
     """Train, log and checkpoint as `args` say; returns the experiment directory."""
     # set-up: processes, data, model and optimizer (new, initialised or resumed), experiment folder
-    run = setup(args)
-    data = load_training_data(args, run)
-    ckpt, changed = resume_checkpoint(args)
-    state = init_state(args, run, ckpt)
+    with dtr.shared_errors():  # the same checks on every rank: one line, from rank 0, before anything is written
+        run = setup(args)
+        data = load_training_data(args, run)
+        ckpt, changed = resume_checkpoint(args)
+        state = init_state(args, run, ckpt)
+        vae = dtr.load_vae(args.vae, args.vae_path, run.device) if args.vae else None
     exp, log = open_experiment(args, run, data, state, ckpt is not None, changed)
     net = (
         DDP(state.model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
@@ -79,7 +81,6 @@ def train(args):
     )
     net = torch.compile(net) if args.compile else net
     diffusion = dtr.build_diffusion(dtr.model_args(args), **loss_weighting(args))
-    vae = dtr.load_vae(args.vae, args.vae_path, run.device) if args.vae else None
     if args.latents:  # from here on no image is read and no encoder runs
         data.dataset, data.latents = prepare_latents(args, run, data.dataset, vae), True
     batches = iter(make_loader(args, run, data.dataset, state.step))
@@ -983,7 +984,7 @@ class Meter:
         self.stats[1].index_add_(0, quarter, torch.ones_like(losses))
         check = all_reduce_mean(loss.reshape(1).clone(), self.run.world).item()
         if not math.isfinite(check):
-            raise dtr.InputError(
+            raise dtr.SharedError(  # every rank sees the same mean
                 f"loss is {check} at step {step}; stopped, the last checkpoint in {self.exp} is the last good one"
             )
         self.bar.set_postfix(loss=f"{check:.4f}")
@@ -1070,7 +1071,7 @@ def resolve_preset(args):
 
 
 def main(args):
-    """Train as the command line says; bad input stops with one line (rank 0) and exit status 1."""
+    """Train as the command line says; bad input stops with one line and exit status 1 (dtr.one_line_errors)."""
     with dtr.one_line_errors("train.py"):
         return train(resolve_preset(args))
 
