@@ -6,6 +6,7 @@ Run: python -m pytest -q test_dtr.py
 import argparse
 import copy
 import errno
+import hashlib
 import json
 import math
 import os
@@ -2704,6 +2705,46 @@ def test_sample_eval_equals_sample_then_fid(fitted_dit, weights_file, tmp_path, 
     with pytest.raises(SystemExit, match="ref_stats.npz has no dinov2 features and no images"):
         run_sample(ckpt, tmp_path / "bad", "--eval", str(tmp_path / "ref_stats.npz"), "--metrics", "fd_dinov2")
     assert not os.path.exists(tmp_path / "bad")
+
+
+@pytest.mark.slow  # Inception features of 36 images on the CPU
+def test_sample_eval_resume_scores_what_is_newly_asked_against_this_ref(fitted_dit, weights_file, tmp_path, capsys):
+    ckpt, _ = fitted_dit
+    ref_a, ref_b = (_write_npz(tmp_path / f"{n}.npz", arr_0=_images(6, 8, 8, seed=s)) for n, s in (("a", 3), ("b", 4)))
+    out = tmp_path / "out"
+    argv = ["--ckpt", ckpt, "--out", str(out), "--num-samples", "6", "--num-sampling-steps", str(SAMPLE_STEPS),
+            "--batch-size", "3", "--inception-weights", weights_file]  # fmt: skip
+
+    def run(ref, metrics, *more):
+        sample.main(sample.parser().parse_args([*argv, "--eval", ref, "--metrics", metrics, *more]))
+        return json.loads((out / "metrics.json").read_text())
+
+    def sha256(path):
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+
+    first = run(ref_a, "fid")
+    second = run(ref_b, "fid,kid", "--resume")  # another REF and a new metric, from the saved sample features
+    smp = str(out / "samples_6x8x8x3.npz")
+    fid.main(_cli_args(ref_b, smp, metrics="fid,kid", inception_weights=weights_file, json=str(tmp_path / "b.json")))
+    expected = json.loads((tmp_path / "b.json").read_text())  # fid.py on the kept images, in the same batches of 3
+    assert (second["reference"], second["reference_digest"], second["metrics"]) == (
+        ref_b,
+        sha256(ref_b),
+        ["fid", "kid"],
+    )
+    assert {k: second[k] for k in ("fid", "kid", "kid_std")} == {k: expected[k] for k in ("fid", "kid", "kid_std")}
+    assert first["reference"] == ref_a and first["fid"] != second["fid"]
+    capsys.readouterr()
+    assert run(ref_b, "kid", "--resume") == second  # asked and scored against this REF: nothing to do
+    assert "metrics.json is already complete" in capsys.readouterr().out
+    _write_npz(ref_b, arr_0=_images(6, 8, 8, seed=5))  # other images under the same name: scored anew
+    third = run(ref_b, "fid", "--resume")
+    assert third["reference_digest"] == sha256(ref_b) != second["reference_digest"] and third["metrics"] == ["fid"]
+    assert third["fid"] != second["fid"]
+    with pytest.raises(SystemExit, match="holds no dinov2 features of the samples, which --metrics fd_dinov2 needs"):
+        run(ref_b, "fid,fd_dinov2", "--resume")  # refused in one line: nothing written
+    assert json.loads((out / "metrics.json").read_text()) == third
 
 
 def test_sample_compile_runs_the_network_compiled_with_the_same_images(fitted_dit, tmp_path, monkeypatch):
