@@ -577,7 +577,8 @@ def save_pngs(folder, images, start):
 
 def load_checkpoint(path, weights="ema", model=None, image_size=None, vae=None, vae_path=None, text_encoder=None):
     """(model_args with vae_path, state dict) of a train.py checkpoint, an official DTR or DiT training checkpoint, or a
-    bare state dict; the flags fill what the checkpoint does not say."""
+    bare state dict; the flags fill what the checkpoint does not say. The decoder: `vae_path` if given, else for an
+    explicit `vae` that kind's hub copy (not the path training used), else the checkpoint's kind and path."""
     ckpt = dtr.read_checkpoint(path)
     if not isinstance(ckpt, dict):
         raise dtr.InputError(f"{path} is not a checkpoint (a {type(ckpt).__name__})")
@@ -827,7 +828,13 @@ def parser():
     p.add_argument("--weights", choices=["ema", "model"], default="ema")
     p.add_argument("--model", default=None, help="only for checkpoints without training arguments or config (DiT's)")
     p.add_argument("--image-size", type=int, default=None, help="only for checkpoints without training arguments")
-    p.add_argument("--vae", choices=["ema", "mse"], default=None, help="latent models' decoder (default: its own)")
+    p.add_argument(
+        "--vae",
+        choices=["ema", "mse"],
+        default=None,
+        help="latent models' decoder (default: the training run's, from its --vae-path if it had one); a kind named "
+        "here loads stabilityai/sd-vae-ft-KIND (or --vae-path), never the training run's path",
+    )
     p.add_argument("--vae-path", default=None, help="a local copy of the VAE (diffusers format)")
     p.add_argument("--num-samples", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=32, help="per rank; does not change the images")
@@ -871,7 +878,12 @@ def parser():
     p.add_argument("--out", default=None, help="output folder (default: samples/<model>-<ckpt>-<settings>)")
     p.add_argument("--shard-size", type=int, default=256, help="samples per shard file (the unit of --resume)")
     p.add_argument("--save-png", action="store_true", help="also write DIR/images/{i:06d}.png")
-    p.add_argument("--resume", action="store_true", help="finish an interrupted run, keeping its shards")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="finish an interrupted run, keeping its shards; a finished --eval run scores what metrics.json lacks "
+        "(another REF, more metrics) from its saved sample features, or refuses",
+    )
     p.add_argument("--overwrite", action="store_true", help="delete the results in --out and start over")
     p.add_argument("--eval", default=None, metavar="REF", help="also score the samples against REF (as fid.py)")
     p.add_argument("--metrics", default=",".join(fid.ADM_METRICS), help=f"--eval: from {','.join(fid.METRICS)}")
