@@ -18,6 +18,7 @@ import math
 import os
 import statistics
 import struct
+import sys
 import time
 import zipfile
 from types import SimpleNamespace
@@ -1632,17 +1633,82 @@ def first_line(e):
 
 
 def exit_one_line(script, msg):
-    """Exit with status 1 after one line on stderr, printed by rank 0 alone under torchrun."""
+    """Exit with status 1 after one line on stderr, printed by rank 0 alone under torchrun: for errors in the command
+    line, which every rank reads alike (see one_line_errors)."""
     raise SystemExit(f"{script}: error: {msg}" if os.environ.get("RANK", "0") == "0" else 1)
+
+
+class SharedError(InputError):
+    """An InputError every rank raises alike (shared_errors, or a check on values a collective made equal): rank 0
+    alone reports it."""
+
+
+@contextlib.contextmanager
+def shared_errors():
+    """Run the block on every rank, then share its InputErrors: if any rank met one, every rank raises the lowest such
+    rank's as a SharedError (its message prefixed 'rank N: ' unless N is 0), so none waits for a rank that stopped.
+
+    Every rank must enter the block, and the block must run no collective (a failing rank would skip it). In one
+    process, or before the process group exists, the error is raised as it is."""
+    error = None
+    try:
+        yield
+    except SharedError:  # already the same on every rank
+        raise
+    except InputError as e:
+        error = e
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        if error is not None:
+            raise error
+        return
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, None if error is None else str(error))
+    for r, e in enumerate(errors):
+        if e is not None:
+            raise SharedError(e if r == 0 else f"rank {r}: {e}")
+
+
+def exit_now(status):
+    """End this process at once, after flushing stdout and stderr: no exit hook, destructor or process-group teardown
+    runs that could wait for a rank blocked in a collective."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 @contextlib.contextmanager
 def one_line_errors(script):
-    """Each script's main() runs in this: an InputError becomes one line on stderr and exit status 1."""
+    """Each script's main() runs in this. Who prints what, and how the processes end:
+
+    - One process (WORLD_SIZE unset or 1): an InputError is one line `script: error: MSG` on stderr and exit status 1
+      (SystemExit); any other exception propagates (its traceback, status 1).
+    - Under torchrun with 2 or more ranks, a rank that stops prints on stderr, then ends at once with status 1
+      (exit_now); torchrun's agent then stops the ranks still running and exits 1:
+      - a SharedError (shared_errors): rank 0 prints `script: error: MSG` (MSG names the rank the error came from
+        unless rank 0); the other ranks print nothing;
+      - an InputError before the process group exists (the scripts then check only their command line, alike on
+        every rank): rank 0 prints `script: error: MSG`; the other ranks print nothing;
+      - any other InputError (e.g. an image only this rank reads): `script: error: rank N: MSG`, from rank N;
+      - any other exception (e.g. out of memory): its traceback, from the rank where it happened (torch prefixes
+        each line with [rankN]).
+      A rank that was waiting in a collective for the one that stopped may report that collective's failure (gloo:
+      'Connection closed by peer') before torchrun stops it."""
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     try:
         yield
     except InputError as e:
-        exit_one_line(script, e)
+        if world == 1 or not (isinstance(e, SharedError) or dist.is_initialized()):
+            exit_one_line(script, e)
+        if not isinstance(e, SharedError):
+            print(f"{script}: error: rank {rank}: {e}", file=sys.stderr)
+        elif rank == 0:
+            print(f"{script}: error: {e}", file=sys.stderr)
+        exit_now(1)
+    except Exception:
+        if world == 1:
+            raise
+        sys.excepthook(*sys.exc_info())
+        exit_now(1)
 
 
 #################################################################################

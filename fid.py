@@ -523,29 +523,6 @@ def check_saved_features(path, given, networks):
 #################################################################################
 
 
-def _raise_on_every_rank(error):
-    """Raise `error` (an InputError or None), or another rank's, on every rank of the process group, so that
-    no rank waits forever in a later collective for one that stopped."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        errors = [None] * dist.get_world_size()
-        dist.all_gather_object(errors, None if error is None else str(error))
-        for r, e in enumerate(errors):  # the lowest failed rank's error, on every rank
-            if e is not None:
-                raise InputError(e if r == 0 else f"rank {r}: {e}")
-    elif error is not None:
-        raise error
-
-
-def on_every_rank(fn):
-    """fn() on this rank; an InputError on any rank is raised on every rank (see _raise_on_every_rank)."""
-    try:
-        result, error = fn(), None
-    except InputError as e:
-        result, error = None, e
-    _raise_on_every_rank(error)
-    return result
-
-
 def _all_gather_rows(x, rows):
     """Concatenate every rank's (n_r, D) tensor in rank order (each padded to `rows` for the collective)."""
     padded = torch.cat([x, x.new_zeros(rows - len(x), x.shape[1])])
@@ -582,20 +559,18 @@ def compute_features(images, networks, batch_size=64, protocol="adm", progress=F
     lo, hi = min(rank * shard, n), min((rank + 1) * shard, n)
     spans = [(s, min(s + batch_size, hi)) for s in range(lo, hi, batch_size)]
     dims = {k: d for net in networks for k, d in net.dims.items()}
-    out, error = {k: [torch.empty(0, d, device=device)] for k, d in dims.items()}, None
-    with ThreadPoolExecutor(1) as io, tqdm(total=hi - lo, unit="img", disable=not progress or rank != 0) as bar:
-        try:
-            pending = io.submit(images.__getitem__, slice(*spans[0])) if spans else None
-            for i in range(len(spans)):
-                batch = torch.from_numpy(np.array(pending.result()))  # (n, H, W, 3) uint8
-                if i + 1 < len(spans):
-                    pending = io.submit(images.__getitem__, slice(*spans[i + 1]))  # read ahead
-                for k, v in batch_features(networks, batch.to(device), protocol).items():
-                    out[k].append(v)
-                bar.update(len(batch))
-        except InputError as e:  # an unreadable image in this rank's shard
-            error = e
-    _raise_on_every_rank(error)  # before the gather, which the other ranks would otherwise wait in forever
+    out = {k: [torch.empty(0, d, device=device)] for k, d in dims.items()}
+    # an unreadable image in this rank's shard stops every rank before the gather, which they would wait in forever
+    bar = tqdm(total=hi - lo, unit="img", disable=not progress or rank != 0)
+    with dtr.shared_errors(), ThreadPoolExecutor(1) as io, bar:
+        pending = io.submit(images.__getitem__, slice(*spans[0])) if spans else None
+        for i in range(len(spans)):
+            batch = torch.from_numpy(np.array(pending.result()))  # (n, H, W, 3) uint8
+            if i + 1 < len(spans):
+                pending = io.submit(images.__getitem__, slice(*spans[i + 1]))  # read ahead
+            for k, v in batch_features(networks, batch.to(device), protocol).items():
+                out[k].append(v)
+            bar.update(len(batch))
     feats = {k: torch.cat(v) for k, v in out.items()}
     if world > 1:
         feats = {k: torch.cat(_all_gather_rows(v, shard))[:n] for k, v in feats.items()}
@@ -827,10 +802,11 @@ def num_images(stats):
 
 def open_source(path, networks, num_workers=8):
     """Every rank: REF/SAMPLES -> (images or None, saved arrays), refusing a --save-stats file that lacks the
-    features of `networks`; an InputError on any rank stops them all."""
-    images, given = on_every_rank(lambda: load_source(path, num_workers))
-    if images is None:
-        on_every_rank(lambda: check_saved_features(path, given, networks))
+    features of `networks`; an InputError on any rank stops them all (dtr.shared_errors)."""
+    with dtr.shared_errors():
+        images, given = load_source(path, num_workers)
+        if images is None:
+            check_saved_features(path, given, networks)
     return images, given
 
 
@@ -845,9 +821,11 @@ def load_networks(names, device, inception_weights=None, dinov2_weights=None, ra
     the other ranks then read; a failure on any rank stops them all."""
     load = {"inception": lambda: load_inception(inception_weights, device),
             "dinov2": lambda: load_dinov2(dinov2_weights, device)}  # fmt: skip
-    networks = on_every_rank(lambda: [load[n]() for n in names] if rank == 0 else None)
+    with dtr.shared_errors():
+        networks = [load[n]() for n in names] if rank == 0 else None
     if world > 1:
-        networks = on_every_rank(lambda: networks if rank == 0 else [load[n]() for n in names])
+        with dtr.shared_errors():
+            networks = networks if rank == 0 else [load[n]() for n in names]
     return networks
 
 
@@ -873,15 +851,12 @@ def _run(args, device, rank, world):
 
 
 def main(args):
-    """CLI entry point: one line on stderr (from rank 0) and exit status 1 on every rank for unusable input."""
-    # under torchrun every rank raises the same InputError (_raise_on_every_rank); rank 0 alone prints it
+    """CLI entry point: unusable input is one line on stderr and exit status 1, on every rank (dtr.one_line_errors)."""
     with dtr.one_line_errors("fid.py"):
         rank, world, device = dtr.setup_distributed(device=args.device)
-        try:
-            _run(args, device, rank, world)
-        finally:
-            if dist.is_initialized():
-                dist.destroy_process_group()
+        _run(args, device, rank, world)
+        if dist.is_initialized():  # not after an error: the ranks stop at once (dtr.exit_now)
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -57,30 +57,30 @@ def main(args):
 
 def sample(args):
     """main's body; bad input raises dtr.InputError."""
-    model_args, state = load_checkpoint(
-        args.ckpt, args.weights, args.model, args.image_size, args.vae, args.vae_path, args.text_encoder
-    )
-    check_args(args, model_args)
-    captions = None if model_args.get("context_dim", None) is None else text_captions(args)
     # Ranks may finish up to a shard apart before the final barrier: allow more than the default 10-30 minutes.
     rank, world, device = dtr.setup_distributed(timeout=timedelta(hours=2))
-    try:
-        run(args, model_args, state, rank, world, device, captions)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    with dtr.shared_errors():  # the same checks on every rank: one line, from rank 0
+        model_args, state = load_checkpoint(
+            args.ckpt, args.weights, args.model, args.image_size, args.vae, args.vae_path, args.text_encoder
+        )
+        check_args(args, model_args)
+        captions = None if model_args.get("context_dim", None) is None else text_captions(args)
+    run(args, model_args, state, rank, world, device, captions)
+    if dist.is_initialized():  # not after an error: the ranks stop at once (dtr.exit_now)
+        dist.destroy_process_group()
 
 
 def run(args, model_args, state, rank, world, device, captions=None):
     """The body of main, once every rank has joined; captions (N,) for text models."""
-    model = load_model(model_args, state, device)
-    if args.compile:  # in place, so that forward_with_cfg's self(...) runs compiled too
-        try:
-            model.compile(backend=args.compile)
-        except RuntimeError as e:  # an unknown backend
-            raise dtr.InputError(f"--compile {args.compile}: {e}")
+    with dtr.shared_errors():
+        model = load_model(model_args, state, device)
+        if args.compile:  # in place, so that forward_with_cfg's self(...) runs compiled too
+            try:
+                model.compile(backend=args.compile)
+            except RuntimeError as e:  # an unknown backend
+                raise dtr.InputError(f"--compile {args.compile}: {e}")
+        text = None if captions is None else load_text_encoder(model_args, device)
     diffusion = dtr.build_diffusion(model_args, str(args.num_sampling_steps))
-    text = None if captions is None else load_text_encoder(model_args, device)
     conditional = model_args["num_classes"] > 1
     labels = make_labels(model_args["num_classes"], args.num_samples, args.seed, args.class_labels)
     labels = labels if conditional else None  # (N,) int64
@@ -99,11 +99,14 @@ def run(args, model_args, state, rank, world, device, captions=None):
         rank,
         world,
     )
-    if todo is None:
-        if rank == 0:
+    if todo is None:  # every sample is made
+        if args.eval:
+            rescore(args, files, reference, metrics, rank, world, device)
+        elif rank == 0:
             print(f"{final} is already complete")
         return
-    vae = dtr.load_vae(model_args["vae"], model_args["vae_path"], device) if model_args["vae"] else None
+    with dtr.shared_errors():
+        vae = dtr.load_vae(model_args["vae"], model_args["vae_path"], device) if model_args["vae"] else None
     if rank == 0 and len(todo) < len(ranges):
         print(f"resuming: {len(ranges) - len(todo)} of {len(ranges)} shards already done")
     networks = fid.load_networks(names, device, args.inception_weights, args.dinov2_weights, rank, world)
@@ -279,24 +282,76 @@ def evaluate_samples(shards, ref_stats, files, metrics, args):
                     feats.setdefault(name, []).append(z[name])
     stats = fid.statistics({name: np.concatenate(v) for name, v in feats.items()})
     dtr.save_npz(files.stats, stats)
-    fid.score(ref_stats, stats, metrics, args.protocol, files.metrics, reference=os.path.abspath(args.eval))
+    score(ref_stats, stats, files, metrics, args)
     print(f"wrote {files.stats} and {files.metrics}")
 
 
-def from_rank0(fn, rank, world):
-    """fn() computed on rank 0 alone and handed to every rank; if it fails there, every rank stops."""
-    result = None
+def score(ref_stats, stats, files, metrics, args):
+    """Rank 0: the metrics, printed and in DIR/metrics.json with REF's path and digest (source_digest)."""
+    record = {"reference": os.path.abspath(args.eval), "reference_digest": source_digest(args.eval)}
+    fid.score(ref_stats, stats, metrics, args.protocol, files.metrics, **record)
+
+
+def rescore(args, files, reference, metrics, rank, world, device):
+    """Every rank, a finished --eval run resumed: score what `scored` says is not in DIR/metrics.json yet, from the
+    samples' saved features (DIR/sample_stats.npz) and REF's, extracted over all ranks."""
+    if from_rank0(lambda: scored(files, args.eval, metrics), rank, world):
+        if rank == 0:
+            print(f"{files.metrics} is already complete")
+        return
+    networks = None
+    if reference[0] is not None:  # REF's images, not saved features
+        names = list(dict.fromkeys(fid.METRICS[m] for m in metrics))
+        networks = fid.load_networks(names, device, args.inception_weights, args.dinov2_weights, rank, world)
+    ref_feats = fid.source_features(reference, networks, args.batch_size, args.protocol, progress=rank == 0)
     if rank == 0:
-        try:
-            result = fn()
-        except dtr.InputError as e:
-            result = e
+        _, saved = fid.load_source(files.stats)
+        score(fid.statistics(ref_feats, reference[1]), fid.statistics({}, saved), files, metrics, args)
+        print(f"wrote {files.metrics}")
+
+
+def scored(files, ref, metrics):
+    """Rank 0, a finished --eval run resumed: True if DIR/metrics.json holds every metric asked against REF (the same
+    path and digest); False if the samples' saved features can score them anew (the metrics.json written then names
+    REF and the metrics asked, nothing else); else an InputError naming the features missing."""
+    try:
+        with open(files.metrics) as f:
+            done = json.load(f)
+    except (OSError, ValueError):
+        done = {}
+    same = done.get("reference") == os.path.abspath(ref) and done.get("reference_digest") == source_digest(ref)
+    if same and set(metrics) <= set(done.get("metrics", ())):
+        return True
+    _, saved = fid.load_source(files.stats)
+    for m in metrics:
+        if not fid.SAVED_FEATURES[fid.METRICS[m]] <= saved.keys():
+            raise dtr.InputError(
+                f"--resume: {files.stats} holds no {fid.METRICS[m]} features of the samples, which --metrics {m} "
+                f"needs; sample into another --out (or score the kept images with fid.py)"
+            )
+    return False
+
+
+def source_digest(path):
+    """sha256 of a REF file's bytes, or of a REF folder's image names and sizes (the files fid.py reads)."""
+    if not os.path.isdir(path):
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    h = hashlib.sha256()
+    for name in sorted(n for n in os.listdir(path) if n.lower().endswith(fid.IMAGE_EXTENSIONS)):
+        h.update(f"{name}\t{os.path.getsize(os.path.join(path, name))}\n".encode())
+    return h.hexdigest()
+
+
+def from_rank0(fn, rank, world):
+    """fn() computed on rank 0 alone and handed to every rank; if it fails there, every rank stops
+    (dtr.shared_errors)."""
+    with dtr.shared_errors():
+        result = fn() if rank == 0 else None
     if world > 1:
         box = [result]
         dist.broadcast_object_list(box, src=0)
         result = box[0]
-    if isinstance(result, dtr.InputError):
-        raise result
     return result
 
 
@@ -441,13 +496,19 @@ def prepare_out(out, files, settings, num_shards, resume=False, overwrite=False,
             raise dtr.InputError(f"--resume: {out} holds samples but no run.json; pass --overwrite to redo them")
         with open(files.settings) as f:
             before = json.load(f)
-        # a key missing from an older run.json has its off value
-        changed = [k for k in settings if before.get(k, SETTINGS_OFF.get(k)) != settings[k]]
+        complete = os.path.exists(final or files.npz)
+        # a key missing from an older run.json has its off value; once every sample is made, the features it saved,
+        # not the networks named now, decide what a resumed --eval can score (scored)
+        changed = [
+            k
+            for k in settings
+            if before.get(k, SETTINGS_OFF.get(k)) != settings[k] and not (complete and k == "eval_features")
+        ]
         if changed:
             raise dtr.InputError(
                 f"--resume: {out} was sampled with other settings ({', '.join(changed)}); use another --out"
             )
-        if os.path.exists(final or files.npz):
+        if complete:
             return None
     os.makedirs(files.shards, exist_ok=True)
     if save_png:
@@ -531,7 +592,8 @@ def save_pngs(folder, images, start):
 
 def load_checkpoint(path, weights="ema", model=None, image_size=None, vae=None, vae_path=None, text_encoder=None):
     """(model_args with vae_path, state dict) of a train.py checkpoint, an official DTR or DiT training checkpoint, or a
-    bare state dict; the flags fill what the checkpoint does not say.
+    bare state dict; the flags fill what the checkpoint does not say. The decoder: `vae_path` if given, else for an
+    explicit `vae` that kind's hub copy (not the path training used), else the checkpoint's kind and path.
 
     train.py's: everything from its model_args. facebookresearch/DiT's (a bare state dict) needs --model and
     --image-size; classes, null class, learned sigma and latent vs pixel input are read off the weights, with DiT's
@@ -564,7 +626,7 @@ def load_checkpoint(path, weights="ema", model=None, image_size=None, vae=None, 
         args = dict(
             trained,
             vae=vae or trained["vae"],
-            vae_path=given.get("vae_path"),
+            vae_path=None if vae else given.get("vae_path"),  # an explicit --vae: that kind's decoder, not training's
             text_encoder=text_encoder or trained["text_encoder"],
         )
     else:
@@ -788,7 +850,13 @@ def parser():
     p.add_argument("--weights", choices=["ema", "model"], default="ema", help="EMA or raw weights")
     p.add_argument("--model", default=None, help="only for checkpoints without training arguments or config (DiT's)")
     p.add_argument("--image-size", type=int, default=None, help="only for checkpoints without training arguments")
-    p.add_argument("--vae", choices=["ema", "mse"], default=None, help="latent models' decoder (default: its own)")
+    p.add_argument(
+        "--vae",
+        choices=["ema", "mse"],
+        default=None,
+        help="latent models' decoder (default: the training run's, from its --vae-path if it had one); a kind named "
+        "here loads stabilityai/sd-vae-ft-KIND (or --vae-path), never the training run's path",
+    )
     p.add_argument("--vae-path", default=None, help="a local copy of the VAE (diffusers format)")
     p.add_argument("--num-samples", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=32, help="per rank; does not change the images")
@@ -845,7 +913,9 @@ def parser():
     p.add_argument(
         "--resume",
         action="store_true",
-        help="finish an interrupted run, keeping its shards (any ranks and batch size, the same settings)",
+        help="finish an interrupted run, keeping its shards (any ranks and batch size, the same settings); a "
+        "finished --eval run scores what metrics.json lacks (another REF, more metrics) from its saved sample "
+        "features, or refuses",
     )
     p.add_argument("--overwrite", action="store_true", help="delete the results in --out and start over")
     p.add_argument("--eval", default=None, metavar="REF", help="also score the samples against REF (as fid.py)")

@@ -6,6 +6,7 @@ Run: python -m pytest -q test_dtr.py
 import argparse
 import copy
 import errno
+import hashlib
 import json
 import math
 import os
@@ -100,13 +101,30 @@ def run_train(tmp_path, *extra, name="r"):
     return exp, torch.load(train.latest_checkpoint(str(tmp_path / name)), weights_only=False)
 
 
-def torchrun(*args, script="train.py", nproc=2):
-    """`script` under torchrun on `nproc` CPU processes (one thread each) -> the finished process."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def torchrun(*args, script="train.py", nproc=2, timeout=600, env=None):
+    """`script` under torchrun on `nproc` CPU processes (one thread each) -> the finished process; `env`: more
+    environment variables."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     return subprocess.run(
-        [*cmd, os.path.join(HERE, script), *args], capture_output=True, text=True, timeout=600, env=env
+        [*cmd, os.path.join(HERE, script), *args], capture_output=True, text=True, timeout=timeout, env=env
     )
+
+
+def failing_on_rank(folder, rank):
+    """Environment variables that make every conv2d of process `rank` raise RuntimeError('simulated out of memory'),
+    as a GPU out of memory would (a sitecustomize module in `folder`, which Python imports at start-up)."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "sitecustomize.py"), "w") as f:
+        f.write(
+            "import os\n"
+            f"if os.environ.get('RANK') == '{rank}':\n"
+            "    import torch.nn.functional as F\n\n"
+            "    def conv2d(*args, **kwargs):\n"
+            "        raise RuntimeError('simulated out of memory')\n\n"
+            "    F.conv2d = conv2d\n"
+        )
+    return {"PYTHONPATH": os.pathsep.join([str(folder), *filter(None, [os.environ.get("PYTHONPATH")])])}
 
 
 def write_images(folder, n, size=(12, 10)):
@@ -1918,6 +1936,26 @@ def test_train_two_processes_match_one(tmp_path):
     assert per_rank_bad.returncode != 0 and "per-rank batch 4 is not divisible by the 8 ANT-UW" in per_rank_bad.stderr
 
 
+@pytest.mark.slow
+def test_train_torchrun_names_the_unreadable_image_of_rank_1(tmp_path):
+    # --latents, 5 images a shard: rank 1 encodes shards 1 and 3 (images 5-9, 15-19 of 24). Image 5 (c0/010.png, the
+    # 6th of the class folders in order) keeps a valid header and loses its data, so rank 1 alone meets it.
+    images, vae = write_noise_images(tmp_path / "images"), tiny_vae(tmp_path / "vae")
+    bad = os.path.join(images, "c0", "010.png")
+    with open(bad, "rb") as f:
+        header = f.read(100)
+    with open(bad, "wb") as f:
+        f.write(header)
+    flags = ["--data", images, "--model", "DiT-T/2", "--num-workers", "0", "--image-size", "32", "--vae", "ema",
+             "--vae-path", vae, "--latent-shard-size", "5", "--steps", "2", "--latents", str(tmp_path / "cache")]  # fmt: skip
+    r = torchrun(*TINY_TRAIN, *flags, "--results-dir", str(tmp_path / "res"), timeout=120)  # no rank waits forever
+    assert r.returncode != 0
+    # one line, from rank 1 (rank 0's progress bar may precede it on the same console line)
+    assert re.findall(r"train\.py: error: (rank \d+: cannot read image \S+): ", r.stderr) == [
+        f"rank 1: cannot read image {bad}"
+    ], r.stderr[-3000:]
+
+
 def test_train_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     exp, _ = run_train(tmp_path, "--steps", "2", "--ckpt-every", "2")
     path = os.path.join(exp, "checkpoints", "0000002.pt")
@@ -2827,6 +2865,46 @@ def test_sample_eval_equals_sample_then_fid(fitted_dit, weights_file, tmp_path, 
     assert not os.path.exists(tmp_path / "bad")
 
 
+@pytest.mark.slow  # Inception features of 36 images on the CPU
+def test_sample_eval_resume_scores_what_is_newly_asked_against_this_ref(fitted_dit, weights_file, tmp_path, capsys):
+    ckpt, _ = fitted_dit
+    ref_a, ref_b = (_write_npz(tmp_path / f"{n}.npz", arr_0=_images(6, 8, 8, seed=s)) for n, s in (("a", 3), ("b", 4)))
+    out = tmp_path / "out"
+    argv = ["--ckpt", ckpt, "--out", str(out), "--num-samples", "6", "--num-sampling-steps", str(SAMPLE_STEPS),
+            "--batch-size", "3", "--inception-weights", weights_file]  # fmt: skip
+
+    def run(ref, metrics, *more):
+        sample.main(sample.parser().parse_args([*argv, "--eval", ref, "--metrics", metrics, *more]))
+        return json.loads((out / "metrics.json").read_text())
+
+    def sha256(path):
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+
+    first = run(ref_a, "fid")
+    second = run(ref_b, "fid,kid", "--resume")  # another REF and a new metric, from the saved sample features
+    smp = str(out / "samples_6x8x8x3.npz")
+    fid.main(_cli_args(ref_b, smp, metrics="fid,kid", inception_weights=weights_file, json=str(tmp_path / "b.json")))
+    expected = json.loads((tmp_path / "b.json").read_text())  # fid.py on the kept images, in the same batches of 3
+    assert (second["reference"], second["reference_digest"], second["metrics"]) == (
+        ref_b,
+        sha256(ref_b),
+        ["fid", "kid"],
+    )
+    assert {k: second[k] for k in ("fid", "kid", "kid_std")} == {k: expected[k] for k in ("fid", "kid", "kid_std")}
+    assert first["reference"] == ref_a and first["fid"] != second["fid"]
+    capsys.readouterr()
+    assert run(ref_b, "kid", "--resume") == second  # asked and scored against this REF: nothing to do
+    assert "metrics.json is already complete" in capsys.readouterr().out
+    _write_npz(ref_b, arr_0=_images(6, 8, 8, seed=5))  # other images under the same name: scored anew
+    third = run(ref_b, "fid", "--resume")
+    assert third["reference_digest"] == sha256(ref_b) != second["reference_digest"] and third["metrics"] == ["fid"]
+    assert third["fid"] != second["fid"]
+    with pytest.raises(SystemExit, match="holds no dinov2 features of the samples, which --metrics fd_dinov2 needs"):
+        run(ref_b, "fid,fd_dinov2", "--resume")  # refused in one line: nothing written
+    assert json.loads((out / "metrics.json").read_text()) == third
+
+
 def test_sample_compile_runs_the_network_compiled_with_the_same_images(fitted_dit, tmp_path, monkeypatch):
     # inductor needs minutes on a small CPU, so the graphs dynamo captures run eagerly here (same ops, same images)
     ckpt, _ = fitted_dit
@@ -3010,6 +3088,29 @@ def test_sample_latent_checkpoint_decodes_through_the_vae(tmp_path):
     assert out["arr_0"].shape == (2, 32, 32, 3) and out["arr_1"].tolist() == [1, 1]
     # decoded by hand (reference_samples: vae.decode(x / 0.18215)) with the VAE built above, not the one read back
     assert np.array_equal(out["arr_0"], reference_samples(model, [1, 1], range(2), vae=vae.eval()))
+
+
+def test_sample_explicit_vae_flag_wins_over_the_training_vae_path(tmp_path, monkeypatch):
+    diffusers = pytest.importorskip("diffusers")
+    trained, hub_mse = tiny_vae(tmp_path / "trained", seed=0), tiny_vae(tmp_path / "hub-mse", seed=1)
+    real = diffusers.AutoencoderKL.from_pretrained  # the hub's sd-vae-ft-mse is the second tiny VAE here (offline)
+    hub = {"stabilityai/sd-vae-ft-mse": hub_mse}
+    monkeypatch.setattr(
+        diffusers.AutoencoderKL, "from_pretrained", lambda source, **kw: real(hub.get(source, source), **kw)
+    )
+    args = ckpt_args(image_size=32, vae="ema")
+    torch.manual_seed(0)
+    model = randomize(dtr.build_model(dtr.model_args(args))).eval()
+    ckpt = save_train_ckpt(tmp_path / "latent.pt", dict(args, vae_path=trained), model.state_dict())
+    own = run_sample(ckpt, tmp_path / "own", "--class-labels", "1", n=2)["arr_0"]
+    mse = run_sample(ckpt, tmp_path / "mse", "--class-labels", "1", "--vae", "mse", n=2)["arr_0"]
+    # the same latents decoded by hand with each VAE, read from its own folder
+    decoded = {path: reference_samples(model, [1, 1], range(2), vae=real(path).eval()) for path in (trained, hub_mse)}
+    assert (decoded[trained] != decoded[hub_mse]).mean() > 0.1  # the two decoders tell their images apart
+    assert np.array_equal(own, decoded[trained]) and np.array_equal(mse, decoded[hub_mse])
+    for out, vae, path in (("own", "ema", trained), ("mse", "mse", None)):  # the decoder used: with --vae, the kind's
+        settings = json.loads((tmp_path / out / "run.json").read_text())["model_args"]  # own, not training's path
+        assert (settings["vae"], settings["vae_path"]) == (vae, path)
 
 
 def test_sample_guided_channels_leave_the_rest_unguided(tmp_path, monkeypatch):
@@ -4018,9 +4119,10 @@ def test_fid_compute_features_distributed_gather(tmp_path):
     torch.multiprocessing.spawn(_gather_worker, args=(2, f"file://{tmp_path}/rendezvous"), nprocs=2)
 
 
-def _fid_ranks(*argv_per_rank, timeout=120):
-    """Run fid.py once per rank of one gloo process group, set up as torchrun would -> [(exit status, stderr)];
-    a rank still running after `timeout` seconds (in all) fails the test instead of hanging it."""
+def _fid_ranks(*argv_per_rank, timeout=120, env=None):
+    """Run fid.py once per rank of one gloo process group, set up as torchrun would but with no agent to stop the
+    others when one fails -> [(exit status, stderr)]; a rank still running after `timeout` seconds (in all) fails
+    the test instead of hanging it. `env`: more environment variables."""
     import socket
     import time
 
@@ -4029,8 +4131,9 @@ def _fid_ranks(*argv_per_rank, timeout=120):
         port = s.getsockname()[1]
     procs = []
     for rank, argv in enumerate(argv_per_rank):
-        env = {
+        rank_env = {
             **os.environ,
+            **(env or {}),
             "OMP_NUM_THREADS": "1",
             "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(port),
@@ -4041,7 +4144,7 @@ def _fid_ranks(*argv_per_rank, timeout=120):
         procs.append(
             subprocess.Popen(
                 [sys.executable, os.path.join(HERE, "fid.py"), *argv, "--device", "cpu"],
-                env=env,
+                env=rank_env,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
@@ -4082,3 +4185,33 @@ def test_fid_torchrun_failure_on_one_rank_stops_every_rank(weights_file, tmp_pat
         "rank 1 shard": f"fid.py: error: rank 1: cannot read image {folder / '3.png'}: ",
     }[failing]
     assert err0.splitlines()[-1].startswith(expected) and "Traceback" not in err0, err0  # after a progress bar
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["train.py", "sample.py", "fid.py", "fid.py without torchrun"])
+def test_unexpected_error_on_one_rank_ends_every_rank(script, request, tmp_path):
+    # rank 1's every conv2d raises, as a GPU out of memory would: its traceback reaches the console and the job ends
+    # with a non-zero status within the timeout (under torchrun its agent stops rank 0; without an agent, rank 0's
+    # gloo collective fails once rank 1 has gone, so no rank waits forever)
+    failing = failing_on_rank(tmp_path / "site", 1)
+    if script.startswith("fid.py"):
+        folder = tmp_path / "images"
+        folder.mkdir()
+        for i, im in enumerate(_images(4)):
+            Image.fromarray(im).save(folder / f"{i}.png")
+        argv = [str(folder), str(folder), "--inception-weights", request.getfixturevalue("weights_file"),
+                "--batch-size", "2", "--num-workers", "1"]  # fmt: skip
+    if script == "fid.py without torchrun":
+        (status0, err0), (status1, err1) = _fid_ranks(argv, argv, env=failing)
+        assert status0 != 0 and status1 != 0, err0
+        assert "RuntimeError: simulated out of memory" in err1 and "simulated" not in err0, err1
+        return
+    if script == "fid.py":
+        argv = [*argv, "--device", "cpu"]
+    elif script == "train.py":
+        argv = [*TINY_TRAIN, "--steps", "2", "--results-dir", str(tmp_path / "res")]
+    else:
+        argv = ["--ckpt", request.getfixturevalue("fitted_dit")[0], "--out", str(tmp_path / "out"), "--num-samples",
+                "4", "--shard-size", "2", "--num-sampling-steps", "2"]  # fmt: skip
+    r = torchrun(*argv, script=script, timeout=120, env=failing)
+    assert r.returncode != 0 and "[rank1]: RuntimeError: simulated out of memory" in r.stderr, r.stderr[-3000:]

@@ -71,10 +71,12 @@ def train(args):
     Bad input stops with one line before any step (an unreadable image: when it is loaded); a non-finite loss stops
     training naming the step, so the last checkpoint is the last good one."""
     # set-up: processes, data, model and optimizer (new, initialised or resumed), experiment folder
-    run = setup(args)
-    data = load_training_data(args, run)
-    ckpt, notes = resume_checkpoint(args)
-    state = init_state(args, run, ckpt)
+    with dtr.shared_errors():  # the same checks on every rank: one line, from rank 0, before anything is written
+        run = setup(args)
+        data = load_training_data(args, run)
+        ckpt, notes = resume_checkpoint(args)
+        state = init_state(args, run, ckpt)
+        vae = dtr.load_vae(args.vae, args.vae_path, run.device) if args.vae else None
     exp, log = open_experiment(args, run, data, state, ckpt is not None, notes)
     net = (
         DDP(state.model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
@@ -83,7 +85,6 @@ def train(args):
     )
     net = torch.compile(net) if args.compile else net
     diffusion = dtr.build_diffusion(dtr.model_args(args), **loss_weighting(args))
-    vae = dtr.load_vae(args.vae, args.vae_path, run.device) if args.vae else None
     if args.latents:  # from here on no image is read and no encoder runs
         data.dataset, data.latents = prepare_latents(args, run, data.dataset, vae), True
     batches = iter(make_loader(args, run, data.dataset, state.step))
@@ -1055,7 +1056,7 @@ class Meter:
         self.stats[1].index_add_(0, quarter, torch.ones_like(losses))
         check = all_reduce_mean(loss.reshape(1).clone(), self.run.world).item()
         if not math.isfinite(check):
-            raise dtr.InputError(
+            raise dtr.SharedError(  # every rank sees the same mean
                 f"loss is {check} at step {step}; stopped, the last checkpoint in {self.exp} is the last good one"
             )
         self.bar.set_postfix(loss=f"{check:.4f}")
@@ -1180,7 +1181,7 @@ def check_args(args):
 
 
 def main(args):
-    """Train as the command line says; bad input stops with one line (rank 0) and exit status 1."""
+    """Train as the command line says; bad input stops with one line and exit status 1 (dtr.one_line_errors)."""
     with dtr.one_line_errors("train.py"):
         return train(resolve_preset(args))
 
