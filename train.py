@@ -1015,12 +1015,13 @@ class Meter:
         self.args, self.run, self.log, self.exp = args, run, log, exp
         self.bar = tqdm(initial=step, total=args.steps, disable=run.rank != 0, dynamic_ncols=True, desc="train")
         self.stats = torch.zeros(2, 4, device=run.device)  # loss sum and sample count per timestep quarter
-        self.grad_norms = torch.zeros(2, device=run.device)  # sum and count (the same on every rank)
+        self.grad_norms = torch.zeros(2, device=run.device)  # sum and count of finite ones (the same on every rank)
         self.start, self.start_step = time.perf_counter(), step
 
     def update(self, step, t, losses, loss, uw, grad_norm):
         """Account for a finished step; stop on a non-finite loss."""
-        self.grad_norms += torch.stack([grad_norm.float(), torch.ones_like(grad_norm.float())])
+        finite = torch.isfinite(grad_norm)  # fp16 skips a step whose gradient overflowed: not averaged in
+        self.grad_norms += torch.stack([torch.where(finite, grad_norm, 0), finite]).float()
         quarter = (t * 4 // self.args.num_timesteps).clamp(max=3)
         self.stats[0].index_add_(0, quarter, losses)
         self.stats[1].index_add_(0, quarter, torch.ones_like(losses))
