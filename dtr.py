@@ -1195,13 +1195,20 @@ def sample_timesteps(batch_size, num_timesteps, num_clusters=None, device=None, 
 
 def uncertainty_weighted_loss(loss, t, log_vars, num_timesteps):
     """sum_k 0.5 * (exp(-s_k) * L_k + s_k) with L_k the mean loss of cluster k over K (Kendall et al.; ANT-UW)."""
+    weights, prior = uncertainty_weights(t, log_vars, num_timesteps)
+    return (weights * loss).sum() + prior
+
+
+def uncertainty_weights(t, log_vars, num_timesteps):
+    """ANT-UW as weights (N,) and a constant: loss = (weights * losses).sum() + constant, so any split of the batch
+    into parts adds up to the batch's loss (weight 0.5 exp(-s_k) / (K n_k) for a sample of cluster k, seen n_k
+    times; constant: 0.5 s_k summed over the clusters seen)."""
     k = len(log_vars)
     idx = cluster_index(t, k, num_timesteps)
-    sums = torch.zeros(k, device=loss.device, dtype=loss.dtype).index_add(0, idx, loss)
     counts = torch.bincount(idx, minlength=k)
     seen = counts > 0  # with stratified sampling every cluster is seen
-    cluster_loss = sums[seen] / counts[seen] / k
-    return (0.5 * (torch.exp(-log_vars[seen]) * cluster_loss + log_vars[seen])).sum()
+    per_cluster = 0.5 * torch.exp(-log_vars) / (counts.clamp(min=1) * k)  # (K,)
+    return per_cluster[idx], 0.5 * log_vars[seen].sum()
 
 
 #################################################################################

@@ -4,6 +4,7 @@ Run: python -m pytest -q test_dtr.py
 """
 
 import argparse
+import contextlib
 import copy
 import errno
 import hashlib
@@ -1956,6 +1957,133 @@ def test_train_torchrun_names_the_unreadable_image_of_rank_1(tmp_path):
     ], r.stderr[-3000:]
 
 
+def random_start(tmp_path, *flags):
+    """--init-from weights for a tiny demo run: random everywhere (no zero-initialised layer), so that the first step
+    has a gradient in every tensor."""
+    args = train.resolve_preset(train.parser().parse_args([*TINY_TRAIN, *flags]))
+    args.num_classes, args.context_dim = len(train.SHAPES), None
+    path = str(tmp_path / "random.pt")
+    torch.save(randomize(dtr.build_model(dtr.model_args(args))).state_dict(), path)
+    return path
+
+
+def assert_same_first_step(a, b, grad_tol):
+    """Two checkpoints one AdamW step (lr 2e-3, no weight decay) from the same weights: their gradients (read from
+    AdamW's first moment m = 0.1 g) agree to grad_tol of each tensor's largest, and so do their weights to what AdamW
+    makes of that gradient difference.
+
+    The first step moves w by lr g / (|g| + eps), which moves by at most lr |g - g'| / (min(|g|, |g'|) + eps) when g
+    becomes g'; on top of that a few roundings of the update (lr 2^-21) and of w (|w| 2^-22)."""
+    lr, eps = a["opt"]["param_groups"][0]["lr"], 1e-8
+    model = dtr.build_model(dtr.model_args(a["args"]))
+    names = [n for n, p in model.named_parameters() if p.requires_grad]  # the optimiser's indices, in order
+    pairs = [(a["model"][k], b["model"][k], a["opt"]["state"][i], b["opt"]["state"][i]) for i, k in enumerate(names)]
+    if a["uw"] is not None:
+        pairs.append((a["uw"], b["uw"], a["opt"]["state"][len(pairs)], b["opt"]["state"][len(pairs)]))
+    for wa, wb, sa, sb in pairs:
+        ma, mb = sa["exp_avg"].double(), sb["exp_avg"].double()  # 0.1 g
+        assert (ma - mb).abs().max() <= grad_tol * ma.abs().max() and ma.abs().max() > 0
+        bound = lr * (ma - mb).abs() / (torch.minimum(ma.abs(), mb.abs()) + 0.1 * eps) + lr * 2**-21
+        assert ((wa.double() - wb.double()).abs() <= bound + wa.double().abs() * 2**-22).all()
+
+
+# float32 gradients of these tiny runs are sums of at most 16 samples x 16 tokens = 256 products; summed in another
+# order they agree to 2 * 256 * 2^-24 (3e-5) of the terms' magnitude, taken as the tensor's largest gradient. Under
+# fp16 autocast a weight's gradient is rounded to fp16 (2^-11) once per micro-batch and once for the whole batch: 5
+# roundings for 4 micro-batches.
+ACCUM_GRAD_TOL = {"fp32": 2 * 256 * 2**-24, "fp16": 5 * 2**-11}
+
+
+@pytest.mark.parametrize("weight,precision", [("constant", "fp32"), ("ant-uw", "fp32"), ("ant-uw", "fp16")])
+def test_train_grad_accum_step_is_the_whole_batch_step(tmp_path, weight, precision):
+    flags = ["--steps", "1", "--global-batch-size", "16", "--loss-weight", weight, "--precision", precision]
+    flags += ["--init-from", random_start(tmp_path)]
+    exp, one = run_train(tmp_path, *flags, name="one")
+    exp4, four = run_train(tmp_path, *flags, "--grad-accum", "4", name="four")  # ANT-UW: 4 of the 8 clusters each
+    assert_same_first_step(one, four, ACCUM_GRAD_TOL[precision])
+    if precision == "fp16":  # the same loss-scale decisions: no overflow, one growth count
+        assert one["scaler"] == four["scaler"] and four["scaler"]["_growth_tracker"] == 1
+    norms = [float(re.search(r"grad norm (\S+)", open(os.path.join(e, "log.txt")).read())[1]) for e in (exp, exp4)]
+    assert norms[0] == pytest.approx(norms[1], rel=ACCUM_GRAD_TOL[precision], abs=1e-4)  # logged to 4 decimals
+
+
+class SyncSpy(torch.nn.Module):
+    """A model wrapper with DDP's no_sync(): records, for every forward, whether it ran inside no_sync."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.syncing, self.calls = model, True, []
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        self.syncing = False
+        yield
+        self.syncing = True
+
+    def forward(self, *a, **kw):
+        self.calls.append(self.syncing)
+        return self.model(*a, **kw)
+
+
+def tiny_train_state(*flags):
+    """(args, run, state, diffusion, x, draws, kwargs) of a tiny demo run's first step, weights randomised."""
+    args = train.resolve_preset(train.parser().parse_args([*TINY_TRAIN, "--global-batch-size", "16", *flags]))
+    run = train.setup(args)
+    data = train.load_training_data(args, run)
+    state = train.init_state(args, run)
+    randomize(state.model)
+    diffusion = dtr.build_diffusion(dtr.model_args(args), **train.loss_weighting(args))
+    draws = train.step_randomness(args, 0, run)
+    batch = torch.utils.data.default_collate([data.dataset[i] for i in range(16)])
+    return (args, run, state, diffusion, *train.model_inputs(args, run, data, None, batch, draws), draws)
+
+
+def test_train_grad_accum_syncs_once_and_returns_every_loss():
+    results = {}
+    for accum in (1, 4):  # from the same weights, draws and ANT-UW log-variances (0)
+        args, run, state, diffusion, x, kwargs, draws = tiny_train_state("--loss-weight", "ant-uw")
+        args.grad_accum = accum
+        spy = SyncSpy(state.model)
+        results[accum] = train.train_step(args, run, spy, diffusion, state, x, draws, kwargs)
+        assert spy.calls == [False] * (accum - 1) + [True]  # DDP all-reduces in the last backward only
+    (losses, loss, _), (losses4, loss4, _) = results[1], results[4]
+    assert losses4.shape == (16,) and torch.allclose(losses4, losses, rtol=1e-6, atol=0)  # each sample's loss
+    # the minimised loss is ANT-UW's over the whole batch (cluster means of 2 samples, uw still 0 at the first step)
+    k = dtr.cluster_index(draws["t"], 8, args.num_timesteps)
+    by_hand = sum(0.5 * losses4[k == c].mean() / 8 for c in range(8))
+    assert loss4.item() == pytest.approx(by_hand.item(), rel=1e-6) and loss4.item() == pytest.approx(
+        loss.item(), rel=1e-6
+    )
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_train_max_grad_norm_clips_and_logs_the_unscaled_norm(precision):
+    args, run, state, diffusion, x, kwargs, draws = tiny_train_state("--precision", precision)
+    start = copy.deepcopy(state.model.state_dict())
+    _, _, norm = train.train_step(args, run, state.model, diffusion, state, x, draws, kwargs)
+    params = [p for p in state.model.parameters() if p.requires_grad]
+    grads = [p.grad.double().clone() for p in params]  # kept after the step: unscaled, unclipped
+    assert norm.item() == pytest.approx(math.sqrt(sum((g**2).sum().item() for g in grads)), rel=1e-5)
+    assert 0.1 < norm.item() < 100  # of the order of a loss gradient, not scaled by fp16's 2^16
+    args.max_grad_norm = clip = norm.item() / 4
+    state.model.load_state_dict(start)
+    _, _, clipped_norm = train.train_step(args, run, state.model, diffusion, state, x, draws, kwargs)
+    assert clipped_norm.item() == pytest.approx(norm.item(), rel=ACCUM_GRAD_TOL[precision])  # reported before clipping
+    for g, p in zip(grads, params):  # scaled by clip / norm (torch adds 1e-6 to the norm)
+        assert torch.allclose(p.grad.double(), g * clip / (norm.item() + 1e-6), rtol=0, atol=1e-6 * g.abs().max())
+
+
+@pytest.mark.slow
+def test_train_grad_accum_on_two_ranks_is_the_one_rank_step(tmp_path):
+    flags = [*TINY_TRAIN, "--steps", "1", "--global-batch-size", "16", "--loss-weight", "ant-uw"]
+    flags += ["--init-from", random_start(tmp_path)]
+    r = torchrun(*flags, "--grad-accum", "4", "--results-dir", str(tmp_path / "two"))  # 2 samples per micro-batch
+    assert r.returncode == 0, r.stderr[-2000:]
+    _, one = run_train(tmp_path, *flags[len(TINY_TRAIN) :], name="one")
+    two = torch.load(train.latest_checkpoint(str(tmp_path / "two")), weights_only=False)
+    assert_same_first_step(one, two, ACCUM_GRAD_TOL["fp32"])
+
+
 def test_train_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     exp, _ = run_train(tmp_path, "--steps", "2", "--ckpt-every", "2")
     path = os.path.join(exp, "checkpoints", "0000002.pt")
@@ -2053,6 +2181,8 @@ def test_train_center_crop_like_adm():
         ("grid", "--grid-steps 8 must be between 1 and --num-timesteps 4"),
         ("foreign", "is not a train.py checkpoint (to start from its weights: --init-from)"),
         ("latents", "--latents stores VAE latents: it needs --vae"),
+        ("accum", "per-rank batch 8 is not divisible into --grad-accum 3 micro-batches"),
+        ("clip", "--max-grad-norm 0.0 must be positive"),
     ],
 )
 def test_train_bad_input_one_line(tmp_path, case, message):
@@ -2082,6 +2212,8 @@ def test_train_bad_input_one_line(tmp_path, case, message):
         extra = ["--resume", str(tmp_path / "bare.pt")]
     elif case == "latents":
         extra = ["--latents", data]
+    elif case in ("accum", "clip"):
+        extra = ["--grad-accum", "3"] if case == "accum" else ["--max-grad-norm", "0"]
     r = subprocess.run(
         [
             sys.executable,
@@ -2100,7 +2232,7 @@ def test_train_bad_input_one_line(tmp_path, case, message):
     assert r.returncode != 0 and message in r.stderr
     lines = [line for line in r.stderr.replace("\r", "\n").splitlines() if "error" in line]
     assert len(lines) == 1 and lines[0].startswith("train.py: error:"), r.stderr  # one line (besides the bar)
-    if case in ("beta", "clusters", "grid"):  # found before any training
+    if case in ("beta", "clusters", "grid", "accum", "clip"):  # found before any training
         assert not (tmp_path / "res").exists()
 
 

@@ -14,6 +14,7 @@ fills every flag that was not given. --latents DIR encodes every image (and its 
 """
 
 import argparse
+import contextlib
 import errno
 import glob
 import hashlib
@@ -94,9 +95,9 @@ def train(args):
             # one step: this rank's batch and its share of the step's draws -> loss, backward, AdamW, EMA
             draws = step_randomness(args, state.step, run)
             x, kwargs = model_inputs(args, run, data, vae, next_batch(batches), draws)
-            losses, loss = train_step(args, run, net, diffusion, state, x, draws, kwargs)
+            losses, loss, grad_norm = train_step(args, run, net, diffusion, state, x, draws, kwargs)
             # log and save
-            meter.update(state.step, draws["t"], losses, loss, state.uw)
+            meter.update(state.step, draws["t"], losses, loss, state.uw, grad_norm)
             if state.step % args.ckpt_every == 0 or state.step == args.steps:
                 log(f"saved {save_checkpoint(args, run, exp, state)}")
             if run.rank == 0 and (
@@ -184,20 +185,54 @@ def model_inputs(args, run, data, vae, batch, draws):
 
 
 def train_step(args, run, net, diffusion, state, x, draws, kwargs):
-    """One optimisation step -> this rank's per-sample losses (N,) and the loss it minimised (both detached)."""
-    with torch.autocast(run.device.type, dtype=AMP_DTYPES.get(args.precision), enabled=args.precision != "fp32"):
-        losses = diffusion.training_losses(net, x, draws["t"], kwargs, draws["noise"])["loss"].float()
-    uw = state.uw
-    loss = losses.mean() if uw is None else dtr.uncertainty_weighted_loss(losses, draws["t"], uw, args.num_timesteps)
+    """One optimisation step -> this rank's per-sample losses (N,), the loss it minimised and the model's gradient
+    norm (all detached).
+
+    --grad-accum A runs the batch as A micro-batches of N / A samples, one forward and backward each, gradients
+    summed; DDP all-reduces once, in the last backward (no_sync before). The loss is linear in the per-sample losses
+    with weights from the whole batch (sample_weights), so the micro-batches' losses add up to the batch's and the
+    update is the global batch's for any A, up to the order of float sums. The gradient norm is the total L2 norm of
+    the model's gradients (ANT-UW's log-variances not included) after fp16 unscaling, before clipping
+    (--max-grad-norm) and AdamW."""
     state.opt.zero_grad(set_to_none=True)
-    state.scaler.scale(loss).backward()
-    if uw is not None:  # the log-variances live outside DDP: average their gradients by hand
-        all_reduce_mean(uw.grad, run.world)
+    micro = len(x) // args.grad_accum
+    losses, loss = [], 0.0
+    for j in range(args.grad_accum):
+        part = slice(j * micro, (j + 1) * micro)
+        last = j == args.grad_accum - 1
+        with contextlib.nullcontext() if last or not hasattr(net, "no_sync") else net.no_sync():
+            with torch.autocast(
+                run.device.type, dtype=AMP_DTYPES.get(args.precision), enabled=args.precision != "fp32"
+            ):
+                terms = diffusion.training_losses(
+                    net, x[part], draws["t"][part], {k: v[part] for k, v in kwargs.items()}, draws["noise"][part]
+                )
+            part_losses = terms["loss"].float()  # (N / A,)
+            weights, constant = sample_weights(args, draws["t"], state.uw)  # per micro-batch: each backward frees it
+            part_loss = (weights[part] * part_losses).sum() + (constant if j == 0 else 0)
+            state.scaler.scale(part_loss).backward()
+        losses.append(part_losses.detach())
+        loss = loss + part_loss.detach()
+    if state.uw is not None:  # the log-variances live outside DDP: average their gradients by hand
+        all_reduce_mean(state.uw.grad, run.world)
+    state.scaler.unscale_(state.opt)  # the true gradients, to measure and clip (a no-op unless fp16)
+    params = [p for p in state.model.parameters() if p.grad is not None]
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if args.max_grad_norm is not None:
+        torch.nn.utils.clip_grads_with_norm_(params, args.max_grad_norm, grad_norm)
     state.scaler.step(state.opt)
     state.scaler.update()
     update_ema(state.ema, state.model, args.ema_decay)
     state.step += 1
-    return losses.detach(), loss.detach()
+    return torch.cat(losses), loss, grad_norm.detach()
+
+
+def sample_weights(args, t, uw):
+    """Weights (N,) and a constant: this rank's loss is (weights * losses).sum() + constant -- the mean, or ANT-UW with
+    its cluster means over the whole batch t (dtr.uncertainty_weights)."""
+    if uw is None:
+        return torch.full(t.shape, 1 / len(t), device=t.device), 0.0
+    return dtr.uncertainty_weights(t, uw, args.num_timesteps)
 
 
 @torch.no_grad()
@@ -256,6 +291,10 @@ def setup(args):
     if args.loss_weight == "ant-uw" and local % args.uw_clusters:
         raise dtr.InputError(
             f"per-rank batch {local} is not divisible by the {args.uw_clusters} ANT-UW timestep clusters"
+        )
+    if local % args.grad_accum:
+        raise dtr.InputError(
+            f"per-rank batch {local} is not divisible into --grad-accum {args.grad_accum} micro-batches"
         )
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -1039,7 +1078,7 @@ class Logger:
 
 class Meter:
     """The progress bar, the non-finite-loss guard, and every --log-every steps: speed, the loss averaged over
-    ranks, the loss per timestep quarter and the ANT-UW weights."""
+    ranks, the loss per timestep quarter, the mean gradient norm and the ANT-UW weights."""
 
     def __init__(self, args, run, log, exp, step):
         from tqdm.auto import tqdm
@@ -1047,10 +1086,13 @@ class Meter:
         self.args, self.run, self.log, self.exp = args, run, log, exp
         self.bar = tqdm(initial=step, total=args.steps, disable=run.rank != 0, dynamic_ncols=True, desc="train")
         self.stats = torch.zeros(2, 4, device=run.device)  # loss sum and sample count per timestep quarter
+        self.grad_norms = torch.zeros(2, device=run.device)  # sum and count of finite ones (the same on every rank)
         self.start, self.start_step = time.perf_counter(), step
 
-    def update(self, step, t, losses, loss, uw):
+    def update(self, step, t, losses, loss, uw, grad_norm):
         """Account for a finished step; stop on a non-finite loss."""
+        finite = torch.isfinite(grad_norm)  # fp16 skips a step whose gradient overflowed: not averaged in
+        self.grad_norms += torch.stack([torch.where(finite, grad_norm, 0), finite]).float()
         quarter = (t * 4 // self.args.num_timesteps).clamp(max=3)
         self.stats[0].index_add_(0, quarter, losses)
         self.stats[1].index_add_(0, quarter, torch.ones_like(losses))
@@ -1072,11 +1114,13 @@ class Meter:
         speed = (step - self.start_step) / (time.perf_counter() - self.start)
         msg = (
             f"step {step:07d}  loss {mean:.4f}  [t quarters {' '.join(f'{q:.4f}' for q in per_quarter)}]  "
-            f"{speed:.2f} steps/s  {speed * self.args.global_batch_size:.1f} img/s"
+            f"{speed:.2f} steps/s  {speed * self.args.global_batch_size:.1f} img/s  "
+            f"grad norm {(self.grad_norms[0] / self.grad_norms[1].clamp(min=1)).item():.4f}"
         )
         if uw is not None:  # the weight each cluster's loss gets: 0.5 exp(-s_k)
             msg += "  uw " + " ".join(f"{w:.3f}" for w in (0.5 * torch.exp(-uw.detach())).tolist())
         self.stats.zero_()
+        self.grad_norms.zero_()
         self.start, self.start_step = time.perf_counter(), step
         return msg
 
@@ -1159,6 +1203,7 @@ def check_args(args):
         lr=0,
         weight_decay=0,
         uw_lr=0,
+        grad_accum=1,
     )
     for k, low in at_least.items():
         if not getattr(args, k) >= low:  # also catches NaN
@@ -1281,6 +1326,24 @@ def parser():
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--ema-decay", type=float, default=None, help="demo 0.995, paper 0.9999")
     p.add_argument("--steps", type=int, default=None, help="demo 2400, paper 400000")
+    p.add_argument(
+        "--grad-accum",
+        type=int,
+        default=1,
+        metavar="A",
+        help="gradient accumulation: run each rank's share of the global batch as A micro-batches, one after "
+        "another, summing their gradients (DDP all-reduces only after the last), for the activation memory of "
+        "a batch A times smaller. The update is the global batch's for any A (draws and ANT-UW cluster means are "
+        "over the whole batch): weights equal to A=1's up to the order of float sums. The per-rank batch must "
+        "be divisible by A",
+    )
+    p.add_argument(
+        "--max-grad-norm",
+        type=float,
+        default=None,
+        help="clip the model's gradients to this total L2 norm (after fp16 unscaling) before AdamW; default: "
+        "no clipping, as in the paper. The norm is logged either way",
+    )
     p.add_argument(
         "--precision",
         choices=["fp32", "bf16", "fp16"],
