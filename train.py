@@ -1223,6 +1223,8 @@ def check_args(args):
         )
     if args.vae and args.image_size % dtr.VAE_FACTOR:
         raise dtr.InputError(f"--image-size {args.image_size} is not divisible by the VAE factor {dtr.VAE_FACTOR}")
+    if args.max_grad_norm is not None and not args.max_grad_norm > 0:
+        raise dtr.InputError(f"--max-grad-norm {args.max_grad_norm} must be positive")
 
 
 def main(args):
