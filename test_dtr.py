@@ -412,17 +412,38 @@ def weighted_sum(out):
     return (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum()
 
 
-def official_routed_block(block, z, c, m, ctx=None, ctx_mask=None):
-    """Eq. (8) composed as the official code does: (1 - m) * z + DiTBlock(m * z), DiTBlock as facebookresearch/DiT's
-    (x + gate * attn(...), [+ cross-attention], x + gate * mlp(...)), from the block's own sublayers."""
+def official_dit_block(block, x, c, ctx=None, ctx_mask=None):
+    """facebookresearch/DiT's DiTBlock.forward (x + gate * attn(...), [+ cross-attention], x + gate * mlp(...)), from
+    the block's own sublayers."""
     s1, g1, a1, s2, g2, a2 = block.adaLN_modulation(c).chunk(6, dim=1)
     mod = lambda v, shift, scale: v * (1 + scale[:, None]) + shift[:, None]
-    x = m[:, None] * z
     x = x + a1[:, None] * block.attn(mod(block.norm1(x), s1, g1))
     if ctx is not None:
         x = x + block.cross_attn(block.norm_cross(x), ctx, ctx_mask)
-    x = x + a2[:, None] * block.mlp(mod(block.norm2(x), s2, g2))
-    return (1 - m[:, None]) * z + x
+    return x + a2[:, None] * block.mlp(mod(block.norm2(x), s2, g2))
+
+
+def official_routed_block(block, z, c, m, ctx=None, ctx_mask=None):
+    """Eq. (8) composed as the official code does: (1 - m) * z + DiTBlock(m * z)."""
+    return (1 - m[:, None]) * z + official_dit_block(block, m[:, None] * z, c, ctx, ctx_mask)
+
+
+@pytest.mark.parametrize("context_dim", [None, 24])
+def test_unrouted_dit_block_is_facebookresearch_dits_op_for_op(context_dim):
+    # routing none runs DiT's block unchanged: the same values and gradients, bit for bit
+    block = randomize(dtr.DiTBlock(64, 4, context_dim=context_dim), scale=0.1)
+    z, c = torch.randn(2, 16, 64, requires_grad=True), torch.randn(2, 64)
+    ctx = None if context_dim is None else torch.randn(2, 5, context_dim)
+
+    def run(f):
+        z.grad = None
+        block.zero_grad(set_to_none=True)
+        out = f(block, z, c, None if ctx is None else ctx)
+        weighted_sum(out).backward()
+        return [out.detach(), z.grad, *(p.grad for p in block.parameters())]
+
+    ours, official = run(lambda blk, x, c, ctx: blk(x, c, None, ctx)), run(official_dit_block)
+    assert all(torch.equal(a, b) for a, b in zip(ours, official))
 
 
 @pytest.mark.parametrize("context_dim", [None, 24])
@@ -483,10 +504,10 @@ class FullSizeTensors(TorchDispatchMode):
 
 @pytest.mark.parametrize("context_dim", [None, 8])
 def test_routed_block_computes_dits_passes_plus_one_in_backward(context_dim):
-    # What routing costs, counted rather than timed: a routed block computes as many full-size tensors as DiT's block
-    # in forward and one more in backward (Fork's blend g_skip + m * g_h); the text block's ungated cross-attention
-    # branch joins two streams, one more each way
-    block = randomize(dtr.DiTBlock(32, 4, context_dim=context_dim))
+    # What routing costs, counted rather than timed: the fused routed block computes as many full-size tensors as DiT's
+    # block in forward and one more in backward (Fork's blend g_skip + m * g_h); the text block's ungated
+    # cross-attention branch joins two streams, one more each way
+    block = randomize(dtr.DiTBlock(32, 4, context_dim=context_dim, fused=True))
     z, c = torch.randn(2, 13, 32, requires_grad=True), torch.randn(2, 32)  # 832 elements, unlike any parameter
     ctx = None if context_dim is None else torch.randn(2, 3, context_dim)
 
@@ -1446,10 +1467,10 @@ TINY_BENCH = ("bench", "--model", "DiT-T/2", "--image-size", "8", "--batch-size"
 
 @pytest.mark.slow
 def test_bench_cli_reports_three_kinds():
-    r = run_cli(*TINY_BENCH, "--steps", "6", "--routings", "none", "random", "dtr")
+    r = run_cli(*TINY_BENCH, "--steps", "6", "--routings", "none", "dtr-plain", "dtr")
     assert r.returncode == 0, r.stderr
     rows = {line.split()[0]: line for line in r.stdout.splitlines()[1:]}
-    assert set(rows) == {"none", "random", "dtr"}
+    assert set(rows) == {"none", "dtr-plain", "dtr"}
     assert all(float(rows[k].split()[1]) > 0 for k in rows) and "% vs none" in rows["dtr"]
     # 6 repetitions: the interval is (min, max) of the ratios, and the median lies in it
     med, lo, hi = map(
@@ -1491,6 +1512,8 @@ def test_bench_train_mode_cli():
         assert float(re.search(r"peak RSS ([\d.]+) GiB", row)[1]) > 0  # CPU: the process' peak resident set
     r = run_cli("bench", "--device", "cuda", "--clock", "cpu")
     assert r.returncode != 0 and r.stderr.strip().count("\n") == 0 and "--clock cpu" in r.stderr
+    r = run_cli("bench", "--model", "ADM-T", "--routings", "none", "dtr-plain")  # ADM's blocks have one form
+    assert r.returncode != 0 and r.stderr.strip().count("\n") == 0 and "DiT's only" in r.stderr
 
 
 def test_median_interval_takes_the_binomial_order_statistics():
