@@ -1,7 +1,8 @@
 """Denoising Task Routing for Diffusion Models (Park et al., ICLR 2024) in one file.
 
 Each diffusion timestep t is a task. A fixed binary mask m_t selects the channels that enter every residual
-block, z' = z + Block(m_t * z), so neighbouring timesteps share channels and distant ones do not.
+block, z' = z + Block(m_t * z) in ADM and z' = (1 - m_t) * z + DiTBlock(m_t * z) in DiT (the paper's equations are
+cited as Eq. (N) where the code implements them), so neighbouring timesteps share channels and distant ones do not.
 Reading order follows the paper: routing masks -> routed DiT (class- or text-conditional) -> routed ADM (UNet) ->
 Gaussian diffusion -> ANT-UW; then what the scripts share: a run's model_args -> model and diffusion, checkpoint
 reading, generate (sampling with CFG), Stable Diffusion's VAE and CLIP, torchrun set-up, atomic writes, InputError.
@@ -112,14 +113,13 @@ def routing_masks(kind, num_tasks, channels, alpha=4.0, beta=0.8, seed=0, num_cl
 
 
 class TaskRouter(nn.Module):
-    """The routing masks of a network's blocks; forward(t) hands every block its (N, C) mask for timesteps t."""
+    """The routing masks m_t of a network's blocks; forward(t) hands every block its (N, C) mask for timesteps t."""
 
     def __init__(self, widths, kind="dtr", num_tasks=1000, alpha=4.0, beta=0.8, seed=0):
         super().__init__()
         self.kind, self.num_blocks = kind, len(widths)
         self.widths, self.num_tasks, self.alpha, self.beta, self.seed = list(widths), num_tasks, alpha, beta, seed
-        with torch.device("cpu"):
-            routing_masks(kind, 1, min(widths), alpha, beta)  # validate arguments even when no table is built
+        on_cpu(routing_masks, kind, 1, min(widths), alpha, beta)  # validate arguments even when no table is built
         if kind == "none":
             return
         # Deterministic kinds give every block of the same width the same masks, so one table per width is kept.
@@ -135,22 +135,6 @@ class TaskRouter(nn.Module):
             )
         self.reset_parameters()
 
-    @torch.no_grad()
-    def reset_parameters(self):
-        """(Re)compute the tables in place: at construction, and after a model built on "meta" is materialised
-        with to_empty() (FSDP calls reset_parameters() then)."""
-        tables = list(self.buffers())
-        if not tables or tables[0].is_meta:  # a meta tensor holds no values
-            return
-        with torch.device("cpu"):  # computed on the CPU, so the masks are the same whatever the device
-            g = torch.Generator().manual_seed(self.seed)
-            for table in tables:
-                c = table.shape[1]
-                if self.kind == "random":  # R-TR: every block's own draw, in block order
-                    table.copy_(random_masks(self.num_tasks, c, self.beta, generator=g))
-                else:
-                    table.copy_(routing_masks(self.kind, self.num_tasks, c, self.alpha, self.beta))
-
     def forward(self, t, dtype=torch.float32):
         """List of per-block masks (N, C) for timesteps t (N,), or Nones when routing is off."""
         if self.kind == "none":
@@ -158,6 +142,30 @@ class TaskRouter(nn.Module):
         t = t.long()
         rows = [table[t].to(dtype) for table in self.buffers()]  # one gather per table, once per forward
         return [rows[j] for j in self.table_of_block]
+
+    def masks(self):
+        """Every table's masks (T, C) in table order; R-TR: every block's own draw, in block order."""
+        g = torch.Generator().manual_seed(self.seed)
+        widths = [table.shape[1] for table in self.buffers()]
+        if self.kind == "random":
+            return [random_masks(self.num_tasks, c, self.beta, generator=g) for c in widths]
+        return [routing_masks(self.kind, self.num_tasks, c, self.alpha, self.beta) for c in widths]
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """(Re)compute the tables in place: at construction, and after a model built on "meta" is materialised
+        with to_empty() (FSDP calls reset_parameters() then)."""
+        tables = list(self.buffers())
+        if not tables or tables[0].is_meta:  # a meta tensor holds no values
+            return
+        for table, masks in zip(tables, on_cpu(self.masks)):  # the same masks whatever the device
+            table.copy_(masks)
+
+
+def on_cpu(f, *args):
+    """f(*args) with new tensors on the CPU, also inside a torch.device("meta") context (models built for FSDP)."""
+    with torch.device("cpu"):
+        return f(*args)
 
 
 #################################################################################
@@ -331,6 +339,59 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+class DiTBlock(nn.Module):
+    """adaLN-Zero transformer block, routed by a binary mask m: z' = (1 - m) * z + DiTBlock(m * z).
+
+    With context_dim (text-to-image, App. C, Fig. 8) a cross-attention to the text tokens sits between the
+    self-attention and the MLP, with its own LayerNorm and no adaLN (adaLN sees the timestep only). fused=True
+    computes the routed block as routed_fused does (below): the same values with fewer full-size passes."""
+
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, context_dim=None, *, fused=True):
+        super().__init__()
+        self.fused = fused
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+        if context_dim is not None:
+            self.norm_cross = nn.LayerNorm(hidden_size, eps=1e-6)
+            self.cross_attn = CrossAttention(hidden_size, context_dim, num_heads)
+
+    def forward(self, x, c, mask=None, context=None, context_mask=None):
+        """x (N, T, D), condition c (N, D), routing mask (N, D) or None; text context (N, L, C), key mask (N, L)."""
+        if mask is None:
+            return self.block(x, c, context, context_mask)
+        if not self.fused:
+            m = mask[:, None]  # (N, 1, D)
+            return (1 - m) * x + self.block(m * x, c, context, context_mask)  # Eq. (8)
+        return self.routed_fused(x, c, mask, context, context_mask)
+
+    def block(self, x, c, context=None, context_mask=None):
+        """facebookresearch/DiT's block, Eq. (5), op for op (bit-identical): gated self-attention, [cross-attention,]
+        gated MLP, each a residual branch."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        if context is not None:  # inside the routed block: the routing wraps self-attention, cross-attention and MLP
+            x = x + self.cross_attn(self.norm_cross(x), context, context_mask)
+        return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+
+    def routed_fused(self, x, c, mask, context=None, context_mask=None):
+        """The routed block as Eq. (7) expands it, z + Attn(m * z) + MLP(m * z + Attn(m * z)): for a binary m the
+        same as (1 - m) * z + DiTBlock(m * z) up to rounding, with fewer full-size passes. The residual branches,
+        computed from the routed stream h = m * z, join z itself, so no (1 - m) product is left; Fork and Join fuse
+        the rest (addcmul may round once where DiT's block rounds twice)."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        h, z = Fork.apply(x, mask[:, None])
+        branch = self.attn(modulate(self.norm1(h), shift_msa, scale_msa))
+        h, z = join(gate_msa.unsqueeze(1), branch, h, z)  # z: new, and nothing saves it for backward
+        if context is not None:
+            branch = self.cross_attn(self.norm_cross(h), context, context_mask)
+            h, z = h + branch, z.add_(branch)
+        (z,) = join(gate_mlp.unsqueeze(1), self.mlp(modulate(self.norm2(h), shift_mlp, scale_mlp)), z, in_place=True)
+        return z
+
+
 class Fork(torch.autograd.Function):
     """(z, m) -> (m * z, z): a routed block's input stream and its skip, as one autograd node.
 
@@ -373,41 +434,9 @@ class Join(torch.autograd.Function):
         return (g * branch).sum_to_size(gate.shape), g * gate, None, *grads
 
 
-class DiTBlock(nn.Module):
-    """adaLN-Zero transformer block, routed: z' = (1 - m_t) * z + DiTBlock(m_t * z).
-
-    With context_dim (text-to-image, App. C, Fig. 8) a cross-attention to the text tokens sits between the
-    self-attention and the MLP, with its own LayerNorm and no adaLN (adaLN sees the timestep only)."""
-
-    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, context_dim=None):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
-        if context_dim is not None:
-            self.norm_cross = nn.LayerNorm(hidden_size, eps=1e-6)
-            self.cross_attn = CrossAttention(hidden_size, context_dim, num_heads)
-
-    def forward(self, x, c, mask=None, context=None, context_mask=None):
-        """x (N, T, D), condition c (N, D), routing mask (N, D) or None; text context (N, L, C), key mask (N, L)."""
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        if mask is None:  # facebookresearch/DiT's block, op for op (bit-identical)
-            x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
-            if context is not None:
-                x = x + self.cross_attn(self.norm_cross(x), context, context_mask)
-            return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
-        # Eq. (8) with a binary m: (1 - m) * z + Block(m * z) = z + [Block(m * z) - m * z], i.e. the residual branches,
-        # computed from the routed stream h = m * z, join z itself. Exact, and no (1 - m) product is left.
-        h, z = Fork.apply(x, mask[:, None])
-        branch = self.attn(modulate(self.norm1(h), shift_msa, scale_msa))  # Eq. (5)
-        h, z = Join.apply(gate_msa.unsqueeze(1), branch, False, h, z)  # z: new, and nothing saves it for backward
-        if context is not None:  # inside the routed block: the routing wraps self-attention, cross-attention and MLP
-            branch = self.cross_attn(self.norm_cross(h), context, context_mask)
-            h, z = h + branch, z.add_(branch)
-        (z,) = Join.apply(gate_mlp.unsqueeze(1), self.mlp(modulate(self.norm2(h), shift_mlp, scale_mlp)), True, z)
-        return z
+def join(gate, branch, *streams, in_place=False):
+    """Every stream + gate * branch, as one Join node; in_place only for fresh streams nothing saved for backward."""
+    return Join.apply(gate, branch, in_place, *streams)
 
 
 class FinalLayer(nn.Module):
@@ -1152,7 +1181,7 @@ class GaussianDiffusion:
             frozen = torch.cat([eps_or_x0.detach(), out[:, c:]], dim=1)
             vb = self.vb_terms_bpd(x_start, x_t, t, self.p_mean_variance(None, x_t, t, model_output=frozen))
         target = x_start if self.predict_xstart else noise
-        mse = self.mse_weight(t) * mean_flat((target - eps_or_x0) ** 2)
+        mse = self.mse_weight(t) * mean_flat((target - eps_or_x0) ** 2)  # Eq. (1), weighted
         return {"loss": mse + vb, "mse": mse, "vb": vb}
 
 
@@ -1805,13 +1834,16 @@ def bench_main(args):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(0)
     kinds = list(dict.fromkeys(args.routings))
-    ref = create_model(args.model, input_size=args.image_size, routing=kinds[0]).to(device)
+    routing = {k: k.removesuffix("-plain") for k in kinds}  # KIND-plain: DiTBlock(fused=False)
+    ref = create_model(args.model, input_size=args.image_size, routing=routing[kinds[0]]).to(device)
+    if not isinstance(ref, DiT) and any(k.endswith("-plain") for k in kinds):
+        raise InputError(f"{args.model} has no fused form: the -plain routing kinds are DiT's only")
     if args.weights == "random":  # non-identity blocks, as in a trained network (adaLN-Zero makes them identities)
         with torch.no_grad():
             for p in ref.parameters():
                 p.normal_(0, 0.02)
     r = ref.router
-    routers = {k: TaskRouter(r.widths, k, r.num_tasks, r.alpha, r.beta, r.seed).to(device) for k in kinds}
+    routers = {k: TaskRouter(r.widths, routing[k], r.num_tasks, r.alpha, r.beta, r.seed).to(device) for k in kinds}
     net = torch.compile(ref) if args.compile else ref  # one graph per router (dynamo guards on it)
     x = torch.randn(args.batch_size, ref.in_channels, args.image_size, args.image_size, device=device)
     noise = torch.randn_like(x)
@@ -1831,6 +1863,8 @@ def bench_main(args):
     def step(k):
         """One timed step of kind k: forward+backward of a squared output, or train.py's step (loss, AdamW, EMA)."""
         ref.router = routers[k]
+        for block in ref.blocks if isinstance(ref, DiT) else ():
+            block.fused = not k.endswith("-plain")
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         sync()
@@ -1869,7 +1903,7 @@ def bench_main(args):
     for k in kinds:
         med = statistics.median(times[k])
         row = [
-            f"  {k:<7} {1000 * med:9.2f} ms/step",
+            f"  {k:<9} {1000 * med:9.2f} ms/step",
             f"{args.batch_size / med:9.2f} img/s",
             f"peak {'' if device.type == 'cuda' else 'RSS '}{peaks[k] / 2**30:.2f} GiB",
         ]
@@ -1920,9 +1954,10 @@ if __name__ == "__main__":
     p.add_argument(
         "--routings",
         nargs="+",
-        choices=ROUTINGS,
+        choices=[*ROUTINGS, *(f"{k}-plain" for k in ROUTINGS if k != "none")],
         default=["none", "dtr"],
-        help="kinds to time, interleaved; the first is the baseline",
+        help="kinds to time, interleaved; the first is the baseline. KIND-plain (DiT only): routed blocks computed in "
+        "the plain form (1 - m) * z + DiTBlock(m * z) instead of the fused one",
     )
     p.add_argument(
         "--mode",
