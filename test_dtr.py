@@ -722,6 +722,62 @@ def test_dit_gradient_checkpointing_same_grads_and_state_dict(context_dim):
             assert p.grad.abs().max() > 0 and (p.grad - q.grad).abs().max() <= 1e-6, name
 
 
+def dit_pos_table(dim, grid):
+    """facebookresearch/DiT's fixed 2-D sin-cos table (G*G, dim), built in numpy float64 as DiT builds it: the first
+    half of the dims encodes a token's column, the second half its row; each half is [sin | cos] of pos * omega."""
+    omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4))  # (dim/4,)
+    row, col = np.divmod(np.arange(grid * grid), grid)  # token k sits at (row, col) = divmod(k, G)
+    half = lambda pos: np.concatenate([np.sin(np.outer(pos, omega)), np.cos(np.outer(pos, omega))], axis=1)
+    return torch.from_numpy(np.concatenate([half(col), half(row)], axis=1)).float()
+
+
+def dit_op_order_forward(model, x, t, y):
+    """facebookresearch/DiT's forward (timm >= 0.9 blocks: fused attention) from the model's weights, op for op:
+    patchify conv + sin-cos positions, [cos | sin] frequency embedding + MLP, label row, adaLN-Zero blocks, final
+    adaLN layer, unpatchify."""
+    p, D = model.patch_size, model.pos_embed.shape[-1]
+    (n, _, H, W), g = x.shape, x.shape[-1] // p
+    lin = lambda v, layer: F.linear(v, layer.weight, layer.bias)
+    ln = lambda v: F.layer_norm(v, (D,), eps=1e-6)
+    mod = lambda v, shift, scale: v * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+    proj = model.x_embedder.proj
+    z = F.conv2d(x, proj.weight, proj.bias, stride=p).flatten(2).transpose(1, 2) + dit_pos_table(D, g)  # (N, T, D)
+    half = model.t_embedder.frequency_embedding_size // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
+    args = t[:, None].float() * freqs[None]
+    mlp = model.t_embedder.mlp
+    c = lin(F.silu(lin(torch.cat([torch.cos(args), torch.sin(args)], dim=-1), mlp[0])), mlp[2])  # (N, D)
+    c = c + model.y_embedder.embedding_table.weight[y]
+    heads = model.blocks[0].attn.num_heads
+    for b in model.blocks:
+        s1, g1, a1, s2, g2, a2 = lin(F.silu(c), b.adaLN_modulation[1]).chunk(6, dim=1)
+        qkv = lin(mod(ln(z), s1, g1), b.attn.qkv).reshape(n, -1, 3, heads, D // heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (N, heads, T, D/heads) each
+        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, -1, D)
+        z = z + a1.unsqueeze(1) * lin(o, b.attn.proj)
+        h = lin(F.gelu(lin(mod(ln(z), s2, g2), b.mlp.fc1), approximate="tanh"), b.mlp.fc2)
+        z = z + a2.unsqueeze(1) * h
+    fl = model.final_layer
+    shift, scale = lin(F.silu(c), fl.adaLN_modulation[1]).chunk(2, dim=1)
+    out = lin(mod(ln(z), shift, scale), fl.linear)  # (N, T, p*p*C_out)
+    c_out = out.shape[-1] // (p * p)
+    out = out.reshape(n, g, g, p, p, c_out).permute(0, 5, 1, 3, 2, 4)  # (N, C_out, G, p, G, p)
+    return out.reshape(n, c_out, H, W)
+
+
+def test_unrouted_dit_forward_equals_a_dit_written_in_the_test():
+    # With routing="none" every op runs in facebookresearch/DiT's order, so the output is the op-for-op reference's
+    # bit for bit (on every CPU capability: the same kernels see the same operands). Labels include the null class.
+    torch.manual_seed(0)
+    model = randomize(dtr.DiT_models["DiT-T/2"](input_size=8, num_classes=10, routing="none")).eval()
+    assert torch.equal(model.pos_embed[0], dit_pos_table(128, 4))  # frozen (not randomized): DiT's numpy table
+    x, t, y = torch.randn(4, 4, 8, 8), torch.tensor([0, 1, 500, 999]), torch.tensor([3, 10, 0, 9])
+    with torch.no_grad():
+        out, ref = model(x, t, y), dit_op_order_forward(model, x, t, y)
+    assert ref.abs().max() > 0.5 and ref[:, :4].std() > 0.1  # the zero-initialised layers contribute
+    assert torch.equal(out, ref)
+
+
 #################################################################################
 #                          dtr.py: ADM (UNet) with DTR                          #
 #################################################################################
