@@ -2166,6 +2166,15 @@ def test_train_eval_scores_equal_sample_py_on_that_steps_checkpoint(eval_run, tm
 
 
 @pytest.mark.slow
+def test_train_eval_leaves_training_unchanged(eval_run, tmp_path):
+    _, plain = run_train(tmp_path, "--steps", "4", "--ckpt-every", "2")  # the same run without --eval-every
+    scored = torch.load(os.path.join(eval_run[0], "checkpoints", "0000004.pt"), weights_only=False)
+    for key in ("model", "ema"):
+        assert all(torch.equal(plain[key][k], scored[key][k]) for k in plain[key]), key
+    assert all(torch.equal(a["cpu"], b["cpu"]) for a, b in zip(plain["rng"], scored["rng"]))  # the dropout stream
+
+
+@pytest.mark.slow
 def test_train_resumed_run_does_not_redo_a_recorded_eval(eval_run, tmp_path, monkeypatch):
     import shutil
 
@@ -2186,18 +2195,21 @@ def test_train_resumed_run_does_not_redo_a_recorded_eval(eval_run, tmp_path, mon
 
 
 @pytest.mark.slow
-def test_train_eval_on_two_ranks_equals_one(eval_run, tmp_path):
-    exp, flags = eval_run
-    two = flags[: flags.index("--metrics") + 1] + ["is,pr,kid"] + flags[flags.index("--inception-weights") :]
-    r = torchrun(*TINY_TRAIN, *eval_train_flags(), *two, "--results-dir", str(tmp_path / "two"))
+def test_train_eval_on_two_ranks_equals_sample_py_on_one(eval_run, tmp_path):
+    flags = eval_run[1]
+    inception_only = flags[: flags.index("--metrics") + 1] + ["is,pr,kid"] + flags[flags.index("--inception-weights") :]
+    r = torchrun(*TINY_TRAIN, *eval_train_flags(), *inception_only, "--results-dir", str(tmp_path / "two"))
     assert r.returncode == 0, r.stderr[-2000:]
-    (exp_two,) = [p for p in (tmp_path / "two").iterdir()]
-    got = [r for r in read_jsonl(exp_two / "metrics.jsonl") if r["kind"] == "eval"]
-    want = [r for r in read_jsonl(os.path.join(exp, "metrics.jsonl")) if r["kind"] == "eval"]
-    assert [r["step"] for r in got] == [2, 4]
-    for a, b in zip(got, want):  # each rank sampled and scored half of the same images
-        for k, v in a["metrics"].items():
-            assert v == pytest.approx(b["metrics"][k], rel=1e-5, abs=1e-8), k
+    (exp,) = (tmp_path / "two").iterdir()
+    scored = [r for r in read_jsonl(exp / "metrics.jsonl") if r["kind"] == "eval"]
+    assert [r["step"] for r in scored] == [2, 4]
+    # each rank sampled and scored half of the images one process samples from that step's checkpoint
+    ckpt = exp / "checkpoints" / "0000002.pt"
+    run_sample(ckpt, tmp_path / "s", "--batch-size", "4", "--cfg-scale", "1.5", *inception_only, n=8)
+    expected = json.loads((tmp_path / "s" / "metrics.json").read_text())
+    assert len(scored[0]["metrics"]) == 6
+    for k, v in scored[0]["metrics"].items():
+        assert v == pytest.approx(expected[k], rel=1e-5, abs=1e-8), k
 
 
 @pytest.mark.parametrize(

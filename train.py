@@ -11,6 +11,8 @@ With --data the defaults are the paper's (App. C): DiT-L/2 on 256 px images in S
 (--vae ema for a DiT above 64 px; --vae none for pixels), AdamW 1e-4, no weight decay, global batch 256, flips,
 T=1000, cosine schedule, learned sigma, EMA 0.9999, label dropout 0.1. Without --data the demo preset (DEMO below)
 fills every flag that was not given. --latents DIR encodes every image (and its flip) once and trains from DIR.
+--eval-every STEPS --eval REF scores the EMA model during training as `sample.py --eval` would; every log line and
+score also goes to metrics.jsonl (MetricsLog), whose curves `python dtr.py plot RUN_DIR ...` draws.
 """
 
 import argparse
@@ -296,7 +298,9 @@ def load_training_data(args, run):
 def init_state(args, run, ckpt=None):
     """Model, EMA, AdamW (ANT-UW's log-variances in their own group) and loss scaler: new, from --init-from, or
     resumed from `ckpt`."""
-    model = dtr.build_model(dtr.model_args(args), use_checkpoint=args.grad_ckpt).to(run.device)
+    with torch.random.fork_rng(devices=[]):  # the same initial weights on every rank, for any world size: each
+        torch.manual_seed(args.seed)  # rank's EMA (which --eval-every samples) starts from the weights DDP keeps
+        model = dtr.build_model(dtr.model_args(args), use_checkpoint=args.grad_ckpt).to(run.device)
     multiple = size_multiple(model)
     if model.input_size % multiple:
         raise dtr.InputError(f"input side {model.input_size} is not divisible by {multiple}, which {args.model} needs")
@@ -1203,7 +1207,10 @@ def setup_eval(args, run):
     check_eval_flags(args, metrics)
     names = list(dict.fromkeys(fid.METRICS[m] for m in metrics))  # the networks these metrics read
     reference = fid.open_source(args.eval, names)
-    networks = fid.load_networks(names, run.device, args.inception_weights, args.dinov2_weights, run.rank, run.world)
+    with torch.random.fork_rng(devices=[]):  # building them draws initial weights: leave training's stream alone
+        networks = fid.load_networks(
+            names, run.device, args.inception_weights, args.dinov2_weights, run.rank, run.world
+        )
     feats = fid.source_features(reference, networks, eval_batch_size(args, run), progress=run.rank == 0)
     if "pr" in metrics and fid.num_images(feats) <= PR_NEIGHBOURS:
         raise dtr.InputError(f"--eval {args.eval}: precision and recall need more than {PR_NEIGHBOURS} images")
