@@ -2073,6 +2073,23 @@ def test_train_metrics_log_appends_whole_lines_and_keeps_one_timeline(tmp_path, 
     ]
 
 
+def test_train_meter_record_holds_hand_computed_means(tmp_path):
+    args = argparse.Namespace(num_timesteps=1000, log_every=2, steps=4, global_batch_size=3, lr=1e-3)
+    lines = []
+    meter = train.Meter(args, CPU_RUN, lines.append, str(tmp_path), 0)
+    uw = torch.tensor([0.0, math.log(2)])
+    for step, t, losses, norm in ((1, [0, 10, 600], [1.0, 2.0, 4.0], 1.0), (2, [20, 700, 999], [3.0, 5.0, 6.0], 3.0)):
+        meter.update(step, torch.tensor(t), torch.tensor(losses), torch.tensor(losses).mean(), uw, grad_norm=norm)
+    meter.close()
+    (record,) = read_jsonl(tmp_path / "metrics.jsonl")
+    assert record["loss"] == pytest.approx(21 / 6) and record["step"] == 2 and record["lr"] == 1e-3
+    # quarters of t * 4 // 1000: [0, 10, 20] -> 0, [600, 700] -> 2, 999 -> 3; none fell in quarter 1
+    assert record["loss_quarters"] == [pytest.approx(2.0), None, pytest.approx(4.5), pytest.approx(6.0)]
+    assert record["uw_weights"] == pytest.approx([0.5, 0.25]) and record["grad_norm"] == pytest.approx(2.0)
+    assert record["images_per_s"] > 0 and record["peak_memory_bytes"] >= resident_memory()[0] // 2
+    assert len(lines) == 1 and lines[0].startswith("step 0000002  loss 3.5000")
+
+
 @pytest.mark.slow
 def test_train_metrics_jsonl_survives_kill_and_resume_as_one_timeline(tmp_path):
     # the first run SIGKILLs itself before step 26: checkpoints at 10 and 20, records up to step 24
