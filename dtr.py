@@ -9,6 +9,7 @@ reading, generate (sampling with CFG), Stable Diffusion's VAE and CLIP, torchrun
 
     python dtr.py masks --kind dtr --channels 1152 --out masks.png       # paper Fig. 2
     python dtr.py bench --model DiT-S/2 --image-size 32 --batch-size 8   # DTR's cost (paper Tab. 7)
+    python dtr.py plot results/000-DiT-L-2-none results/001-DiT-L-2-dtr --out curves.png   # loss and FID vs steps
 """
 
 import argparse
@@ -1352,6 +1353,14 @@ def checkpoint_model_args(ckpt):
     return old
 
 
+def make_labels(num_classes, num_samples, seed, class_labels=None):
+    """Labels (N,) int64: class_labels repeated (sample i gets class_labels[i % len]), or uniform from `seed`."""
+    if class_labels:
+        return np.resize(np.asarray(class_labels, dtype=np.int64), num_samples)
+    # One stream for all N: label i never depends on the split, and a run's labels start a longer run's.
+    return np.random.default_rng(seed).integers(0, num_classes, num_samples, dtype=np.int64)
+
+
 def to_uint8(x):
     """Images in [-1, 1] (N, 3, H, W) -> uint8 (N, H, W, 3), quantised as clamp(127.5 x + 128, 0, 255) like DiT.
 
@@ -1755,6 +1764,9 @@ BENCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.flo
 BENCH_EMA_DECAY = 0.9999  # the paper's EMA, for bench --mode train
 BENCH_CI_LEVEL = 0.95  # the confidence of the interval bench prints around each kind's median cost
 H100_BF16_DENSE_TFLOPS = 989.0  # bench --peak-tflops: NVIDIA H100 SXM, bf16 tensor cores without sparsity
+PLOT_COLUMNS, PLOT_PANEL_INCHES, PLOT_DPI = 3, (5, 4), 100  # plot: panels per row, each panel's size
+PLOT_MIN_WIDTH = 1000  # plot: pixels, however few panels
+PLOT_SMOOTHING = 0.9  # plot: weight of the loss's moving average per log record (about 10 records)
 
 
 def create_model(name, **kwargs):
@@ -1924,10 +1936,111 @@ def bench_main(args):
         print("  ".join(row))
 
 
+def read_metrics(path):
+    """The records of a train.py metrics.jsonl (see train.MetricsLog), in file order; a torn last line (no newline:
+    the machine stopped mid-append) is left out, any other line that is not a JSON object with a "step" is refused."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().split("\n")
+    except FileNotFoundError:
+        raise InputError(f"{path} not found: train.py writes it in every experiment directory") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read {path} ({type(e).__name__}: {first_line(e)})") from None
+    records = []
+    for number, line in enumerate(lines[:-1], 1):  # lines[-1]: '' after the last newline, or a torn append
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not (isinstance(record, dict) and isinstance(record.get("step"), int)):
+            raise InputError(f"{path} line {number} is not a train.py metrics record")
+        records.append(record)
+    return records
+
+
+def smooth(values, weight=PLOT_SMOOTHING):
+    """Debiased exponential moving average of a sequence (TensorBoard's smoothing): the first value is kept as is."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values, 1):
+        avg = weight * avg + (1 - weight) * v
+        out.append(avg / (1 - weight**i))
+    return out
+
+
+def plot_run(path):
+    """(label, train records, eval records) of a train.py experiment directory: its model and routing (args.json)."""
+    try:
+        with open(os.path.join(path, "args.json")) as f:
+            args = json.load(f)
+        label = f"{args['model']} {args['routing']}"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InputError(f"{path}: no readable args.json with model and routing ({type(e).__name__})") from None
+    file = os.path.join(path, "metrics.jsonl")
+    records = read_metrics(file)
+    train = [r for r in records if r.get("kind") == "train"]
+    evals = [r for r in records if r.get("kind") == "eval"]
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    if not all(number(r.get("loss")) for r in train) or not all(
+        isinstance(r.get("metrics"), dict) and all(map(number, r["metrics"].values())) for r in evals
+    ):
+        raise InputError(f"{file}: a train record without a numeric loss or an eval record without numeric metrics")
+    if not train and not evals:
+        raise InputError(f"{file} holds no train or eval record yet")
+    return label, train, evals
+
+
+def plot_main(args):
+    """One PNG: the runs' smoothed training loss and every evaluated metric (metrics.jsonl) against steps, a panel
+    each (PLOT_COLUMNS to a row, PLOT_PANEL_INCHES each at PLOT_DPI, at least PLOT_MIN_WIDTH pixels wide), a line per
+    run labelled by its model and routing; *_std spreads are not drawn."""
+    runs = [plot_run(path) for path in args.runs]
+    try:
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import EngFormatter
+    except ImportError:
+        raise InputError("dtr.py plot needs matplotlib: pip install matplotlib") from None
+    labels = [label for label, _, _ in runs]
+    labels = [
+        f"{label} ({os.path.basename(os.path.normpath(path))})" if labels.count(label) > 1 else label
+        for label, path in zip(labels, args.runs)
+    ]  # two runs of one model and routing: their folders tell them apart
+    names = list(
+        dict.fromkeys(k for _, _, evals in runs for r in evals for k in r["metrics"] if not k.endswith("_std"))
+    )
+    panels = ["loss"] * any(train for _, train, _ in runs) + names
+    cols = min(PLOT_COLUMNS, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    width = max(cols * PLOT_PANEL_INCHES[0], PLOT_MIN_WIDTH / PLOT_DPI)
+    fig = Figure(figsize=(width, rows * PLOT_PANEL_INCHES[1]), dpi=PLOT_DPI, layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).flatten()
+    for ax, panel in zip(axes, panels):
+        for i, ((_, train, evals), label) in enumerate(zip(runs, labels)):
+            color = f"C{i}"
+            if panel == "loss" and train:
+                steps, loss = [r["step"] for r in train], [r["loss"] for r in train]
+                ax.plot(steps, loss, color=color, alpha=0.25, linewidth=0.8)
+                ax.plot(steps, smooth(loss), color=color, label=label)
+            points = [(r["step"], r["metrics"][panel]) for r in evals if panel in r["metrics"]]
+            if points:
+                ax.plot(*zip(*points), color=color, marker="o", label=label)
+        ax.set(
+            xlabel="training step", ylabel=f"loss (EMA {PLOT_SMOOTHING} of log records)" if panel == "loss" else panel
+        )
+        ax.set_title(panel)
+        ax.xaxis.set_major_formatter(EngFormatter(sep=""))  # 400k, not 400000
+        ax.grid(alpha=0.3)
+        ax.legend()
+    for ax in axes[len(panels) :]:
+        ax.set_visible(False)
+    atomic_write(args.out, lambda tmp: fig.savefig(tmp, format="png"))
+    size = fig.get_size_inches() * PLOT_DPI
+    print(f"wrote {args.out}: {', '.join(panels)} of {len(runs)} run(s), {size[0]:.0f}x{size[1]:.0f} px")
+
+
 def main(args):
     """Run a subcommand; bad arguments stop with one line and exit status 1."""
     with one_line_errors("dtr.py"):
-        {"masks": masks_main, "bench": bench_main}[args.command](args)
+        {"masks": masks_main, "bench": bench_main, "plot": plot_main}[args.command](args)
 
 
 if __name__ == "__main__":
@@ -1982,4 +2095,9 @@ if __name__ == "__main__":
         default=H100_BF16_DENSE_TFLOPS,
         help="the device's peak, for MFU (default: H100 SXM bf16 dense)",
     )
+    p = sub.add_parser(
+        "plot", help="training curves of train.py runs: smoothed loss and every FID-type metric vs steps"
+    )
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="experiment directories (metrics.jsonl and args.json)")
+    p.add_argument("--out", default="curves.png", help="the PNG to write (needs matplotlib)")
     main(parser.parse_args())

@@ -82,7 +82,7 @@ def run(args, model_args, state, rank, world, device, captions=None):
         text = None if captions is None else load_text_encoder(model_args, device)
     diffusion = dtr.build_diffusion(model_args, str(args.num_sampling_steps))
     conditional = model_args["num_classes"] > 1
-    labels = make_labels(model_args["num_classes"], args.num_samples, args.seed, args.class_labels)
+    labels = dtr.make_labels(model_args["num_classes"], args.num_samples, args.seed, args.class_labels)
     labels = labels if conditional else None  # (N,) int64
     condition, record = conditioning(labels, captions, text, model_args.get("text_mask", False))
     out = args.out or default_out(args, model_args)
@@ -369,14 +369,6 @@ def warn(msg):
 #################################################################################
 #                    Labels, shards and the settings of a run                   #
 #################################################################################
-
-
-def make_labels(num_classes, num_samples, seed, class_labels=None):
-    """Labels (N,) int64: class_labels repeated (sample i gets class_labels[i % len]), or uniform from `seed`."""
-    if class_labels:
-        return np.resize(np.asarray(class_labels, dtype=np.int64), num_samples)
-    # One stream for all N: label i never depends on the split, and a run's labels start a longer run's.
-    return np.random.default_rng(seed).integers(0, num_classes, num_samples, dtype=np.int64)
 
 
 def read_prompts(path):

@@ -1562,6 +1562,72 @@ def test_masks_cli_draws_the_table(tmp_path):
     assert r.returncode != 0 and "beta" in r.stderr and img.shape == read_image(str(out)).shape  # old file intact
 
 
+def write_run(folder, model, routing, records):
+    """A train.py experiment folder as `dtr.py plot` reads it: args.json and metrics.jsonl."""
+    os.makedirs(folder)
+    (folder / "args.json").write_text(json.dumps({"model": model, "routing": routing, "lr": 1e-4}))
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(folder)
+
+
+def png_size(path):
+    """(width, height) from a PNG's IHDR chunk."""
+    header = open(path, "rb").read(24)
+    assert header[:8] == b"\x89PNG\r\n\x1a\n" and header[12:16] == b"IHDR"
+    return tuple(int.from_bytes(header[i : i + 4], "big") for i in (16, 20))
+
+
+def test_plot_draws_two_runs_one_panel_per_metric(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    train_records = lambda scale: [{"kind": "train", "step": s, "loss": scale / s} for s in range(100, 1001, 100)]
+    evals = lambda fid_: [
+        {"kind": "eval", "step": s, "metrics": {"fid": fid_ / s, "inception_score": s, "inception_score_std": 1}}
+        for s in (500, 1000)
+    ]
+    dit = write_run(tmp_path / "000-DiT-B-2-none", "DiT-B/2", "none", train_records(2) + evals(9e4))
+    dtr_run = write_run(tmp_path / "001-DiT-B-2-dtr", "DiT-B/2", "dtr", train_records(1) + evals(6e4)[:1])
+    out = tmp_path / "curves.png"
+    dtr.plot_main(argparse.Namespace(runs=[dit, dtr_run], out=str(out)))
+    # loss, fid, inception_score (the std is a spread, not a metric): one row of three 5 x 4 inch panels at 100 dpi
+    assert png_size(out) == (1500, 400)
+    assert "loss, fid, inception_score of 2 run(s)" in capsys.readouterr().out
+    image = np.array(Image.open(out).convert("RGB"))
+    assert len(np.unique(image.reshape(-1, 3), axis=0)) > 20  # drawn, not blank
+    assert dtr.plot_run(dtr_run)[0] == "DiT-B/2 dtr"  # each run labelled by its model and routing
+    loss_only = write_run(tmp_path / "002", "DiT-B/2", "dtr", train_records(1))
+    dtr.plot_main(argparse.Namespace(runs=[loss_only], out=str(out)))
+    assert png_size(out) == (1000, 400)  # one panel, still 1000 pixels wide
+
+
+def test_plot_smoothing_is_a_debiased_moving_average():
+    w = dtr.PLOT_SMOOTHING
+    assert dtr.smooth([4.0, 2.0]) == pytest.approx([4.0, (w * (1 - w) * 4 + (1 - w) * 2) / (1 - w**2)])
+    assert dtr.smooth([3.0] * 5) == pytest.approx([3.0] * 5)  # no bias towards 0 at the start
+
+
+@pytest.mark.slow
+def test_plot_missing_or_garbled_metrics_is_one_line(tmp_path, monkeypatch):
+    good = write_run(tmp_path / "good", "DiT-T/2", "dtr", [{"kind": "train", "step": 1, "loss": 1.0}])
+    os.makedirs(tmp_path / "missing")
+    (tmp_path / "missing" / "args.json").write_text(json.dumps({"model": "DiT-T/2", "routing": "dtr"}))
+    garbled = write_run(tmp_path / "garbled", "DiT-T/2", "dtr", [{"kind": "train", "step": 1, "loss": 1.0}])
+    with open(os.path.join(garbled, "metrics.jsonl"), "a") as f:
+        f.write("not json\n")
+    out = tmp_path / "c.png"
+    for run, message in (
+        (str(tmp_path / "missing"), "metrics.jsonl not found: train.py writes it"),
+        (garbled, "garbled/metrics.jsonl line 2 is not a train.py metrics record"),
+        (str(tmp_path / "nothing"), "no readable args.json with model and routing"),
+    ):
+        r = run_cli("plot", good, run, "--out", str(out))
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("dtr.py: error: "), r.stderr
+        assert message in r.stderr and not out.exists()
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # matplotlib not installed
+    with pytest.raises(SystemExit, match="dtr.py: error: dtr.py plot needs matplotlib: pip install matplotlib$"):
+        dtr.main(argparse.Namespace(command="plot", runs=[good], out=str(out)))
+
+
 TINY_BENCH = ("bench", "--model", "DiT-T/2", "--image-size", "8", "--batch-size", "2", "--warmup", "0")
 
 
@@ -2410,6 +2476,232 @@ def test_train_grad_ckpt_reaches_the_model_and_keeps_its_state_dict():
         assert {k: v.shape for k, v in plain.state_dict().items()} == {k: v.shape for k, v in ckpt.state_dict().items()}
 
 
+# -- metrics.jsonl and FID during training (--eval-every)
+def read_jsonl(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def test_train_metrics_log_appends_whole_lines_and_keeps_one_timeline(tmp_path, monkeypatch):
+    writes, real_write = [], os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: writes.append(bytes(data)) or real_write(fd, data))
+    log = train.MetricsLog(str(tmp_path), 0)
+    for step in (2, 4, 6):
+        log.append(kind="train", step=step, loss=1.0 / step)
+    log.append(kind="eval", step=4, metrics={"fid": 9.5})
+    path = tmp_path / "metrics.jsonl"
+    assert [json.loads(w) for w in writes] == read_jsonl(path)  # one os.write per record, of a whole line
+    assert all(w.endswith(b"\n") and w.count(b"\n") == 1 for w in writes)
+    assert train.MetricsLog(None, 0).eval_steps() == set() and log.eval_steps() == {4}
+    with open(path, "a") as f:
+        f.write('{"kind": "train", "st')  # a torn last line: the machine stopped mid-append
+    assert [r["step"] for r in dtr.read_metrics(str(path))] == [2, 4, 6, 4]
+    train.MetricsLog(str(tmp_path), 4)  # resumed at step 4: what the interrupted run wrote after it goes
+    assert read_jsonl(path) == [
+        {"kind": "train", "step": 2, "loss": 0.5},
+        {"kind": "train", "step": 4, "loss": 0.25},
+        {"kind": "eval", "step": 4, "metrics": {"fid": 9.5}},
+    ]
+
+
+def test_train_meter_record_holds_hand_computed_means(tmp_path):
+    args = argparse.Namespace(num_timesteps=1000, log_every=2, steps=4, global_batch_size=3, lr=1e-3)
+    lines = []
+    meter = train.Meter(args, CPU_RUN, lines.append, str(tmp_path), 0)
+    uw = torch.tensor([0.0, math.log(2)])
+    for step, t, losses, norm in ((1, [0, 10, 600], [1.0, 2.0, 4.0], 1.0), (2, [20, 700, 999], [3.0, 5.0, 6.0], 3.0)):
+        meter.update(step, torch.tensor(t), torch.tensor(losses), torch.tensor(losses).mean(), uw, grad_norm=norm)
+    meter.close()
+    (record,) = read_jsonl(tmp_path / "metrics.jsonl")
+    assert record["loss"] == pytest.approx(21 / 6) and record["step"] == 2 and record["lr"] == 1e-3
+    # quarters of t * 4 // 1000: [0, 10, 20] -> 0, [600, 700] -> 2, 999 -> 3; none fell in quarter 1
+    assert record["loss_quarters"] == [pytest.approx(2.0), None, pytest.approx(4.5), pytest.approx(6.0)]
+    assert record["uw_weights"] == pytest.approx([0.5, 0.25]) and record["grad_norm"] == pytest.approx(2.0)
+    assert record["images_per_s"] > 0 and record["peak_memory_bytes"] >= resident_memory()[0] // 2
+    assert len(lines) == 1 and lines[0].startswith("step 0000002  loss 3.5000")
+
+
+@pytest.mark.slow
+def test_train_metrics_jsonl_survives_kill_and_resume_as_one_timeline(tmp_path):
+    # the first run SIGKILLs itself before step 26: checkpoints at 10 and 20, records up to step 24
+    killer = (
+        "import os, signal, sys; import train; step = train.train_step\n"
+        "def killing_step(args, run, net, diffusion, state, *rest):\n"
+        "    if state.step == 25: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return step(args, run, net, diffusion, state, *rest)\n"
+        "train.train_step = killing_step; train.main(train.parser().parse_args(sys.argv[1:]))\n"
+    )
+    flags = [*TINY_TRAIN, "--steps", "30", "--ckpt-every", "10", "--loss-weight", "ant-uw"]
+    flags += ["--uw-clusters", "4", "--results-dir", str(tmp_path / "r")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": HERE}
+    killed = subprocess.run([sys.executable, "-c", killer, *flags], env=env, capture_output=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    exp = glob_ckpts(tmp_path)[0].split(os.sep + "checkpoints")[0]
+    before = read_jsonl(os.path.join(exp, "metrics.jsonl"))
+    assert [r["step"] for r in before] == list(range(2, 25, 2))  # 22 and 24 come after the last checkpoint (20)
+    resumed = subprocess.run(
+        [sys.executable, os.path.join(HERE, "train.py"), *flags, "--resume", "auto"], env=env, capture_output=True
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    after = read_jsonl(os.path.join(exp, "metrics.jsonl"))
+    assert [r["step"] for r in after] == list(range(2, 31, 2))  # one timeline: every log step once, in order
+    assert after[:10] == before[:10]  # the records up to the checkpoint are kept as they were
+    # consistent: the losses and ANT-UW weights of one uninterrupted run (resuming is bit-exact)
+    exp_one, _ = run_train(tmp_path, *flags[len(TINY_TRAIN) : -2], name="one")
+    one = read_jsonl(os.path.join(exp_one, "metrics.jsonl"))
+    for a, b in zip(after, one, strict=True):
+        assert (a["step"], a["loss"], a["loss_quarters"]) == (b["step"], pytest.approx(b["loss"], rel=1e-6),
+                                                              pytest.approx(b["loss_quarters"], rel=1e-6))  # fmt: skip
+        assert a["uw_weights"] == pytest.approx(b["uw_weights"], rel=1e-6) and len(a["uw_weights"]) == 4
+        assert a["kind"] == "train" and a["lr"] == 2e-3 and a["grad_norm"] is None and a["images_per_s"] > 0
+        assert a["peak_memory_bytes"] > 2**20 and "ru_maxrss" in a["peak_memory"]
+
+
+def small_dinov2(dino=fid.DINOv2):
+    """The ViT-L layout at width 32 and depth 2: fd_dinov2 in seconds."""
+    return dino(embed_dim=32, depth=2, num_heads=4)
+
+
+@pytest.fixture(scope="module")
+def eval_run(tmp_path_factory, weights_file):
+    """(experiment, --eval flags) of a tiny demo run scored at steps 2 and 4 by is, pr, kid and fd_dinov2 (random
+    Inception in pytorch-fid's layout, a small random DINOv2); FID's 2048-dim eigenproblem would take a minute here,
+    and fd_dinov2 runs the same Frechet distance."""
+    tmp = tmp_path_factory.mktemp("eval_run")
+    dino_file = str(tmp / "dino.pth")
+    torch.save(randomize(small_dinov2(), scale=0.2).state_dict(), dino_file)
+    ref = _write_npz(tmp / "ref.npz", arr_0=_images(9, 8, 8, seed=3))
+    flags = ["--eval", ref, "--metrics", "is,pr,kid,fd_dinov2", "--inception-weights", weights_file]
+    flags += ["--dinov2-weights", dino_file]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fid, "DINOv2", small_dinov2)
+        exp, _ = run_train(tmp, *eval_train_flags(), *flags)
+    return exp, flags
+
+
+def eval_train_flags():
+    return ["--steps", "4", "--ckpt-every", "2", "--eval-every", "2", "--eval-samples", "8"] + [
+        "--eval-steps",
+        str(SAMPLE_STEPS),
+    ]
+
+
+@pytest.mark.slow
+def test_train_eval_scores_equal_sample_py_on_that_steps_checkpoint(eval_run, tmp_path, monkeypatch):
+    exp, flags = eval_run
+    records = read_jsonl(os.path.join(exp, "metrics.jsonl"))
+    assert [(r["kind"], r["step"]) for r in records] == [("train", 2), ("eval", 2), ("train", 4), ("eval", 4)]
+    scored = records[1]
+    assert (scored["num_samples"], scored["sampler"], scored["sampling_steps"], scored["cfg_scale"]) == (
+        8,
+        "ddpm",
+        SAMPLE_STEPS,
+        1.5,  # the paper's guidance by default
+    )
+    logged = f"step 0000002  eval  inception_score {scored['metrics']['inception_score']:.4f}  inception_score_std"
+    assert logged in open(os.path.join(exp, "log.txt")).read()  # in log.txt too
+    monkeypatch.setattr(fid, "DINOv2", small_dinov2)
+    ckpt = os.path.join(exp, "checkpoints", "0000002.pt")
+    run_sample(ckpt, tmp_path / "s", "--batch-size", "8", "--cfg-scale", "1.5", "--seed", "0", *flags, n=8)
+    expected = json.loads((tmp_path / "s" / "metrics.json").read_text())
+    assert set(scored["metrics"]) == {"inception_score", "inception_score_std", "precision", "recall", "kid"} | {
+        "kid_std",
+        "fd_dinov2",
+    }
+    for k, v in scored["metrics"].items():  # the same images and features: equal up to float32 rounding
+        assert v == pytest.approx(expected[k], rel=1e-5, abs=1e-8), k
+    assert scored["metrics"] != records[3]["metrics"]  # the EMA moved between the two evaluations
+
+
+@pytest.mark.slow
+def test_train_eval_leaves_training_unchanged(eval_run, tmp_path):
+    _, plain = run_train(tmp_path, "--steps", "4", "--ckpt-every", "2")  # the same run without --eval-every
+    scored = torch.load(os.path.join(eval_run[0], "checkpoints", "0000004.pt"), weights_only=False)
+    for key in ("model", "ema"):
+        assert all(torch.equal(plain[key][k], scored[key][k]) for k in plain[key]), key
+    assert all(torch.equal(a["cpu"], b["cpu"]) for a, b in zip(plain["rng"], scored["rng"]))  # the dropout stream
+
+
+@pytest.mark.slow
+def test_train_resumed_run_does_not_redo_a_recorded_eval(eval_run, tmp_path, monkeypatch):
+    import shutil
+
+    exp, flags = shutil.copytree(eval_run[0], tmp_path / "r" / "000-x"), eval_run[1]
+    first = open(exp / "metrics.jsonl").read().splitlines()
+    scored, evaluate = [], train.evaluate
+    monkeypatch.setattr(
+        train, "evaluate", lambda args, run, ev, ema, vae: scored.append(ema) or evaluate(args, run, ev, ema, vae)
+    )
+    monkeypatch.setattr(fid, "DINOv2", small_dinov2)
+    resume = ["--resume", str(exp / "checkpoints" / "0000002.pt")]
+    run_train(tmp_path, *eval_train_flags(), *flags, *resume)
+    assert len(scored) == 1  # step 4 only: step 2's score is in metrics.jsonl
+    again = open(exp / "metrics.jsonl").read().splitlines()
+    assert again[:2] == first[:2]  # kept as written, "seconds" included: not scored again
+    assert [json.loads(line)["step"] for line in again] == [2, 2, 4, 4]
+    assert json.loads(again[3])["metrics"] == json.loads(first[3])["metrics"]  # resumed bit-exactly: same scores
+
+
+@pytest.mark.slow
+def test_train_eval_on_two_ranks_equals_sample_py_on_one(eval_run, tmp_path):
+    flags = eval_run[1]
+    inception_only = flags[: flags.index("--metrics") + 1] + ["is,pr,kid"] + flags[flags.index("--inception-weights") :]
+    r = torchrun(*TINY_TRAIN, *eval_train_flags(), *inception_only, "--results-dir", str(tmp_path / "two"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    (exp,) = (tmp_path / "two").iterdir()
+    scored = [r for r in read_jsonl(exp / "metrics.jsonl") if r["kind"] == "eval"]
+    assert [r["step"] for r in scored] == [2, 4]
+    # each rank sampled and scored half of the images one process samples from that step's checkpoint
+    ckpt = exp / "checkpoints" / "0000002.pt"
+    run_sample(ckpt, tmp_path / "s", "--batch-size", "4", "--cfg-scale", "1.5", *inception_only, n=8)
+    expected = json.loads((tmp_path / "s" / "metrics.json").read_text())
+    assert len(scored[0]["metrics"]) == 6
+    for k, v in scored[0]["metrics"].items():
+        assert v == pytest.approx(expected[k], rel=1e-5, abs=1e-8), k
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--eval-every", "2"], "--eval-every needs --eval REF"),
+        (["--eval", "REF"], "--eval REF scores the model during training: it needs --eval-every STEPS"),
+        (["--eval-every", "2", "--eval", "missing.npz"], "missing.npz: no such file or folder"),
+        (["--eval-every", "2", "--eval", "REF", "--eval-samples", "3"], "--eval-samples must be at least 4"),
+        (
+            ["--eval-every", "2", "--eval", "REF", "--metrics", "fid", "--eval-samples", "1"],
+            "at least 2 for --metrics fid",
+        ),
+        (["--eval-every", "2", "--eval", "REF", "--eval-steps", "0"], "--eval-steps 0 must be between 1 and"),
+        (["--eval-every", "2", "--eval", "REF", "--metrics", "fid,nope"], "--metrics 'fid,nope': choose from"),
+        (["--eval-every", "2", "--eval", "REF", "--unconditional", "--eval-cfg-scale", "2"], "no null class"),
+        (["--eval-every", "2", "--eval", "REF", "--text-demo"], "for text-to-image, sample a checkpoint"),
+        (["--eval-every", "2", "--eval", "REF"], "cannot download the FID Inception weights"),
+        (["--eval-every", "2", "--eval", "SMALL", "--inception-weights", "W"], "need more than 3 images"),
+    ],
+)
+def test_train_eval_flags_refused_at_start_up_with_one_line(tmp_path, monkeypatch, weights_file, flags, message):
+    ref = _write_npz(tmp_path / "ref.npz", arr_0=_images(6, 8, 8))
+    small = _write_npz(tmp_path / "small.npz", arr_0=_images(3, 8, 8))
+    flags = [{"REF": ref, "SMALL": small, "W": weights_file}.get(f, f) for f in flags]
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match=re.escape(message)) as e:
+        run_train(tmp_path, "--steps", "2", *flags)
+    assert str(e.value).startswith("train.py: error:") and "\n" not in str(e.value)
+    assert not (tmp_path / "r").exists()  # stopped before the experiment folder
+
+
+def test_train_eval_cfg_scale_default_is_the_papers_with_a_null_class():
+    for flags, scale in ((["--eval-cfg-scale", "3"], 3.0), ([], 1.5), (["--class-dropout-prob", "0"], 1.0)):
+        args = train.resolve_preset(train.parser().parse_args(["--eval-every", "2", "--eval", "x", *flags]))
+        args.num_classes, args.context_dim = 6, None
+        train.check_eval_flags(args, ("fid",))
+        assert args.eval_cfg_scale == scale
+
+
 # -- memory-mapped .npz / .npy data
 def resident_memory():
     """(VmRSS, RssAnon) of this process in bytes. RssAnon is private memory (where a copy of arr_0 would live);
@@ -2964,11 +3256,11 @@ def fake_vae(monkeypatch):
 
 # -- Labels, seeds and shards
 def test_sample_labels_and_shards():
-    many, few = sample.make_labels(1000, 5000, seed=3), sample.make_labels(1000, 64, seed=3)
+    many, few = dtr.make_labels(1000, 5000, seed=3), dtr.make_labels(1000, 64, seed=3)
     assert many.dtype == np.int64 and 0 <= many.min() and many.max() < 1000 and len(np.unique(many)) > 900
     assert np.array_equal(many[:64], few)  # label i does not depend on N
-    assert not np.array_equal(few, sample.make_labels(1000, 64, seed=4))
-    assert sample.make_labels(10, 5, 0, [7, 2]).tolist() == [7, 2, 7, 2, 7]  # sample i gets class_labels[i % len]
+    assert not np.array_equal(few, dtr.make_labels(1000, 64, seed=4))
+    assert dtr.make_labels(10, 5, 0, [7, 2]).tolist() == [7, 2, 7, 2, 7]  # sample i gets class_labels[i % len]
     assert sample.shard_ranges(10, 4) == [(0, 4), (4, 8), (8, 10)] and sample.shard_ranges(3, 4) == [(0, 3)]
 
 
@@ -2981,7 +3273,7 @@ def test_sample_npz_format_and_same_images_for_any_batch_and_shard_size(fitted_d
     assert sorted(a) == ["arr_0", "arr_1"] and a["arr_0"].dtype == np.uint8 and a["arr_1"].dtype == np.int64
     assert a["arr_0"].shape == (6, 8, 8, 3) and a["arr_1"].shape == (6,)
     assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
-    assert np.array_equal(a["arr_1"], sample.make_labels(4, 6, seed=0))
+    assert np.array_equal(a["arr_1"], dtr.make_labels(4, 6, seed=0))
     assert np.array_equal(a["arr_0"], reference_samples(model, a["arr_1"], range(6), cfg_scale=1.5))
     inner = ((a["arr_0"] > 0) & (a["arr_0"] < 255)).mean()
     assert inner > 0.2 and len({im.tobytes() for im in a["arr_0"]}) == 6  # real, distinct images

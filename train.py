@@ -11,6 +11,8 @@ With --data the defaults are the paper's (App. C): DiT-L/2 on 256 px images in S
 (--vae ema for a DiT above 64 px; --vae none for pixels), AdamW 1e-4, no weight decay, global batch 256, flips,
 T=1000, cosine schedule, learned sigma, EMA 0.9999, label dropout 0.1. Without --data the demo preset (DEMO below)
 fills every flag that was not given. --latents DIR encodes every image (and its flip) once and trains from DIR.
+--eval-every STEPS --eval REF scores the EMA model during training as `sample.py --eval` would; every log line and
+score also goes to metrics.jsonl (MetricsLog), whose curves `python dtr.py plot RUN_DIR ...` draws.
 """
 
 import argparse
@@ -26,7 +28,7 @@ import shutil
 import time
 from collections import OrderedDict
 from copy import deepcopy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -34,6 +36,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import dtr
+import fid
 
 # fmt: off
 PAPER = dict(model="DiT-L/2", image_size=256, global_batch_size=256, lr=1e-4, ema_decay=0.9999, steps=400_000,
@@ -59,6 +62,12 @@ RESUME_FIXED = (
 )
 GRID_MIN_WIDTH = 512  # training grids are upscaled (nearest neighbour, integer factor) to at least this many pixels
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+EVAL_CFG_SCALE = 1.5  # --eval-cfg-scale's default: the paper's FID guidance (models with a null class)
+PR_NEIGHBOURS = 3  # fid.evaluate's k: precision and recall need more images than this in each set
+PEAK_MEMORY = {  # what metrics.jsonl's peak_memory_bytes measures, per device type
+    "cuda": "cuda max_memory_allocated since the previous train record or evaluation",
+    "cpu": "peak resident set size of the process so far (getrusage ru_maxrss)",
+}
 
 
 #################################################################################
@@ -75,9 +84,11 @@ def train(args):
     with dtr.shared_errors():  # the same checks on every rank: one line, from rank 0, before anything is written
         run = setup(args)
         data = load_training_data(args, run)
+        metrics = eval_metrics(args)
         ckpt, notes = resume_checkpoint(args)
         state = init_state(args, run, ckpt)
         vae = dtr.load_vae(args.vae, args.vae_path, run.device) if args.vae else None
+    evaluation = setup_eval(args, run, metrics)  # a bad REF or missing Inception weights stop here (fid.py's checks)
     exp, log = open_experiment(args, run, data, state, ckpt is not None, notes)
     net = (
         DDP(state.model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
@@ -90,7 +101,10 @@ def train(args):
         data.dataset, data.latents = prepare_latents(args, run, data.dataset, vae), True
     batches = iter(make_loader(args, run, data.dataset, state.step))
     meter = Meter(args, run, log, exp, state.step)
+    if evaluation is not None:  # the steps metrics.jsonl already holds a score for: a resumed run skips them
+        evaluation.done = rank0_value(meter.records.eval_steps(), run.world)
     try:
+        evaluate_if_due(args, run, evaluation, state, vae, meter)  # the resumed step's, if it was cut short
         while state.step < args.steps:
             # one step: this rank's batch and its share of the step's draws -> loss, backward, AdamW, EMA
             draws = step_randomness(args, state.step, run)
@@ -104,6 +118,7 @@ def train(args):
                 args.sample_every and state.step % args.sample_every == 0 or state.step == args.steps
             ):
                 log(f"saved {save_training_grid(args, exp, state.step, state.ema, vae, run.device, data)}")
+            evaluate_if_due(args, run, evaluation, state, vae, meter)
     finally:  # errors then print on a line of their own
         meter.close()
     if run.world > 1:
@@ -324,7 +339,9 @@ def load_training_data(args, run):
 def init_state(args, run, ckpt=None):
     """Model, EMA, AdamW (ANT-UW's log-variances in their own group) and loss scaler: new, from --init-from, or
     resumed from `ckpt`."""
-    model = dtr.build_model(dtr.model_args(args), use_checkpoint=args.grad_ckpt).to(run.device)
+    with torch.random.fork_rng(devices=[]):  # the same initial weights on every rank, for any world size: each
+        torch.manual_seed(args.seed)  # rank's EMA (which --eval-every samples) starts from the weights DDP keeps
+        model = dtr.build_model(dtr.model_args(args), use_checkpoint=args.grad_ckpt).to(run.device)
     multiple = size_multiple(model)
     if model.input_size % multiple:
         raise dtr.InputError(f"input side {model.input_size} is not divisible by {multiple}, which {args.model} needs")
@@ -1076,14 +1093,57 @@ class Logger:
                 f.write(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}\n")
 
 
+class MetricsLog:
+    """DIR/metrics.jsonl, the machine-readable log: one JSON object a line, in step order, written by rank 0.
+
+    Every --log-every steps (and at the last) Meter appends {"kind": "train", "step", "loss": the mean over the
+    interval and all ranks, "loss_quarters": [4 means by timestep quarter t * 4 // T, null where no sample fell],
+    "uw_weights": [ANT-UW's 0.5 exp(-s_k) per cluster] or null, "lr", "grad_norm": the mean of the steps' gradient
+    norms or null where they are not measured, "images_per_s", "peak_memory_bytes": the largest over ranks,
+    "peak_memory": what that measures (PEAK_MEMORY)}; after every evaluation (--eval-every) {"kind": "eval", "step",
+    "metrics": {fid.py's result names: values}, "num_samples", "sampler", "sampling_steps", "cfg_scale", "seed",
+    "reference", "seconds"}.
+    A record is appended with one os.write of the whole line on an O_APPEND descriptor, then fsync'ed: a killed run
+    leaves whole lines (a torn last line, if the machine stops mid-write, is ignored by dtr.read_metrics). A run that
+    resumes at step S first rewrites the file atomically with only the records of steps <= S: the records an
+    interrupted run wrote after its checkpoint are dropped, so the file is one timeline."""
+
+    def __init__(self, exp, step):
+        self.path = os.path.join(exp, "metrics.jsonl") if exp else None  # None: not rank 0, nothing written
+        if self.path and os.path.exists(self.path):
+            text = "".join(json.dumps(r) + "\n" for r in dtr.read_metrics(self.path) if r["step"] <= step)
+            dtr.atomic_write(self.path, lambda tmp: dtr.write_text(tmp, text))
+
+    def append(self, **record):
+        """Append one record as one line, durably."""
+        if self.path is None:
+            return
+        line = (json.dumps(record) + "\n").encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            if os.write(fd, line) != len(line):  # a regular file takes all of it unless the disk is full
+                raise OSError(errno.ENOSPC, f"short write to {self.path}")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def eval_steps(self):
+        """The steps the file holds an evaluation of."""
+        if self.path is None or not os.path.exists(self.path):
+            return set()
+        return {r["step"] for r in dtr.read_metrics(self.path) if r.get("kind") == "eval"}
+
+
 class Meter:
     """The progress bar, the non-finite-loss guard, and every --log-every steps: speed, the loss averaged over
-    ranks, the loss per timestep quarter, the mean gradient norm and the ANT-UW weights."""
+    ranks, the loss per timestep quarter, the mean gradient norm and the ANT-UW weights, in log.txt and
+    metrics.jsonl (MetricsLog)."""
 
     def __init__(self, args, run, log, exp, step):
         from tqdm.auto import tqdm
 
         self.args, self.run, self.log, self.exp = args, run, log, exp
+        self.records = MetricsLog(exp if run.rank == 0 else None, step)
         self.bar = tqdm(initial=step, total=args.steps, disable=run.rank != 0, dynamic_ncols=True, desc="train")
         self.stats = torch.zeros(2, 4, device=run.device)  # loss sum and sample count per timestep quarter
         self.grad_norms = torch.zeros(2, device=run.device)  # sum and count of finite ones (the same on every rank)
@@ -1107,22 +1167,68 @@ class Meter:
             self.log(self.summary(step, uw))
 
     def summary(self, step, uw):
-        """The log line since the last one; resets the sums."""
+        """The log line since the last one, also appended to metrics.jsonl; resets the sums."""
         totals = all_reduce_mean(self.stats.clone(), self.run.world)
         per_quarter = (totals[0] / totals[1].clamp(min=1)).tolist()
         mean = (totals[0].sum() / totals[1].sum().clamp(min=1)).item()
         speed = (step - self.start_step) / (time.perf_counter() - self.start)
+        norms, finite = self.grad_norms.tolist()
+        grad_norm = norms / finite if finite else None  # None: every step since the last record was skipped (fp16)
         msg = (
             f"step {step:07d}  loss {mean:.4f}  [t quarters {' '.join(f'{q:.4f}' for q in per_quarter)}]  "
             f"{speed:.2f} steps/s  {speed * self.args.global_batch_size:.1f} img/s  "
-            f"grad norm {(self.grad_norms[0] / self.grad_norms[1].clamp(min=1)).item():.4f}"
+            f"grad norm {grad_norm if grad_norm is None else f'{grad_norm:.4f}'}"
         )
-        if uw is not None:  # the weight each cluster's loss gets: 0.5 exp(-s_k)
-            msg += "  uw " + " ".join(f"{w:.3f}" for w in (0.5 * torch.exp(-uw.detach())).tolist())
+        weights = None if uw is None else (0.5 * torch.exp(-uw.detach())).tolist()
+        if weights is not None:  # the weight each cluster's loss gets: 0.5 exp(-s_k)
+            msg += "  uw " + " ".join(f"{w:.3f}" for w in weights)
+        self.records.append(
+            kind="train",
+            step=step,
+            loss=mean,
+            loss_quarters=[q if n > 0 else None for q, n in zip(per_quarter, totals[1].tolist())],
+            uw_weights=weights,
+            lr=self.args.lr,  # constant: no schedule, as in the paper
+            grad_norm=grad_norm,
+            images_per_s=speed * self.args.global_batch_size,
+            peak_memory_bytes=self.peak_memory(),
+            peak_memory=PEAK_MEMORY[self.run.device.type],
+        )
         self.stats.zero_()
         self.grad_norms.zero_()
         self.start, self.start_step = time.perf_counter(), step
         return msg
+
+    def peak_memory(self):
+        """The largest peak over ranks (dtr.peak_memory); on CUDA the peak then starts anew."""
+        peak = torch.tensor([float(dtr.peak_memory(self.run.device))], dtype=torch.float64, device=self.run.device)
+        if self.run.world > 1:
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        if self.run.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.run.device)
+        return int(peak.item())
+
+    def evaluated(self, step, results, seconds):
+        """Log an evaluation's results (rank 0: log.txt and metrics.jsonl); its time is left out of the next speed."""
+        self.start += seconds
+        if self.run.device.type == "cuda":  # the next train record's peak is training's, not sampling's
+            torch.cuda.reset_peak_memory_stats(self.run.device)
+        if self.run.rank:
+            return
+        a = self.args
+        settings = dict(
+            num_samples=a.eval_samples,
+            sampler=a.eval_sampler,
+            sampling_steps=a.eval_steps,
+            cfg_scale=a.eval_cfg_scale,
+            seed=a.seed,
+            reference=os.path.abspath(a.eval),
+        )
+        self.log(
+            f"step {step:07d}  eval  {'  '.join(f'{k} {v:.4f}' for k, v in results.items())}  ({a.eval_samples} "
+            f"samples, {a.eval_sampler} {a.eval_steps} steps, cfg {a.eval_cfg_scale}, {seconds:.1f} s)"
+        )
+        self.records.append(kind="eval", step=step, metrics=results, **settings, seconds=seconds)
 
     def close(self):
         self.bar.close()
@@ -1155,6 +1261,154 @@ def save_training_grid(args, exp, step, ema, vae, device, data=None):
     grid = images.permute(0, 3, 1, 2).float() / 255
     dtr.atomic_write(path, lambda tmp: save_image(grid, tmp, nrow=8, padding=1, format="png"))
     return path
+
+
+#################################################################################
+#                    FID during training: --eval-every, --eval                  #
+#################################################################################
+
+
+@dataclass
+class Evaluation:
+    """What every evaluation reuses: the metrics, their feature networks, REF's statistics (rank 0), the samples'
+    labels (None: unconditional), and the steps already scored."""
+
+    metrics: tuple
+    networks: list
+    reference: dict
+    labels: np.ndarray
+    done: set = field(default_factory=set)
+
+
+def check_eval_flags(args, metrics):
+    """Refuse --eval-* settings that could not be scored, one line each (the model's classes are known by now)."""
+    if args.eval_every < 0:
+        raise dtr.InputError(f"--eval-every must be >= 0 (0: no evaluation), got {args.eval_every}")
+    if args.eval is None:
+        raise dtr.InputError(
+            "--eval-every needs --eval REF (an ADM .npz batch, an image folder or a fid.py --save-stats file)"
+        )
+    if not args.eval_every:
+        raise dtr.InputError("--eval REF scores the model during training: it needs --eval-every STEPS")
+    if args.context_dim is not None:
+        raise dtr.InputError(
+            "--eval-every scores class-conditional and unconditional models; for text-to-image, sample a checkpoint "
+            "with sample.py --captions ... --eval REF"
+        )
+    least = PR_NEIGHBOURS + 1 if "pr" in metrics else 2  # a covariance needs 2 samples
+    if args.eval_samples < least:
+        raise dtr.InputError(f"--eval-samples must be at least {least} for --metrics {','.join(metrics)}")
+    if not 1 <= args.eval_steps <= args.num_timesteps:
+        raise dtr.InputError(
+            f"--eval-steps {args.eval_steps} must be between 1 and --num-timesteps {args.num_timesteps}"
+        )
+    if args.eval_cfg_scale is None:
+        args.eval_cfg_scale = EVAL_CFG_SCALE if args.class_dropout_prob > 0 else 1.0
+    if args.eval_cfg_scale < 0:
+        raise dtr.InputError(f"--eval-cfg-scale must be >= 0 (1: no guidance), got {args.eval_cfg_scale}")
+    if args.eval_cfg_scale != 1 and not args.class_dropout_prob > 0:
+        raise dtr.InputError(
+            f"--eval-cfg-scale {args.eval_cfg_scale} needs guidance, but the model has no null class "
+            f"(unconditional, or --class-dropout-prob 0); use --eval-cfg-scale 1"
+        )
+
+
+def eval_metrics(args):
+    """--eval-every's metrics, its flags checked (None without it)."""
+    if not args.eval_every and args.eval is None:
+        return None
+    metrics = fid.parse_metrics(args.metrics)
+    check_eval_flags(args, metrics)
+    return metrics
+
+
+def setup_eval(args, run, metrics):
+    """--eval-every: load the feature networks and extract REF's features, once (over all ranks); None without it.
+    Runs before anything is written, so that a bad REF or missing network weights stop training at once with one
+    line (fid.py's loaders stop every rank)."""
+    if metrics is None:
+        return None
+    names = list(dict.fromkeys(fid.METRICS[m] for m in metrics))  # the networks these metrics read
+    reference = fid.open_source(args.eval, names)
+    with torch.random.fork_rng(devices=[]):  # building them draws initial weights: leave training's stream alone
+        networks = fid.load_networks(
+            names, run.device, args.inception_weights, args.dinov2_weights, run.rank, run.world
+        )
+    feats = fid.source_features(reference, networks, eval_batch_size(args, run), progress=run.rank == 0)
+    with dtr.shared_errors():  # every rank has REF's features: the same check everywhere
+        if "pr" in metrics and fid.num_images(feats) <= PR_NEIGHBOURS:
+            raise dtr.InputError(f"--eval {args.eval}: precision and recall need more than {PR_NEIGHBOURS} images")
+    labels = dtr.make_labels(args.num_classes, args.eval_samples, args.seed) if args.num_classes > 1 else None
+    stats = fid.statistics(feats, reference[1]) if run.rank == 0 else None
+    return Evaluation(metrics, networks, stats, labels)
+
+
+def eval_batch_size(args, run):
+    """Images a rank samples (and extracts features of) at once: its share of the global batch."""
+    return args.global_batch_size // run.world
+
+
+class EvalSamples:
+    """The evaluation samples as a lazy uint8 image array (K, H, W, 3) for fid.compute_features: a slice is generated
+    when read, sample i from seed --seed + i with label i of dtr.make_labels, as `sample.py --seed` makes it."""
+
+    def __init__(self, model, diffusion, labels, seed, count, **generate):
+        self.model, self.diffusion, self.labels, self.seed, self.count = model, diffusion, labels, seed, count
+        self.generate = generate  # dtr.generate's keywords: cfg_scale, vae, device, sampler
+
+    def __len__(self):
+        return self.count
+
+    def __getitem__(self, index):
+        i = np.arange(self.count)[index]
+        y = None if self.labels is None else self.labels[i]
+        return dtr.generate(self.model, self.diffusion, y, self.seed + i, **self.generate).numpy()
+
+
+def evaluate(args, run, evaluation, ema, vae):
+    """The metrics of --eval-samples samples of the EMA model against REF, on rank 0 (None elsewhere). Every rank
+    samples and extracts the features of a contiguous share (fid.compute_features), and the training RNG is left as
+    it was: the scores are the same for any world size, and training continues as without them."""
+    ema.eval()
+    diffusion = dtr.build_diffusion(dtr.model_args(args), str(args.eval_steps))
+    images = EvalSamples(
+        ema,
+        diffusion,
+        evaluation.labels,
+        args.seed,
+        args.eval_samples,
+        cfg_scale=args.eval_cfg_scale,
+        vae=vae,
+        device=run.device,
+        sampler=args.eval_sampler,
+    )
+    with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
+        feats = fid.compute_features(images, evaluation.networks, eval_batch_size(args, run), progress=run.rank == 0)
+    if run.rank:
+        return None
+    return fid.evaluate(evaluation.reference, fid.statistics(feats), metrics=evaluation.metrics)
+
+
+def evaluate_if_due(args, run, evaluation, state, vae, meter):
+    """Score the EMA model if this step is an --eval-every multiple (or the last) and metrics.jsonl has no score of it
+    yet; rank 0 logs the results."""
+    step = state.step
+    due = evaluation is not None and step > 0 and (step % args.eval_every == 0 or step == args.steps)
+    if not due or step in evaluation.done:
+        return
+    start = time.perf_counter()
+    results = evaluate(args, run, evaluation, state.ema, vae)
+    meter.evaluated(step, results, time.perf_counter() - start)
+    evaluation.done.add(step)
+
+
+def rank0_value(value, world):
+    """Rank 0's value (any picklable object) on every rank."""
+    if world > 1:
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        value = box[0]
+    return value
 
 
 #################################################################################
@@ -1363,7 +1617,13 @@ def parser():
     p.add_argument("--seed", type=int, default=0)
     # bookkeeping
     p.add_argument("--results-dir", default="results")
-    p.add_argument("--log-every", type=int, default=None)
+    p.add_argument(
+        "--log-every",
+        type=int,
+        default=None,
+        help="a line in log.txt and a record in metrics.jsonl every N steps (see MetricsLog; a resumed run first "
+        "drops the records after its step)",
+    )
     p.add_argument("--ckpt-every", type=int, default=None)
     p.add_argument(
         "--sample-every", type=int, default=None, help="also write a sample grid every N steps (0: only at the end)"
@@ -1382,6 +1642,53 @@ def parser():
         "--init-from",
         default=None,
         help="load model weights only (e.g. a pretrained DiT / ADM checkpoint), keys matched strictly",
+    )
+    # FID during training (fid.py's metrics of the EMA model's samples; log.txt and metrics.jsonl)
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="score the EMA model every STEPS steps and at the last step against --eval REF (0: never). A step that "
+        "metrics.jsonl already holds a score of (a resumed run) is not scored again",
+    )
+    p.add_argument(
+        "--eval",
+        default=None,
+        metavar="REF",
+        help="the reference for --eval-every, as fid.py's: an ADM .npz batch, an image folder or a fid.py "
+        "--save-stats file; its features are computed once at start-up. Nothing is downloaded but the "
+        "feature networks' weights (see --inception-weights)",
+    )
+    p.add_argument(
+        "--eval-samples",
+        type=int,
+        default=10_000,
+        metavar="K",
+        help="samples per evaluation: sample i from seed --seed + i with sample.py's label i for that seed, so "
+        "the images (and scores) are those of sample.py --seed SEED --num-samples K, for any number of ranks",
+    )
+    p.add_argument("--eval-sampler", choices=["ddpm", "ddim"], default="ddpm", help="--eval-every's sampler")
+    p.add_argument("--eval-steps", type=int, default=250, help="--eval-every's sampling steps (the paper's DDPM-250)")
+    p.add_argument(
+        "--eval-cfg-scale",
+        type=float,
+        default=None,
+        help=f"--eval-every's guidance scale (default {EVAL_CFG_SCALE}, the paper's FID; 1 for a model without a "
+        "null class)",
+    )
+    p.add_argument(
+        "--metrics",
+        default=",".join(fid.ADM_METRICS),
+        help=f"--eval-every's metrics, from {','.join(fid.METRICS)} (default: ADM's evaluator's, as fid.py)",
+    )
+    p.add_argument(
+        "--inception-weights",
+        default=None,
+        help="--eval-every: a local pt_inception-2015-12-05-6726825d.pth (default: torch.hub's cache, else downloaded)",
+    )
+    p.add_argument(
+        "--dinov2-weights", default=None, help="--eval-every with fd_dinov2: a local dinov2_vitl14_pretrain.pth"
     )
     return p
 
