@@ -16,7 +16,7 @@ or captions: str for text models), the format openai's ADM evaluator and fid.py 
 With --eval REF every rank also extracts fid.py's features from its samples as they are made, and rank 0 writes
 DIR/metrics.json and DIR/sample_stats.npz (a fid.py --save-stats file); --no-images keeps no image at all:
 
-    torchrun --nproc_per_node=8 sample.py --ckpt ... --num-samples 50000 --cfg-scale 1.5 \
+    torchrun --nproc_per_node=8 sample.py --ckpt ... --num-samples 50000 --cfg-scale 1.5 \\
         --eval VIRTUAL_imagenet256_labeled.npz --metrics fid,sfid,is,pr,kid,fd_dinov2 --no-images
 """
 

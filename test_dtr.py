@@ -4196,6 +4196,40 @@ def test_fid_tf1_resize_identity_and_preprocess_ranges():
     assert torch.allclose(pt[0, :, 0, 0], torch.tensor([-1.0, 2 * 128 / 255 - 1, 1.0]), atol=1e-6)
 
 
+def _tf1_resize_reference(x, out_h, out_w):
+    """TF1's legacy ResizeBilinear kernel in numpy float32, pixel by pixel: src = dst * float32(in / out), the
+    four neighbours, top = tl + (tr - tl) * dx, bottom likewise, out = top + (bottom - top) * dy."""
+    x = np.asarray(x, np.float32)  # (N, C, H, W)
+    h, w = x.shape[-2:]
+    out = np.empty((*x.shape[:2], out_h, out_w), np.float32)
+    sy, sx = np.float32(h) / np.float32(out_h), np.float32(w) / np.float32(out_w)
+    for i in range(out_h):
+        fy = np.float32(i) * sy
+        y0 = int(np.floor(fy))
+        y1, dy = min(y0 + 1, h - 1), fy - np.float32(y0)
+        for j in range(out_w):
+            fx = np.float32(j) * sx
+            x0 = int(np.floor(fx))
+            x1, dx = min(x0 + 1, w - 1), fx - np.float32(x0)
+            top = x[..., y0, x0] + (x[..., y0, x1] - x[..., y0, x0]) * dx
+            bottom = x[..., y1, x0] + (x[..., y1, x1] - x[..., y1, x0]) * dx
+            out[..., i, j] = top + (bottom - top) * dy
+    return out
+
+
+@pytest.mark.parametrize(
+    "shape, size", [((2, 3, 7, 5), (23, 31)), ((1, 1, 40, 33), (9, 50)), ((1, 3, 13, 13), (13, 13))]
+)
+def test_fid_tf1_resize_bit_equal_to_per_pixel_kernel(shape, size):
+    g = torch.Generator().manual_seed(0)
+    as_uint8 = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
+    as_float = torch.rand(shape, generator=g) * 255  # values that round differently under another lerp order
+    for x in (as_uint8, as_float, as_float.contiguous(memory_format=torch.channels_last)):
+        out = fid.tf1_resize_bilinear(x, size)
+        assert out.dtype == torch.float32 and out.shape == (*shape[:2], *size)
+        assert np.array_equal(out.numpy(), _tf1_resize_reference(x.float().numpy(), *size))
+
+
 # -- Features, inputs and the CLI
 def test_fid_compute_features_batching_and_sources(inception, direct, tmp_path):
     images, out, _ = direct
@@ -4405,6 +4439,19 @@ def test_fid_cli_bad_input_is_one_line(tmp_path):
     assert proc.returncode == 1
     message = f"fid.py: error: {bad}: arr_0 must be uint8 images in [0, 255], got float64"
     assert proc.stderr.strip().splitlines() == [message]
+
+
+def test_script_help_keeps_example_lines_and_defines_every_metric():
+    for script in (train, sample, fid):
+        text = script.parser().format_help()
+        description = text[text.index("\n\n") : text.index("options:")]
+        lines = description.splitlines()
+        assert not [ln for ln in lines if re.search(r"\S {5,}--", ln)]  # no continuation joined into one line
+        for ln, nxt in zip(lines, lines[1:]):
+            if ln.endswith(" \\"):
+                assert nxt.startswith("        ") and nxt.strip(), (script.__name__, ln)  # an indented continuation
+    defined = {ln.split()[0] for ln in fid.parser().format_help().splitlines() if re.match(r"  [a-z_0-9]+ {2,}\S", ln)}
+    assert defined == set(fid.METRICS)  # each metric --metrics accepts has its own line in fid.py --help
 
 
 # -- Metrics on synthetic features
