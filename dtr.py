@@ -1314,7 +1314,7 @@ def unwrap_state_dict(sd):
     return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in sd.items()}
 
 
-ZIP_MAGIC = b"PK\x03\x04"  # how a zip file, and so torch.save's format since torch 1.6, begins
+ZIP_MAGIC = b"PK\x03\x04"  # how a zip file, and so torch.save's zip format, begins
 
 
 def read_checkpoint(path):
@@ -1341,7 +1341,7 @@ def model_args(args):
 
 
 def checkpoint_model_args(ckpt):
-    """A train.py checkpoint's model_args (None for other checkpoints); older ones carry them in "args"."""
+    """A train.py checkpoint's model_args (None for other checkpoints); a checkpoint without model_args carries them in "args"."""
     if isinstance(ckpt.get("model_args"), dict):
         return dict(ckpt["model_args"])
     args = ckpt.get("args")
@@ -1466,8 +1466,8 @@ def tiny_clip(seed=0):
     width = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
     tokens = dict(vocab_size=len(vocab), max_position_embeddings=32, bos_token_id=0, eos_token_id=1, pad_token_id=1)
     config = CLIPTextConfig(**width, **tokens)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):  # built on the CPU: seed its generator alone, leave CUDA's as it is
+        torch.default_generator.manual_seed(seed)
         return tokenizer, CLIPTextModel(config)
 
 
@@ -1693,8 +1693,9 @@ def shared_errors():
     """Run the block on every rank, then share its InputErrors: if any rank met one, every rank raises the lowest such
     rank's as a SharedError (its message prefixed 'rank N: ' unless N is 0), so none waits for a rank that stopped.
 
-    Every rank must enter the block, and the block must run no collective (a failing rank would skip it). In one
-    process, or before the process group exists, the error is raised as it is."""
+    Every rank must enter the block, and the block must run no collective (a failing rank would skip it); joining the
+    process group (setup_distributed) may open it, since no rank can fail before that. In one process, or before the
+    process group exists, the error is raised as it is."""
     error = None
     try:
         yield
@@ -1711,6 +1712,18 @@ def shared_errors():
     for r, e in enumerate(errors):
         if e is not None:
             raise SharedError(e if r == 0 else f"rank {r}: {e}")
+
+
+def from_rank0(fn, rank, world):
+    """fn() computed on rank 0 alone and handed to every rank; if it fails there, every rank stops
+    (shared_errors)."""
+    with shared_errors():
+        result = fn() if rank == 0 else None
+    if world > 1:
+        box = [result]
+        dist.broadcast_object_list(box, src=0)
+        result = box[0]
+    return result
 
 
 def exit_now(status):

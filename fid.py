@@ -21,7 +21,7 @@ import argparse
 import json
 import math
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -220,8 +220,7 @@ class InceptionE(nn.Module):
 
 
 def fastest_layout(device):
-    """Memory layout the network runs fastest in: channels_last on CPU, where oneDNN's convolutions take the
-    whole network 1.2-1.4x faster than on NCHW (1 and 2 threads); NCHW elsewhere (cuDNN's fp32 kernels, not timed)."""
+    """Memory layout the network runs fastest in: channels_last on CPU (oneDNN's convolutions), NCHW elsewhere."""
     return torch.channels_last if device.type == "cpu" else torch.contiguous_format
 
 
@@ -413,7 +412,7 @@ def tf1_resize_bilinear(x, size):
     left = x.index_select(2, x0).float().view(n, h, -1)  # (N, H, out_w * C)
     right = x.index_select(2, x1).float().view(n, h, -1)
     # each source row is lerped along x once (TF lerps the two each output row reads: the same values), in place
-    # and over contiguous inner dims: several times faster than gathering four neighbours per output pixel
+    # and over contiguous inner dims, rather than gathering four neighbours per output pixel
     rows = right.sub_(left).mul_(wx.repeat_interleave(c)).add_(left)  # (N, H, out_w * C)
     top, bottom = rows.index_select(1, y0), rows.index_select(1, y1)  # (N, out_h, out_w * C)
     out = bottom.sub_(top).mul_(wy[:, None]).add_(top)
@@ -559,12 +558,28 @@ def batch_features(networks, images, protocol="adm"):
         matmul.allow_tf32 = tf32
 
 
+class SameThread:
+    """ThreadPoolExecutor's submit() and context, run on the calling thread (compute_features without read-ahead)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def submit(self, fn, *args):
+        future = Future()
+        future.set_result(fn(*args))
+        return future
+
+
 @torch.inference_mode()
-def compute_features(images, networks, batch_size=64, protocol="adm", progress=False):
+def compute_features(images, networks, batch_size=64, protocol="adm", progress=False, read_ahead=True):
     """uint8 (N, H, W, 3) images (array, memmap or ImageFiles) -> dict of float32 numpy arrays in input order:
     pool (N, 2048), spatial (N, 2023), logits (N, 1008) from an InceptionV3, dinov2 (N, 1024) from a DINOv2
     (`networks`: one or a list). Under torch.distributed each rank runs a contiguous shard and every rank gets
-    all features."""
+    all features. read_ahead: read the next batch on a second thread while this one runs (files); False reads on
+    this thread (images generated on the fly)."""
     networks = networks if isinstance(networks, (list, tuple)) else [networks]
     device = next(networks[0].parameters()).device
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -576,7 +591,7 @@ def compute_features(images, networks, batch_size=64, protocol="adm", progress=F
     out = {k: [torch.empty(0, d, device=device)] for k, d in dims.items()}
     # an unreadable image in this rank's shard stops every rank before the gather, which they would wait in forever
     bar = tqdm(total=hi - lo, unit="img", disable=not progress or rank != 0)
-    with dtr.shared_errors(), ThreadPoolExecutor(1) as io, bar:
+    with dtr.shared_errors(), ThreadPoolExecutor(1) if read_ahead else SameThread() as io, bar:
         pending = io.submit(images.__getitem__, slice(*spans[0])) if spans else None
         for i in range(len(spans)):
             batch = torch.from_numpy(np.array(pending.result()))  # (n, H, W, 3) uint8

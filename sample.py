@@ -40,7 +40,11 @@ import torch.distributed as dist
 import dtr
 import fid
 
-SETTINGS_OFF = {"eval_features": [], "eval_protocol": None, "no_images": False}  # settings newer than some runs
+SETTINGS_OFF = {
+    "eval_features": [],
+    "eval_protocol": None,
+    "no_images": False,
+}  # run.json keys a run may lack: their off values
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -94,7 +98,7 @@ def run(args, model_args, state, rank, world, device, captions=None):
     settings.update(eval_features=names, eval_protocol=args.protocol if names else None, no_images=args.no_images)
     final = files.metrics if args.eval else files.npz  # written last: the run is complete once it exists
     reference = fid.open_source(args.eval, names) if args.eval else None  # a bad REF stops before anything is written
-    todo = from_rank0(
+    todo = dtr.from_rank0(
         lambda: prepare_out(out, files, settings, len(ranges), args.resume, args.overwrite, args.save_png, final),
         rank,
         world,
@@ -293,9 +297,10 @@ def score(ref_stats, stats, files, metrics, args):
 
 
 def rescore(args, files, reference, metrics, rank, world, device):
-    """Every rank, a finished --eval run resumed: score what `scored` says is not in DIR/metrics.json yet, from the
-    samples' saved features (DIR/sample_stats.npz) and REF's, extracted over all ranks."""
-    if from_rank0(lambda: scored(files, args.eval, metrics), rank, world):
+    """Every rank, a finished --eval run resumed: unless `scored` finds every metric asked in DIR/metrics.json against
+    this REF, score them all anew from the samples' saved features (DIR/sample_stats.npz) and REF's, extracted over
+    all ranks."""
+    if dtr.from_rank0(lambda: scored(files, args.eval, metrics), rank, world):
         if rank == 0:
             print(f"{files.metrics} is already complete")
         return
@@ -335,24 +340,15 @@ def scored(files, ref, metrics):
 def source_digest(path):
     """sha256 of a REF file's bytes, or of a REF folder's image names and sizes (the files fid.py reads)."""
     if not os.path.isdir(path):
+        h = hashlib.sha256()
         with open(path, "rb") as f:
-            return hashlib.file_digest(f, "sha256").hexdigest()
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return h.hexdigest()
     h = hashlib.sha256()
     for name in sorted(n for n in os.listdir(path) if n.lower().endswith(fid.IMAGE_EXTENSIONS)):
         h.update(f"{name}\t{os.path.getsize(os.path.join(path, name))}\n".encode())
     return h.hexdigest()
-
-
-def from_rank0(fn, rank, world):
-    """fn() computed on rank 0 alone and handed to every rank; if it fails there, every rank stops
-    (dtr.shared_errors)."""
-    with dtr.shared_errors():
-        result = fn() if rank == 0 else None
-    if world > 1:
-        box = [result]
-        dist.broadcast_object_list(box, src=0)
-        result = box[0]
-    return result
 
 
 def is_main():
@@ -489,7 +485,7 @@ def prepare_out(out, files, settings, num_shards, resume=False, overwrite=False,
         with open(files.settings) as f:
             before = json.load(f)
         complete = os.path.exists(final or files.npz)
-        # a key missing from an older run.json has its off value; once every sample is made, the features it saved,
+        # a key missing from run.json has its off value (SETTINGS_OFF); once every sample is made, the features it saved,
         # not the networks named now, decide what a resumed --eval can score (scored)
         changed = [
             k

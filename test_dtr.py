@@ -2491,7 +2491,9 @@ def test_train_metrics_log_appends_whole_lines_and_keeps_one_timeline(tmp_path, 
     path = tmp_path / "metrics.jsonl"
     assert [json.loads(w) for w in writes] == read_jsonl(path)  # one os.write per record, of a whole line
     assert all(w.endswith(b"\n") and w.count(b"\n") == 1 for w in writes)
-    assert train.MetricsLog(None, 0).eval_steps() == set() and log.eval_steps() == {4}
+    assert train.scored_steps(str(tmp_path / "new"), {}) == set() and train.scored_steps(str(tmp_path), {}) == {4}
+    with pytest.raises(dtr.InputError, match="'num_samples': None"):  # scored with other settings: refused
+        train.scored_steps(str(tmp_path), {"num_samples": 8})
     with open(path, "a") as f:
         f.write('{"kind": "train", "st')  # a torn last line: the machine stopped mid-append
     assert [r["step"] for r in dtr.read_metrics(str(path))] == [2, 4, 6, 4]
@@ -2632,6 +2634,7 @@ def test_train_resumed_run_does_not_redo_a_recorded_eval(eval_run, tmp_path, mon
         train, "evaluate", lambda args, run, ev, ema, vae: scored.append(ema) or evaluate(args, run, ev, ema, vae)
     )
     monkeypatch.setattr(fid, "DINOv2", small_dinov2)
+    os.remove(exp / "checkpoints" / "0000004.pt")  # interrupted after step 2's checkpoint: resuming continues it
     resume = ["--resume", str(exp / "checkpoints" / "0000002.pt")]
     run_train(tmp_path, *eval_train_flags(), *flags, *resume)
     assert len(scored) == 1  # step 4 only: step 2's score is in metrics.jsonl
@@ -2639,6 +2642,21 @@ def test_train_resumed_run_does_not_redo_a_recorded_eval(eval_run, tmp_path, mon
     assert again[:2] == first[:2]  # kept as written, "seconds" included: not scored again
     assert [json.loads(line)["step"] for line in again] == [2, 2, 4, 4]
     assert json.loads(again[3])["metrics"] == json.loads(first[3])["metrics"]  # resumed bit-exactly: same scores
+
+
+@pytest.mark.slow
+def test_train_resume_refuses_other_eval_settings_than_the_recorded_scores(eval_run, tmp_path, capsys):
+    import shutil
+
+    exp, flags = shutil.copytree(eval_run[0], tmp_path / "r" / "000-x"), eval_run[1]
+    os.remove(exp / "checkpoints" / "0000004.pt")
+    before = open(exp / "metrics.jsonl").read()
+    resume = ["--resume", str(exp / "checkpoints" / "0000002.pt"), "--eval-samples", "6"]  # scored with 8
+    with pytest.raises(SystemExit):
+        run_train(tmp_path, *eval_train_flags(), *flags, *resume)
+    err = capsys.readouterr().err
+    assert err.count("error") == 1 and "'num_samples': 8" in err and "'num_samples': 6" in err, err
+    assert open(exp / "metrics.jsonl").read() == before  # refused before the resumed timeline is cut
 
 
 @pytest.mark.slow

@@ -29,6 +29,7 @@ import time
 from collections import OrderedDict
 from copy import deepcopy
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -62,6 +63,7 @@ RESUME_FIXED = (
 )
 GRID_MIN_WIDTH = 512  # training grids are upscaled (nearest neighbour, integer factor) to at least this many pixels
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+COLLECTIVE_TIMEOUT = timedelta(hours=2)  # ranks wait this long at a collective: rank 0 may download network weights
 EVAL_CFG_SCALE = 1.5  # --eval-cfg-scale's default: the paper's FID guidance (models with a null class)
 PR_NEIGHBOURS = 3  # fid.evaluate's k: precision and recall need more images than this in each set
 PEAK_MEMORY = {  # what metrics.jsonl's peak_memory_bytes measures, per device type
@@ -90,6 +92,9 @@ def train(args):
         vae = dtr.load_vae(args.vae, args.vae_path, run.device) if args.vae else None
     evaluation = setup_eval(args, run, metrics)  # a bad REF or missing Inception weights stop here (fid.py's checks)
     exp, log = open_experiment(args, run, data, state, ckpt is not None, notes)
+    if evaluation is not None:  # the steps metrics.jsonl already holds a score for: a resumed run skips them
+        settings = eval_settings(args, evaluation.metrics)
+        evaluation.done = dtr.from_rank0(lambda: scored_steps(exp, settings), run.rank, run.world)
     net = (
         DDP(state.model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
         if run.world > 1
@@ -101,8 +106,6 @@ def train(args):
         data.dataset, data.latents = prepare_latents(args, run, data.dataset, vae), True
     batches = iter(make_loader(args, run, data.dataset, state.step))
     meter = Meter(args, run, log, exp, state.step)
-    if evaluation is not None:  # the steps metrics.jsonl already holds a score for: a resumed run skips them
-        evaluation.done = rank0_value(meter.records.eval_steps(), run.world)
     try:
         evaluate_if_due(args, run, evaluation, state, vae, meter)  # the resumed step's, if it was cut short
         while state.step < args.steps:
@@ -299,7 +302,7 @@ class State:
 
 def setup(args):
     """Join torchrun (or run alone), check the batch against the world size, and seed this rank's dropout stream."""
-    rank, world, device = dtr.setup_distributed()
+    rank, world, device = dtr.setup_distributed(timeout=COLLECTIVE_TIMEOUT)
     if args.global_batch_size % world:
         raise dtr.InputError(f"global batch size {args.global_batch_size} is not divisible by the world size {world}")
     local = args.global_batch_size // world
@@ -340,7 +343,7 @@ def init_state(args, run, ckpt=None):
     """Model, EMA, AdamW (ANT-UW's log-variances in their own group) and loss scaler: new, from --init-from, or
     resumed from `ckpt`."""
     with torch.random.fork_rng(devices=[]):  # the same initial weights on every rank, for any world size: each
-        torch.manual_seed(args.seed)  # rank's EMA (which --eval-every samples) starts from the weights DDP keeps
+        torch.default_generator.manual_seed(args.seed)  # rank's EMA (--eval-every samples it) starts as DDP's weights
         model = dtr.build_model(dtr.model_args(args), use_checkpoint=args.grad_ckpt).to(run.device)
     multiple = size_multiple(model)
     if model.input_size % multiple:
@@ -1099,10 +1102,10 @@ class MetricsLog:
     Every --log-every steps (and at the last) Meter appends {"kind": "train", "step", "loss": the mean over the
     interval and all ranks, "loss_quarters": [4 means by timestep quarter t * 4 // T, null where no sample fell],
     "uw_weights": [ANT-UW's 0.5 exp(-s_k) per cluster] or null, "lr", "grad_norm": the mean of the steps' gradient
-    norms or null where they are not measured, "images_per_s", "peak_memory_bytes": the largest over ranks,
+    norms (null if fp16 skipped every step since the last record), "images_per_s", "peak_memory_bytes": the largest over ranks,
     "peak_memory": what that measures (PEAK_MEMORY)}; after every evaluation (--eval-every) {"kind": "eval", "step",
     "metrics": {fid.py's result names: values}, "num_samples", "sampler", "sampling_steps", "cfg_scale", "seed",
-    "reference", "seconds"}.
+    "reference", "metrics_asked" (eval_settings: a resume refuses others), "seconds"}.
     A record is appended with one os.write of the whole line on an O_APPEND descriptor, then fsync'ed: a killed run
     leaves whole lines (a torn last line, if the machine stops mid-write, is ignored by dtr.read_metrics). A run that
     resumes at step S first rewrites the file atomically with only the records of steps <= S: the records an
@@ -1126,12 +1129,6 @@ class MetricsLog:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-    def eval_steps(self):
-        """The steps the file holds an evaluation of."""
-        if self.path is None or not os.path.exists(self.path):
-            return set()
-        return {r["step"] for r in dtr.read_metrics(self.path) if r.get("kind") == "eval"}
 
 
 class Meter:
@@ -1177,8 +1174,9 @@ class Meter:
         msg = (
             f"step {step:07d}  loss {mean:.4f}  [t quarters {' '.join(f'{q:.4f}' for q in per_quarter)}]  "
             f"{speed:.2f} steps/s  {speed * self.args.global_batch_size:.1f} img/s  "
-            f"grad norm {grad_norm if grad_norm is None else f'{grad_norm:.4f}'}"
+            f"grad norm {'n/a' if grad_norm is None else f'{grad_norm:.4f}'}"
         )
+        peak = self.peak_memory()  # a collective: every rank, before rank 0 alone writes
         weights = None if uw is None else (0.5 * torch.exp(-uw.detach())).tolist()
         if weights is not None:  # the weight each cluster's loss gets: 0.5 exp(-s_k)
             msg += "  uw " + " ".join(f"{w:.3f}" for w in weights)
@@ -1191,7 +1189,7 @@ class Meter:
             lr=self.args.lr,  # constant: no schedule, as in the paper
             grad_norm=grad_norm,
             images_per_s=speed * self.args.global_batch_size,
-            peak_memory_bytes=self.peak_memory(),
+            peak_memory_bytes=peak,
             peak_memory=PEAK_MEMORY[self.run.device.type],
         )
         self.stats.zero_()
@@ -1208,7 +1206,7 @@ class Meter:
             torch.cuda.reset_peak_memory_stats(self.run.device)
         return int(peak.item())
 
-    def evaluated(self, step, results, seconds):
+    def evaluated(self, step, results, seconds, settings):
         """Log an evaluation's results (rank 0: log.txt and metrics.jsonl); its time is left out of the next speed."""
         self.start += seconds
         if self.run.device.type == "cuda":  # the next train record's peak is training's, not sampling's
@@ -1216,14 +1214,6 @@ class Meter:
         if self.run.rank:
             return
         a = self.args
-        settings = dict(
-            num_samples=a.eval_samples,
-            sampler=a.eval_sampler,
-            sampling_steps=a.eval_steps,
-            cfg_scale=a.eval_cfg_scale,
-            seed=a.seed,
-            reference=os.path.abspath(a.eval),
-        )
         self.log(
             f"step {step:07d}  eval  {'  '.join(f'{k} {v:.4f}' for k, v in results.items())}  ({a.eval_samples} "
             f"samples, {a.eval_sampler} {a.eval_steps} steps, cfg {a.eval_cfg_scale}, {seconds:.1f} s)"
@@ -1343,6 +1333,36 @@ def setup_eval(args, run, metrics):
     return Evaluation(metrics, networks, stats, labels)
 
 
+def scored_steps(exp, settings):
+    """The steps exp/metrics.jsonl holds an evaluation of (rank 0); refuses evaluations made with other `settings`
+    (eval_settings), whose scores one curve could not hold."""
+    path = os.path.join(exp, "metrics.jsonl")
+    if not os.path.exists(path):
+        return set()
+    scored = [r for r in dtr.read_metrics(path) if r.get("kind") == "eval"]
+    for r in scored:
+        other = {k: r.get(k) for k in settings if r.get(k) != settings[k]}
+        if other:
+            raise dtr.InputError(
+                f"{path} holds scores made with {other}, not { ({k: settings[k] for k in other}) }: keep the "
+                "--eval-* settings and --metrics of this experiment, or resume into a new one"
+            )
+    return {r["step"] for r in scored}
+
+
+def eval_settings(args, metrics):
+    """What an evaluation's scores depend on besides the model: metrics.jsonl records them with the scores."""
+    return dict(
+        num_samples=args.eval_samples,
+        sampler=args.eval_sampler,
+        sampling_steps=args.eval_steps,
+        cfg_scale=args.eval_cfg_scale,
+        seed=args.seed,
+        reference=os.path.abspath(args.eval),
+        metrics_asked=list(metrics),
+    )
+
+
 def eval_batch_size(args, run):
     """Images a rank samples (and extracts features of) at once: its share of the global batch."""
     return args.global_batch_size // run.world
@@ -1382,11 +1402,26 @@ def evaluate(args, run, evaluation, ema, vae):
         device=run.device,
         sampler=args.eval_sampler,
     )
-    with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
-        feats = fid.compute_features(images, evaluation.networks, eval_batch_size(args, run), progress=run.rank == 0)
+    with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []), torch_default_tf32():
+        feats = fid.compute_features(  # sampled on this thread, under sample.py's (torch's default) TF32 settings
+            images, evaluation.networks, eval_batch_size(args, run), progress=run.rank == 0, read_ahead=False
+        )
     if run.rank:
         return None
     return fid.evaluate(evaluation.reference, fid.statistics(feats), metrics=evaluation.metrics)
+
+
+@contextlib.contextmanager
+def torch_default_tf32():
+    """torch's default TF32 settings (TF32 convolutions, full-precision matmuls), as sample.py samples with; training's
+    (TF32 everywhere on CUDA) are restored after."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = matmul.allow_tf32, cudnn.allow_tf32
+    matmul.allow_tf32, cudnn.allow_tf32 = False, True
+    try:
+        yield
+    finally:
+        matmul.allow_tf32, cudnn.allow_tf32 = saved
 
 
 def evaluate_if_due(args, run, evaluation, state, vae, meter):
@@ -1398,17 +1433,8 @@ def evaluate_if_due(args, run, evaluation, state, vae, meter):
         return
     start = time.perf_counter()
     results = evaluate(args, run, evaluation, state.ema, vae)
-    meter.evaluated(step, results, time.perf_counter() - start)
+    meter.evaluated(step, results, time.perf_counter() - start, eval_settings(args, evaluation.metrics))
     evaluation.done.add(step)
-
-
-def rank0_value(value, world):
-    """Rank 0's value (any picklable object) on every rank."""
-    if world > 1:
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        value = box[0]
-    return value
 
 
 #################################################################################
