@@ -2491,9 +2491,10 @@ def test_train_metrics_log_appends_whole_lines_and_keeps_one_timeline(tmp_path, 
     path = tmp_path / "metrics.jsonl"
     assert [json.loads(w) for w in writes] == read_jsonl(path)  # one os.write per record, of a whole line
     assert all(w.endswith(b"\n") and w.count(b"\n") == 1 for w in writes)
-    assert train.scored_steps(str(tmp_path / "new"), {}) == set() and train.scored_steps(str(tmp_path), {}) == {4}
+    assert train.scored_steps(str(tmp_path / "new"), {}, 6) == set() and train.scored_steps(str(tmp_path), {}, 6) == {4}
+    assert train.scored_steps(str(tmp_path), {"num_samples": 8}, 3) == set()  # a resume at 3 drops step 4's score
     with pytest.raises(dtr.InputError, match="'num_samples': None"):  # scored with other settings: refused
-        train.scored_steps(str(tmp_path), {"num_samples": 8})
+        train.scored_steps(str(tmp_path), {"num_samples": 8}, 6)
     with open(path, "a") as f:
         f.write('{"kind": "train", "st')  # a torn last line: the machine stopped mid-append
     assert [r["step"] for r in dtr.read_metrics(str(path))] == [2, 4, 6, 4]
@@ -2645,17 +2646,20 @@ def test_train_resumed_run_does_not_redo_a_recorded_eval(eval_run, tmp_path, mon
 
 
 @pytest.mark.slow
-def test_train_resume_refuses_other_eval_settings_than_the_recorded_scores(eval_run, tmp_path, capsys):
+def test_train_resume_refuses_other_eval_settings_than_the_recorded_scores(eval_run, tmp_path, monkeypatch):
     import shutil
+
+    monkeypatch.setattr(fid, "DINOv2", small_dinov2)
 
     exp, flags = shutil.copytree(eval_run[0], tmp_path / "r" / "000-x"), eval_run[1]
     os.remove(exp / "checkpoints" / "0000004.pt")
     before = open(exp / "metrics.jsonl").read()
     resume = ["--resume", str(exp / "checkpoints" / "0000002.pt"), "--eval-samples", "6"]  # scored with 8
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as stop:
         run_train(tmp_path, *eval_train_flags(), *flags, *resume)
-    err = capsys.readouterr().err
-    assert err.count("error") == 1 and "'num_samples': 8" in err and "'num_samples': 6" in err, err
+    err = str(stop.value)  # the one line main() exits with
+    assert err.startswith("train.py: error: ") and "\n" not in err, err
+    assert "'num_samples': 8" in err and "'num_samples': 6" in err, err
     assert open(exp / "metrics.jsonl").read() == before  # refused before the resumed timeline is cut
 
 

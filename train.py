@@ -94,7 +94,7 @@ def train(args):
     exp, log = open_experiment(args, run, data, state, ckpt is not None, notes)
     if evaluation is not None:  # the steps metrics.jsonl already holds a score for: a resumed run skips them
         settings = eval_settings(args, evaluation.metrics)
-        evaluation.done = dtr.from_rank0(lambda: scored_steps(exp, settings), run.rank, run.world)
+        evaluation.done = dtr.from_rank0(lambda: scored_steps(exp, settings, state.step), run.rank, run.world)
     net = (
         DDP(state.model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
         if run.world > 1
@@ -1333,13 +1333,14 @@ def setup_eval(args, run, metrics):
     return Evaluation(metrics, networks, stats, labels)
 
 
-def scored_steps(exp, settings):
-    """The steps exp/metrics.jsonl holds an evaluation of (rank 0); refuses evaluations made with other `settings`
-    (eval_settings), whose scores one curve could not hold."""
+def scored_steps(exp, settings, step):
+    """The steps up to `step` (where a run resumes; MetricsLog drops later records) that exp/metrics.jsonl holds an
+    evaluation of (rank 0); refuses evaluations made with other `settings` (eval_settings), whose scores one curve
+    could not hold."""
     path = os.path.join(exp, "metrics.jsonl")
     if not os.path.exists(path):
         return set()
-    scored = [r for r in dtr.read_metrics(path) if r.get("kind") == "eval"]
+    scored = [r for r in dtr.read_metrics(path) if r.get("kind") == "eval" and r["step"] <= step]
     for r in scored:
         other = {k: r.get(k) for k in settings if r.get(k) != settings[k]}
         if other:
